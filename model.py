@@ -1,0 +1,435 @@
+"""Llama in one file: the model, RoPE with context scaling, and Meta / Hugging Face checkpoints.
+
+    import model
+    m = model.load("llama-2-7b/")           # Meta folder (params.json + consolidated.NN.pth) or HF folder
+    logits = m(tokens)                      # tokens (B, N) LongTensor -> logits (B, N, vocab)
+    m.set_attention(group_size=2048)        # S2-Attn (training); group_size=None: full attention
+    model.save(m, "out/", format="hf")      # or format="meta"
+
+Parameter names are Meta's (tok_embeddings, layers.{i}.attention.wq, feed_forward.w1, attention_norm,
+ffn_norm, norm, output), so a Meta checkpoint loads with strict=True. The model knows nothing about
+LoRA, FSDP or data; it runs on one CPU as it is.
+"""
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from s2attn import ALL_BACKENDS, full_attention, s2_attention
+
+
+@dataclass
+class ModelArgs:
+    """Mirrors Meta's params.json; the fields after `use_scaled_rope` are this codebase's additions."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: n_heads (no grouped-query attention)
+    vocab_size: int = -1  # -1 in params.json: take it from the weights
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1's frequency-dependent RoPE scaling, with the 4 fields below
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    # Position Interpolation (Chen et al. 2023), LongLoRA's context extension: positions are divided by
+    # rope_interpolation (the paper's s = target length / 4096 for Llama 2). max_seq_len is the context
+    # the weights were trained for, after interpolation.
+    rope_interpolation: float = 1.0
+    max_seq_len: int = 4096
+    hidden_dim: Optional[int] = None  # FFN width; None: derived from dim the way Meta does
+    tie_embeddings: bool = False  # output head shares tok_embeddings.weight (some HF Llama-family models)
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}, and n_heads of n_kv_heads={self.n_kv_heads}")
+        if self.hidden_dim is None:  # Meta: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of
+            hidden = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.rope_interpolation < 1:
+            raise ValueError(f"rope_interpolation={self.rope_interpolation} must be >= 1 (positions are divided by it)")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def precompute_freqs_cis(args, N, device=None):
+    """Rotations e^{i t f} for positions t < N: (N, head_dim // 2) complex64.
+
+    Computed in float32 the way Meta's and HF's references do, so logits match them. Position
+    Interpolation divides every frequency by s, which is the same as dividing the positions by s.
+    """
+    D = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, device=device)[: D // 2].float() / D))
+    if args.use_scaled_rope:
+        freqs = llama31_scale(freqs, args)
+    freqs = freqs / args.rope_interpolation
+    t = torch.arange(N, device=device, dtype=torch.float32)
+    angles = torch.outer(t, freqs)  # (N, D/2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def llama31_scale(freqs, args):
+    """Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between."""
+    factor, low, high, old = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_context
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > old / low, freqs / factor, blended)
+    return torch.where(wavelen < old / high, freqs, out)
+
+
+def apply_rotary_emb(x, freqs_cis):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, N, heads, D) as in Meta's reference."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, N, heads, D/2)
+    out = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)  # (B, N, heads, D)
+    return out.type_as(x)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.group_size = None  # None: full causal attention; an int: S2-Attn with groups of that many tokens
+        self.backend = "sdpa"
+
+    def forward(self, x, freqs_cis):
+        B, N, _ = x.shape
+        q = self.wq(x).view(B, N, self.n_heads, self.head_dim)  # (B, N, H, D)
+        k = self.wk(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
+        v = self.wv(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        if self.group_size is None:
+            out = full_attention(q, k, v, backend=self.backend)
+        else:
+            out = s2_attention(q, k, v, self.group_size, backend=self.backend)
+        return self.wo(out.reshape(B, N, -1))  # (B, N, H * D) -> (B, N, dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, freqs_cis):
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("vocab_size is not set (-1 in params.json means: take it from the tokenizer or the weights)")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens):
+        """tokens: (B, N) LongTensor -> logits (B, N, vocab_size)."""
+        h = self.tok_embeddings(tokens)  # (B, N, dim)
+        freqs_cis = precompute_freqs_cis(self.args, tokens.shape[1], device=h.device)
+        for layer in self.layers:
+            h = layer(h, freqs_cis)
+        h = self.norm(h)
+        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+
+    def set_attention(self, group_size=None, backend=None):
+        """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend."""
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size must be None (full attention) or a positive int, got {group_size!r}")
+        if backend is not None and backend not in ALL_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ALL_BACKENDS}")
+        for layer in self.layers:
+            layer.attention.group_size = group_size
+            layer.attention.backend = backend or layer.attention.backend
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(path, dtype=None, device="cpu"):
+    """A Transformer from a Meta folder (params.json + consolidated.NN.pth, any number of model-parallel
+    shards) or a Hugging Face folder (config.json + *.safetensors, sharded or not). The weights keep
+    their stored dtype unless `dtype` is given. Tensors are memory-mapped and the model is built on the
+    meta device, so a checkpoint is never held twice in memory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: model.load wants a Meta checkpoint folder (params.json + consolidated.NN.pth) or a Hugging Face one (config.json + *.safetensors)")
+    if (path / "params.json").exists():
+        args, sd = _read_meta(path)
+    elif (path / "config.json").exists():
+        args, sd = _read_hf(path)
+    else:
+        raise FileNotFoundError(f"no checkpoint in {path}: expected params.json + consolidated.NN.pth (Meta) or config.json + *.safetensors (Hugging Face)")
+    with torch.device("meta"):
+        m = Transformer(args)
+    expected = {k: v.shape for k, v in m.state_dict().items()}
+    problems = [f"missing {k}" for k in sorted(expected.keys() - sd.keys())]
+    problems += [f"unexpected {k}" for k in sorted(sd.keys() - expected.keys())]
+    problems += [f"{k} is {tuple(sd[k].shape)}, the config says {tuple(s)}" for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if problems:
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ValueError(f"the weights in {path} do not match its config:\n  " + "\n  ".join(problems[:8]) + more + f"\n{args}\nCheck that the config file belongs to these weights.")
+    dtype = dtype or sd["tok_embeddings.weight"].dtype
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    m.load_state_dict(sd, strict=True, assign=True)
+    return m
+
+
+def _args_from(d, source):
+    known = {f.name for f in fields(ModelArgs)}
+    unknown = sorted(d.keys() - known)
+    if unknown:
+        warnings.warn(f"{source}: ignoring keys this model does not use: {unknown}")
+    return {k: v for k, v in d.items() if k in known}
+
+
+def _read_meta(path):
+    params = json.loads((path / "params.json").read_text())
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"{path} has params.json but no consolidated.NN.pth weight files")
+    shards = [_torch_load(f) for f in files]
+    for f, shard in zip(files[1:], shards[1:]):  # model-parallel shards are equal slices of every tensor
+        for k in shards[0].keys() | shard.keys():
+            if k not in shard or k not in shards[0] or shard[k].shape != shards[0][k].shape:
+                got = lambda s: tuple(s[k].shape) if k in s else "absent"  # noqa: E731
+                raise ValueError(f"shards of different sizes: {k} is {got(shards[0])} in {files[0].name} but {got(shard)} in {f.name}; the folder mixes checkpoints")
+    sd = {}
+    for k, t in shards[0].items():
+        if k == "rope.freqs":  # Llama 2 files carry the RoPE table; it is recomputed
+            continue
+        name = k.split(".")[-2]
+        if len(shards) == 1 or name.endswith("norm"):  # norms are replicated
+            sd[k] = t
+            continue
+        if name == "tok_embeddings":  # Llama 2 splits the embedding on dim 1, Llama 3 on the vocabulary
+            dim = 0 if t.shape[1] == params["dim"] else 1
+        else:
+            dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}.get(name)
+            if dim is None:
+                raise ValueError(f"{k} in {path}: unknown parameter, cannot merge shards")
+        sd[k] = torch.cat([s[k] for s in shards], dim=dim)
+    if params.get("vocab_size", -1) <= 0:
+        params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]
+    if "max_seq_len" not in params and params.get("rope_theta") == 500000.0:  # Meta's files omit it
+        params["max_seq_len"] = 131072 if params.get("use_scaled_rope") else 8192  # Llama 3.1 / 3
+    return ModelArgs(**_args_from(params, path / "params.json")), sd
+
+
+def _torch_load(f):
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {f}: {e}\nThe file is incomplete or not a PyTorch checkpoint; download or save it again.") from e
+
+
+def _hf_permute(w, n_heads, inverse):
+    """HF stores wq/wk rows reordered for rotate_half RoPE: per head, the even dimensions first, then the
+    odd. inverse=True goes back to Meta's interleaved pairs. A missing un-permute fails silently."""
+    rows, cols = w.shape
+    if inverse:
+        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+_LAYER_NAMES = {  # Meta -> HF, inside layers.{i}
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}  # fmt: skip
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def _rename(k, to_hf):
+    """Meta <-> HF names: layers.{i}.attention.wq.weight <-> model.layers.{i}.self_attn.q_proj.weight."""
+    top, layer = _TOP_NAMES, _LAYER_NAMES
+    if not to_hf:
+        top, layer = {v: k for k, v in top.items()}, {v: k for k, v in layer.items()}
+    if k in top or not k.removeprefix("model.").startswith("layers."):
+        return top.get(k, k)  # an unknown name passes through, for load's check to report
+    _, i, rest = k.removeprefix("model.").split(".", 2)
+    mod, _, leaf = rest.rpartition(".")
+    return f"{'model.' if to_hf else ''}layers.{i}.{layer.get(mod, mod)}.{leaf}"
+
+
+def _read_hf(path):
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a Llama; this loader reads Llama-architecture checkpoints")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}/config.json: biases or an activation other than silu are not Llama's; not supported")
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise ValueError(f"{path}/config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads; not supported")
+    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 spelling; older files: top-level keys
+    scaling = cfg.get("rope_scaling") or rope
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    args = dict(
+        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads"),
+        vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), max_seq_len=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+    )  # fmt: skip
+    if kind == "linear":
+        args["rope_interpolation"] = scaling["factor"]
+    elif kind == "llama3":
+        args.update(use_scaled_rope=True, rope_scaling_factor=scaling["factor"], rope_low_freq_factor=scaling["low_freq_factor"],
+                    rope_high_freq_factor=scaling["high_freq_factor"], rope_original_context=scaling["original_max_position_embeddings"])  # fmt: skip
+    elif kind != "default":
+        raise ValueError(f"{path}/config.json: RoPE scaling {kind!r} is not supported (default, linear and llama3 are)")
+    args = ModelArgs(**args)
+
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has config.json but no *.safetensors weights (.bin checkpoints are not read; re-save them with safetensors)")
+    sd = {}
+    for name in files:
+        with safe_open(path / name, framework="pt") as f:
+            for k in f.keys():
+                if "rotary_emb.inv_freq" not in k:  # a buffer some old checkpoints saved
+                    sd[_rename(k, to_hf=False)] = f.get_tensor(k)
+    for i in range(args.n_layers):
+        for w, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+            k = f"layers.{i}.attention.{w}.weight"
+            if k in sd:
+                sd[k] = _hf_permute(sd[k], heads, inverse=True)
+    if args.tie_embeddings:
+        sd.pop("output.weight", None)  # some tied checkpoints store the head too
+    return args, sd
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+_CHECKPOINT_GLOBS = ("params.json", "consolidated.*.pth", "config.json", "*.safetensors", "model.safetensors.index.json")
+
+
+def save(model, path, format="meta", overwrite=False, max_shard_bytes=5 * 2**30):
+    """Write `model` to the folder `path` as a Meta checkpoint (params.json + consolidated.00.pth) or a
+    Hugging Face one (config.json + safetensors, sharded above max_shard_bytes). Both keep the RoPE
+    settings, Position Interpolation included, so load(path) rebuilds the same model. Files are written
+    under temporary names and renamed, so a failed save leaves what was there before."""
+    if format not in ("meta", "hf"):
+        raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
+    path = Path(path)
+    old = sorted({p for g in _CHECKPOINT_GLOBS for p in path.glob(g)}) if path.is_dir() else []
+    if old and not overwrite:
+        raise FileExistsError(f"{path} already holds a checkpoint ({old[0].name}, ...); pass overwrite=True or choose another folder")
+    args = model.args
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if format == "meta":
+        files = {"consolidated.00.pth": lambda f: torch.save(sd, f), "params.json": lambda f: f.write_text(json.dumps(asdict(args), indent=2))}
+    else:
+        files = _hf_files(args, sd, max_shard_bytes)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, write in files.items():
+        tmp = path / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, path / name)
+    for p in old:
+        if p.name not in files:
+            p.unlink()
+
+
+def _hf_files(args, sd, max_shard_bytes):
+    from safetensors.torch import save_file
+
+    if args.use_scaled_rope and args.rope_interpolation != 1:
+        raise ValueError("a Hugging Face config cannot express Position Interpolation on top of Llama 3.1 RoPE scaling; save with format='meta'")
+    out = {}
+    for k, t in sd.items():
+        if k.endswith(("wq.weight", "wk.weight")):
+            t = _hf_permute(t, args.n_heads if "wq" in k else args.n_kv_heads, inverse=False)
+        out[_rename(k, to_hf=True)] = t.contiguous()
+    if args.use_scaled_rope:
+        scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": args.rope_low_freq_factor,
+                   "high_freq_factor": args.rope_high_freq_factor, "original_max_position_embeddings": args.rope_original_context}  # fmt: skip
+    elif args.rope_interpolation != 1:
+        scaling = {"rope_type": "linear", "factor": args.rope_interpolation}
+    else:
+        scaling = None
+    dtype = sd["tok_embeddings.weight"].dtype
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": scaling,
+        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
+    }  # fmt: skip
+    shards, size = [{}], 0
+    for name, t in out.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    files = {"config.json": lambda f: f.write_text(json.dumps(config, indent=2))}
+    if len(shards) == 1:
+        files["model.safetensors"] = lambda f: save_file(shards[0], f, metadata={"format": "pt"})
+        return files
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        files[name] = lambda f, shard=shard: save_file(shard, f, metadata={"format": "pt"})
+    weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+    total = sum(t.numel() * t.element_size() for t in out.values())
+    files["model.safetensors.index.json"] = lambda f: f.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return files

@@ -1,0 +1,185 @@
+"""Causal attention for LongLoRA: full attention and Shifted Sparse Attention (S2-Attn).
+
+    from s2attn import full_attention, s2_attention, BACKENDS
+    out = full_attention(q, k, v, backend="sdpa")                  # inference, evaluation
+    out = s2_attention(q, k, v, group_size=G, backend="sdpa")      # long-context fine-tuning
+
+Names, as in the paper's Algorithm 1 (used the same way in every file):
+    B batch, N tokens, H query heads, Hkv key/value heads (H % Hkv == 0: grouped-query attention),
+    D head dim, G group size in tokens.  q: (B, N, H, D)   k, v: (B, N, Hkv, D)   out: (B, N, H, D)
+    Query head h reads key/value head h // (H // Hkv).
+
+S2-Attn (paper §3.2). Heads h < H // 2 attend inside groups [0, G), [G, 2G), ...; heads h >= H // 2
+inside groups shifted by half a group, [0, G/2), [G/2, 3G/2), .... Within a group attention is
+causal. The shifted half lets information cross group borders, so a model fine-tuned this way still
+works with full attention at inference. The paper writes it in two lines (Algorithm 1):
+
+    qkv = cat((qkv.chunk(2, 3)[0], qkv.chunk(2, 3)[1].roll(-G/2, 1)), 3).view(B*N/G, G, 3, H, D)
+    out = self_attn(qkv)
+    out = cat((out.chunk(2, 2)[0], out.chunk(2, 2)[1].roll(G/2, 1)), 2)
+
+The roll wraps around: the shifted heads' last group holds the last G/2 tokens *followed by* the first
+G/2, so under the causal mask the first tokens read the last ones, i.e. the future. (The official
+repository's flash path avoids this with variable-length segments; its naive path does not, so its
+two paths compute different functions.) Here the first half-group of the shifted heads is a group of
+its own and nothing ever reads the future; N need not be a multiple of G (the last group of each half
+is shorter). All three backends compute exactly this function, and the tests check it:
+
+    naive  the definition: an explicit (H, N, N) mask, scores and softmax in float32. O(N^2) memory.
+    sdpa   groups folded into the batch dimension, one causal scaled_dot_product_attention call per
+           half of the heads (PyTorch's FlashAttention-2 kernel on CUDA, a fused kernel on CPU).
+    flash  variable-length segments (cu_seqlens) through flash-attn's flash_attn_varlen_func, or
+           PyTorch's own varlen kernel (the same FlashAttention-2 code) on CUDA without flash-attn.
+"""
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # flash-attn needs CUDA to build; without it the flash backend uses torch's kernel
+    flash_attn_varlen_func = None
+try:
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:  # torch < 2.10
+    torch_varlen_attn = None
+
+ALL_BACKENDS = ("naive", "sdpa", "flash")
+_HAS_VARLEN = flash_attn_varlen_func is not None or torch_varlen_attn is not None
+BACKENDS = ALL_BACKENDS if (torch.cuda.is_available() and _HAS_VARLEN) else ("naive", "sdpa")
+
+
+def full_attention(q, k, v, backend="sdpa"):
+    """Causal attention over the whole sequence. q: (B, N, H, D), k, v: (B, N, Hkv, D) -> (B, N, H, D)."""
+    _check(q, k, v, backend)
+    N = q.shape[1]
+    if backend == "naive":
+        return _naive(q, k, v, causal_mask(N, q.shape[2], group_size=None, device=q.device))
+    return _KERNELS[backend](q, k, v, G=N, lead=0)
+
+
+def s2_attention(q, k, v, group_size, backend="sdpa"):
+    """Shifted sparse attention with groups of `group_size` tokens (see the module docstring)."""
+    _check(q, k, v, backend)
+    G = group_size
+    if isinstance(G, bool) or not isinstance(G, int) or G < 1:
+        raise ValueError(f"group_size must be a positive int (tokens), got {G!r}")
+    B, N, H, D = q.shape
+    if backend == "naive":
+        return _naive(q, k, v, causal_mask(N, H, G, device=q.device))
+    s = G // 2
+    halves = _split_heads(q, k, v)
+    # lead: tokens [0, lead) form a group of their own; the shifted heads' first half-group
+    leads = (0, s if N > s else 0)
+    outs = [_KERNELS[backend](*qkv, G=G, lead=lead) for qkv, lead in zip(halves, leads) if qkv[0].shape[2]]
+    return torch.cat(outs, dim=2)  # (B, N, H, D)
+
+
+def causal_mask(N, H, group_size, device=None):
+    """(H, N, N) bool, True where query i of head h may read key j. group_size=None: full attention."""
+    i = torch.arange(N, device=device)
+    causal = i[None, :] <= i[:, None]  # (N, N): key j <= query i
+    if group_size is None:
+        return causal.expand(H, N, N)
+    G, s = group_size, group_size // 2
+    group = i // G  # heads [0, H//2): [0, G), [G, 2G), ...
+    group_shifted = (i + G - s) // G  # heads [H//2, H): [0, s), [s, s + G), ...
+    same = lambda g: (g[:, None] == g[None, :]) & causal  # noqa: E731
+    return torch.stack([same(group)] * (H // 2) + [same(group_shifted)] * (H - H // 2))
+
+
+def _naive(q, k, v, mask):
+    """The reference: explicit scores, mask and softmax (float32 or wider). mask: (H, N, N) bool."""
+    B, N, H, D = q.shape
+    r = H // k.shape[2]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qt, kt, vt = (x.transpose(1, 2).to(dt) for x in (q, k, v))  # (B, H or Hkv, N, D)
+    kt, vt = kt.repeat_interleave(r, dim=1), vt.repeat_interleave(r, dim=1)  # (B, H, N, D)
+    scores = qt @ kt.transpose(-2, -1) / math.sqrt(D)  # (B, H, N, N)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vt  # (B, H, N, D)
+    return out.transpose(1, 2).to(q.dtype)  # (B, N, H, D)
+
+
+def _split_heads(q, k, v):
+    """(q, k, v) of heads [0, H//2) and of heads [H//2, H), each with the kv heads it reads."""
+    H, Hkv = q.shape[2], k.shape[2]
+    h, r = H // 2, H // Hkv
+    if h % r:  # a kv head serves query heads in both halves: give each half its own copy
+        k, v, r = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2), 1
+    return (q[:, :, :h], k[:, :, : h // r], v[:, :, : h // r]), (q[:, :, h:], k[:, :, h // r :], v[:, :, h // r :])
+
+
+def _sdpa(q, k, v, G, lead):
+    """Causal attention in groups of G tokens, tokens [0, lead) being a group of their own.
+
+    Zeros pad every group to G tokens: after the first `lead` tokens, and at the end. Padding only ever
+    sits after the real tokens of its group, where the causal mask hides it, so no key mask is needed
+    and every group is one batch entry of a single dense, causal SDPA call.
+    """
+    B, N, h, D = q.shape
+    front = G - lead if lead else 0
+    tail = -(N + front) % G
+    n = (N + front + tail) // G  # groups per sequence
+
+    def grouped(x):  # (B, N, h', D) -> (B * n, h', G, D)
+        x = torch.cat([x[:, :lead], x.new_zeros(B, front, *x.shape[2:]), x[:, lead:], x.new_zeros(B, tail, *x.shape[2:])], 1)
+        return x.view(B * n, G, *x.shape[2:]).transpose(1, 2)
+
+    gq, gk, gv = grouped(q), grouped(k), grouped(v)
+    out = F.scaled_dot_product_attention(gq, gk, gv, is_causal=True, enable_gqa=gk.shape[1] != h)
+    out = out.transpose(1, 2).reshape(B, n * G, h, D)  # (B, N + front + tail, h, D)
+    return torch.cat([out[:, :lead], out[:, lead + front : N + front]], dim=1)  # (B, N, h, D)
+
+
+def _flash(q, k, v, G, lead):
+    """Causal attention in the segments [0, lead), [lead, lead + G), ... of every sequence, as
+    variable-length sequences of one packed batch: no padding, no wasted work."""
+    B, N, h, D = q.shape
+    bounds = sorted({0, N, *range(lead or G, N, G)})  # segment borders within one sequence
+    cu = torch.tensor([b * N + x for b in range(B) for x in bounds[:-1]] + [B * N], dtype=torch.int32, device=q.device)
+    max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
+    q, k, v = (x.reshape(B * N, x.shape[2], D) for x in (q, k, v))  # (B*N, heads, D)
+    if flash_attn_varlen_func is not None:
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+    else:
+        out = _torch_varlen(q, k, v, cu, max_len)
+    return out.view(B, N, h, D)
+
+
+def _torch_varlen(q, k, v, cu, max_len):
+    """torch.nn.attention.varlen.varlen_attn, whose signature changed across releases."""
+    params = inspect.signature(torch_varlen_attn).parameters
+    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}  # (-1, 0): causal
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            r = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+    return torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+_KERNELS = {"sdpa": _sdpa, "flash": _flash}
+
+
+def _check(q, k, v, backend):
+    """Fail early, with a message that says what to do, instead of deep inside a kernel."""
+    if backend not in ALL_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ALL_BACKENDS} (this machine runs {BACKENDS})")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q (B, N, H, D) and k, v (B, N, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    (B, N, H, D), (Bk, Nk, Hkv, Dk) = q.shape, k.shape
+    if (B, N, D) != (Bk, Nk, Dk):
+        raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)} must agree on B, N and D")
+    if H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv} (grouped-query attention)")
+    if backend == "flash":
+        if not q.is_cuda:
+            raise ValueError(f"backend 'flash' runs on CUDA tensors only (got {q.device}); use backend='sdpa' on this device")
+        if not _HAS_VARLEN:
+            raise ImportError("backend 'flash' needs flash-attn (pip install flash-attn) or torch >= 2.10; use backend='sdpa' meanwhile")
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"backend 'flash' needs float16 or bfloat16 tensors (got {q.dtype}); cast the model, or use backend='sdpa'")

@@ -1,0 +1,172 @@
+"""Every attention backend against an independent brute-force reference, and the properties that matter:
+nothing reads the future, any N, odd H, GQA. The reference below shares no code with s2attn.py: it
+lists each query's allowed keys with plain Python loops and computes attention one query at a time."""
+import math
+
+import pytest
+import torch
+
+import s2attn
+from s2attn import full_attention, s2_attention
+
+CUDA_REASON = "needs a CUDA GPU with flash-attn or torch's varlen kernel"
+needs_flash = pytest.mark.skipif("flash" not in s2attn.BACKENDS, reason=CUDA_REASON)
+
+
+def allowed_keys(i, h, H, G):
+    """Keys that query i of head h reads, from the written rule: same group, not in the future."""
+    if G is None:
+        return list(range(i + 1))
+    start = 0 if h < H // 2 else G // 2  # the shifted heads' groups start at G/2 (after a half group)
+    if h < H // 2 or i >= start:
+        first = start + ((i - start) // G) * G
+    else:
+        first = 0  # the first half group [0, G/2) of the shifted heads
+    return list(range(first, i + 1))
+
+
+def reference(q, k, v, G):
+    """Attention one query at a time, in float64."""
+    B, N, H, D = q.shape
+    r = H // k.shape[2]
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(B, N, H, D, dtype=torch.float64)
+    for h in range(H):
+        for i in range(N):
+            js = allowed_keys(i, h, H, G)
+            scores = k[:, js, h // r] @ q[:, i, h, :, None] / math.sqrt(D)  # (B, len(js), 1)
+            out[:, i, h] = (torch.softmax(scores, dim=1) * v[:, js, h // r]).sum(1)
+    return out
+
+
+def qkv(B, N, H, Hkv, D=8, dtype=torch.float32, device="cpu", seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(B, N, h, D, generator=g).to(device, dtype).requires_grad_(requires_grad)  # noqa: E731
+    return make(H), make(Hkv), make(Hkv)
+
+
+def attend(q, k, v, G, backend):
+    return full_attention(q, k, v, backend=backend) if G is None else s2_attention(q, k, v, G, backend=backend)
+
+
+CASES = [  # (N, G, H, Hkv): multiples of G and not, N < G, odd H, GQA aligned and not with the head halves
+    (16, 8, 4, 4), (16, 4, 4, 2), (19, 8, 4, 4), (13, 4, 3, 3), (7, 16, 2, 1), (20, 6, 9, 3),
+    (24, 8, 6, 2), (11, 2, 5, 5), (9, 3, 4, 1), (8, 1, 2, 2), (12, None, 4, 2), (5, None, 3, 1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("N,G,H,Hkv", CASES)
+def test_matches_reference_fp32(backend, N, G, H, Hkv):
+    q, k, v = qkv(2, N, H, Hkv)
+    torch.testing.assert_close(attend(q, k, v, G, backend).double(), reference(q, k, v, G), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.bfloat16, 3e-2)])
+def test_matches_reference_other_dtypes(backend, dtype, tol):
+    q, k, v = qkv(2, 21, 6, 2, dtype=dtype)
+    out = s2_attention(q, k, v, 8, backend=backend)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), reference(q, k, v, 8), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("G", [None, 4, 6])
+def test_never_reads_the_future(backend, G):
+    """d out[t] / d (q, k, v)[t'] is exactly zero for every t' > t."""
+    N = 14
+    q, k, v = qkv(1, N, 4, 2, requires_grad=True)
+    for t in (0, 2, 5, N - 2):
+        q.grad = k.grad = v.grad = None
+        attend(q, k, v, G, backend)[:, t].sum().backward()
+        for x in (q, k, v):
+            assert torch.all(x.grad[:, t + 1 :] == 0), f"output {t} depends on a later position"
+
+
+def test_backward_matches_naive():
+    q, k, v = qkv(2, 19, 6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 19, 6, 8, dtype=torch.float64)
+    grads = []
+    for backend in ("naive", "sdpa"):
+        q.grad = k.grad = v.grad = None
+        (s2_attention(q, k, v, 8, backend=backend) * w).sum().backward()
+        grads.append([x.grad.clone() for x in (q, k, v)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def algorithm1(q, k, v, G):
+    """The paper's two lines, literally (roll the shifted half by -G/2, causal attention in groups,
+    roll back). Needs N % G == 0 and even H."""
+    B, N, H, D = q.shape
+    qkv = torch.stack([q, k, v], dim=2)  # (B, N, 3, H, D)
+    qkv = torch.cat((qkv.chunk(2, 3)[0], qkv.chunk(2, 3)[1].roll(-G // 2, 1)), 3).view(B * N // G, G, 3, H, D)
+    out = full_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], backend="naive").reshape(B, N, H, D)
+    return torch.cat((out.chunk(2, 2)[0], out.chunk(2, 2)[1].roll(G // 2, 1)), 2)
+
+
+def test_agrees_with_algorithm1_except_where_it_reads_the_future():
+    """Algorithm 1 and ours differ only at the shifted heads' first G/2 positions, where the paper's
+    roll lets those tokens read the last G/2 (official repository issues #15 and #90)."""
+    N, G, H = 32, 8, 4
+    q, k, v = qkv(1, N, H, H, dtype=torch.float64)
+    ours, paper = s2_attention(q, k, v, G, backend="naive"), algorithm1(q, k, v, G)
+    leak = torch.zeros(N, H, dtype=torch.bool)
+    leak[: G // 2, H // 2 :] = True
+    torch.testing.assert_close(ours[0][~leak], paper[0][~leak])
+    assert (ours[0][leak] - paper[0][leak]).abs().min() > 1e-6
+    v2 = v.clone()
+    v2[:, -1] += 1  # change only the last token: Algorithm 1's first output changes, ours does not
+    assert not torch.equal(algorithm1(q, k, v2, G)[:, 0], paper[:, 0])
+    assert torch.equal(s2_attention(q, k, v2, G, backend="naive")[:, 0], ours[:, 0])
+
+
+def test_s2_equals_full_when_one_group_covers_everything_unshifted():
+    """Heads in the first half with G >= N see the whole causal prefix: same as full attention."""
+    q, k, v = qkv(1, 10, 4, 4)
+    torch.testing.assert_close(s2_attention(q, k, v, 16)[:, :, :2], full_attention(q, k, v)[:, :, :2])
+
+
+def test_bad_input_errors():
+    q, k, v = qkv(1, 8, 4, 4)
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
+        full_attention(q, k, v, backend="cuda")
+    q3, k3, v3 = qkv(1, 8, 4, 3)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        s2_attention(q3, k3, v3, 4)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        s2_attention(q, k, v, 0)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        s2_attention(q, k, v, 2.5)
+    with pytest.raises(ValueError, match="must agree on B, N and D"):
+        s2_attention(q, k[:, :5], v[:, :5], 4)
+    with pytest.raises(ValueError, match=r"expected q \(B, N, H, D\)"):
+        full_attention(q[0], k[0], v[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_flash_without_cuda_says_what_to_do():
+    q, k, v = qkv(1, 8, 4, 4)
+    assert "flash" not in s2attn.BACKENDS
+    with pytest.raises((ValueError, ImportError), match="use backend='sdpa'"):
+        s2_attention(q, k, v, 4, backend="flash")
+
+
+@needs_flash
+@pytest.mark.parametrize("N,G,H,Hkv", [c for c in CASES] + [(4096, 1024, 8, 2), (3000, 1024, 9, 3)])
+def test_flash_matches_naive_cuda(N, G, H, Hkv):
+    q, k, v = qkv(2, N, H, Hkv, D=64, dtype=torch.bfloat16, device="cuda")
+    torch.testing.assert_close(attend(q, k, v, G, "flash").float(), attend(q, k, v, G, "naive").float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(attend(q, k, v, G, "sdpa").float(), attend(q, k, v, G, "naive").float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_flash
+def test_flash_never_reads_the_future_cuda():
+    N = 64
+    q, k, v = qkv(1, N, 4, 2, D=64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    for t in (0, 3, 20, N - 2):
+        q.grad = k.grad = v.grad = None
+        s2_attention(q, k, v, 16, backend="flash")[:, t].float().sum().backward()
+        for x in (q, k, v):
+            assert torch.all(x.grad[:, t + 1 :] == 0)
