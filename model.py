@@ -53,8 +53,10 @@ class ModelArgs:
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}, and n_heads of n_kv_heads={self.n_kv_heads}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)")
         if self.hidden_dim is None:  # Meta: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of
             hidden = int(2 * 4 * self.dim / 3)
             if self.ffn_dim_multiplier is not None:

@@ -1,0 +1,253 @@
+"""The Llama definition against transformers' LlamaForCausalLM, Meta shards, save/load round trips, errors."""
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import model
+from common import tiny_model, tokens, write_meta_shards
+from model import ModelArgs, Transformer
+
+transformers = pytest.importorskip("transformers", reason="transformers is the independent reference: pip install -r requirements-dev.txt")
+
+HF_CONFIGS = {  # transformers config kwargs -> the variants of Llama a loader must get right
+    "mha": {},
+    "gqa": {"num_key_value_heads": 2},
+    "tied": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    "linear-pi": {"num_key_value_heads": 2, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "llama3.1": {"num_key_value_heads": 1, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "odd-heads": {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0},
+}  # fmt: skip
+
+
+def hf_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw}))
+    with torch.no_grad():  # random norms too, so that a swapped norm shows
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def logits_hf(m, tok):
+    with torch.no_grad():
+        return m(tok).logits
+
+
+def logits(m, tok):
+    with torch.no_grad():
+        return m(tok)
+
+
+@pytest.mark.parametrize("variant", HF_CONFIGS)
+def test_load_hf_matches_transformers(tmp_path, variant):
+    hf = hf_model(**HF_CONFIGS[variant])
+    hf.save_pretrained(tmp_path)
+    m = model.load(tmp_path)
+    tok = tokens(N=40)  # longer than original_max_position_embeddings: exercises the llama3 scaling
+    torch.testing.assert_close(logits(m, tok), logits_hf(hf, tok), rtol=1e-4, atol=1e-5)
+
+
+def test_load_hf_reads_the_older_top_level_rope_keys(tmp_path):
+    """Files written before transformers 5 keep rope_theta and rope_scaling at the top level."""
+    hf = hf_model(num_key_value_heads=2, rope_theta=50000.0, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=50000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = model.load(tmp_path)
+    assert (m.args.rope_theta, m.args.rope_interpolation) == (50000.0, 2.0)
+    torch.testing.assert_close(logits(m, tokens()), logits_hf(hf, tokens()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied", "linear-pi"])
+def test_save_hf_loads_in_transformers(tmp_path, variant):
+    """Our HF writer, checked by transformers' reader: catches a wrong q/k permutation or config key."""
+    kw = {"gqa": {}, "tied": {"tie_embeddings": True}, "linear-pi": {"rope_interpolation": 4.0}}[variant]
+    m = tiny_model(**kw)
+    model.save(m, tmp_path, format="hf", max_shard_bytes=60_000)  # small shards: exercises the index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits_hf(hf, tokens(N=40)), logits(m, tokens(N=40)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": True}, {"rope_interpolation": 2.5, "max_seq_len": 160}, {"use_scaled_rope": True, "rope_theta": 500000.0, "rope_original_context": 16}], ids=["plain", "tied", "pi", "llama3.1"])
+def test_save_load_round_trip_is_exact(tmp_path, fmt, kw):
+    m = tiny_model(**kw)
+    model.save(m, tmp_path, format=fmt)
+    m2 = model.load(tmp_path)
+    if fmt == "hf":  # HF stores the FFN width itself, not Meta's recipe for it
+        assert m2.args == replace(m.args, multiple_of=m2.args.multiple_of, ffn_dim_multiplier=m2.args.ffn_dim_multiplier)
+    else:
+        assert m2.args == m.args
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert torch.equal(logits(m, tokens()), logits(m2, tokens()))
+
+
+def test_pi_and_llama31_together_round_trip_in_meta_format_only(tmp_path):
+    m = tiny_model(use_scaled_rope=True, rope_theta=500000.0, rope_interpolation=2.0)
+    model.save(m, tmp_path / "meta", format="meta")
+    assert torch.equal(logits(model.load(tmp_path / "meta"), tokens()), logits(m, tokens()))
+    with pytest.raises(ValueError, match="save with format='meta'"):
+        model.save(m, tmp_path / "hf", format="hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("generation,n_shards", [(2, 1), (2, 2), (2, 4), (3, 2), (3, 4)])
+def test_meta_shards_merge_back(tmp_path, generation, n_shards):
+    kw = {"rope_theta": 500000.0, "ffn_dim_multiplier": 1.3} if generation == 3 else {}
+    m = tiny_model(**kw)
+    write_meta_shards(m, tmp_path, n_shards, generation)
+    m2 = model.load(tmp_path)
+    assert m2.args.vocab_size == m.args.vocab_size and m2.args.hidden_dim == m.args.hidden_dim
+    assert m2.args.max_seq_len == (8192 if generation == 3 else 4096)
+    assert torch.equal(logits(m2, tokens()), logits(m, tokens()))
+
+
+def test_meta_checkpoint_matches_transformers(tmp_path):
+    """Meta layout -> our model, the same weights in HF layout -> transformers: same logits."""
+    hf = hf_model(num_key_value_heads=2, intermediate_size=192)  # Meta's FFN recipe: dim 64, multiple_of 32
+    hf.save_pretrained(tmp_path / "hf")
+    m = model.load(tmp_path / "hf")
+    m.args = replace(m.args, multiple_of=32)  # what Meta's params.json would say for this width
+    write_meta_shards(m, tmp_path / "meta", n_shards=2)
+    torch.testing.assert_close(logits(model.load(tmp_path / "meta"), tokens()), logits_hf(hf, tokens()), rtol=1e-4, atol=1e-5)
+
+
+def test_load_with_dtype_and_bf16_storage(tmp_path):
+    m = tiny_model(dtype=torch.bfloat16)
+    model.save(m, tmp_path)
+    assert model.load(tmp_path).tok_embeddings.weight.dtype == torch.bfloat16
+    m32 = model.load(tmp_path, dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in m32.parameters())
+    assert torch.equal(m32.layers[0].attention.wq.weight, m.layers[0].attention.wq.weight.float())
+
+
+def test_attention_switches_at_run_time():
+    m, tok = tiny_model(), tokens(N=32)
+    full = logits(m, tok)
+    m.set_attention(group_size=8)
+    s2 = logits(m, tok)
+    assert not torch.allclose(s2, full, atol=1e-3)
+    m.set_attention(group_size=8, backend="naive")
+    torch.testing.assert_close(logits(m, tok), s2, rtol=1e-4, atol=1e-5)
+    m.set_attention(group_size=64)  # one group holds everything in both halves: full attention again
+    torch.testing.assert_close(logits(m, tok), full, rtol=1e-4, atol=1e-5)
+    m.set_attention(group_size=None)
+    assert m.layers[1].attention.backend == "naive"
+    torch.testing.assert_close(logits(m, tok), full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        m.set_attention(backend="xformers")
+    with pytest.raises(ValueError, match="group_size must be None"):
+        m.set_attention(group_size=0)
+
+
+def test_model_is_causal():
+    m, tok = tiny_model(), tokens(N=20)
+    tok2 = tok.clone()
+    tok2[:, 12:] = (tok2[:, 12:] + 1) % m.args.vocab_size
+    for g in (None, 8):
+        m.set_attention(group_size=g)
+        assert torch.equal(logits(m, tok)[:, :12], logits(m, tok2)[:, :12])
+
+
+def test_ffn_width_follows_meta():
+    """Llama 2 7B: 11008; Llama 3 8B: 14336 (ffn_dim_multiplier 1.3, multiple_of 1024)."""
+    assert ModelArgs(dim=4096, multiple_of=256).hidden_dim == 11008
+    assert ModelArgs(dim=4096, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3).hidden_dim == 14336
+    assert ModelArgs(dim=8192, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3).hidden_dim == 28672
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        model.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        model.load(tmp_path)
+    (tmp_path / "params.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no consolidated.NN.pth"):
+        model.load(tmp_path)
+
+
+def test_params_json_that_does_not_match_the_weights(tmp_path):
+    write_meta_shards(tiny_model(), tmp_path, 1)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
+    with pytest.raises(ValueError, match=r"do not match its config:\n  missing layers.2"):
+        model.load(tmp_path)
+    (tmp_path / "params.json").write_text(json.dumps({**params, "multiple_of": 256}))
+    with pytest.raises(ValueError, match=r"feed_forward.w1.weight is \(192, 64\), the config says \(256, 64\)"):
+        model.load(tmp_path)
+
+
+def test_shards_of_different_sizes(tmp_path):
+    write_meta_shards(tiny_model(), tmp_path / "a", 2)
+    write_meta_shards(tiny_model(), tmp_path / "b", 4)
+    (tmp_path / "b" / "consolidated.01.pth").replace(tmp_path / "a" / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="shards of different sizes"):
+        model.load(tmp_path / "a")
+
+
+def test_corrupt_shard(tmp_path):
+    write_meta_shards(tiny_model(), tmp_path, 1)
+    f = tmp_path / "consolidated.00.pth"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="incomplete or not a PyTorch checkpoint"):
+        model.load(tmp_path)
+
+
+def test_not_a_llama(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="is not a Llama"):
+        model.load(tmp_path)
+
+
+def test_save_never_overwrites_silently(tmp_path):
+    m = tiny_model()
+    model.save(m, tmp_path)
+    before = (tmp_path / "consolidated.00.pth").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(tiny_model(seed=1), tmp_path, format="hf")
+    assert (tmp_path / "consolidated.00.pth").read_bytes() == before and not (tmp_path / "config.json").exists()
+    model.save(tiny_model(seed=1), tmp_path, format="hf", overwrite=True)  # replaces, leaving no stale Meta files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(logits(model.load(tmp_path), tokens()), logits(tiny_model(seed=1), tokens()))
+
+
+def test_bad_model_args():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="vocab_size is not set"):
+        Transformer(replace(ModelArgs(dim=64, n_heads=4, n_layers=1), vocab_size=-1))
+
+
+def mapped_file(t):
+    """The file whose memory mapping holds tensor t's data, or None (from /proc/self/maps)."""
+    ptr = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        addr, *rest = line.split()
+        lo, hi = (int(x, 16) for x in addr.split("-"))
+        if lo <= ptr < hi:
+            return rest[4] if len(rest) > 4 else None
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_loading_one_shard_copies_nothing(tmp_path):
+    """A single-shard Meta checkpoint (Llama 2 7B is one) is used in place: every weight is a view of the
+    memory-mapped file, so loading a 13 GB checkpoint does not take 13 GB of RAM, let alone twice that.
+    (With several shards the merged tensors are the one copy; the shards stay mapped, not loaded.)"""
+    write_meta_shards(tiny_model(), tmp_path, 1)
+    m = model.load(tmp_path)
+    shard = str(tmp_path / "consolidated.00.pth")
+    assert {mapped_file(p) for p in m.parameters()} == {shard}
+    assert shard not in {mapped_file(p) for p in model.load(tmp_path, dtype=torch.float64).parameters()}  # the check can fail
