@@ -41,11 +41,12 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
 
     def merged(self):
-        """An nn.Linear with W + scale * B A (computed in float32, stored in W's dtype)."""
+        """An nn.Linear with W + scale * B A (computed in float32 or wider, stored in W's dtype)."""
         w = self.weight.detach()
-        delta = (self.lora_b.detach().float() @ self.lora_a.detach().float()) * self.scale
+        dt = torch.promote_types(w.dtype, torch.float32)
+        delta = (self.lora_b.detach().to(dt) @ self.lora_a.detach().to(dt)) * self.scale
         out = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        out.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=self.weight.requires_grad)
+        out.weight = nn.Parameter((w.to(dt) + delta).to(w.dtype), requires_grad=self.weight.requires_grad)
         return out
 
 
@@ -116,20 +117,33 @@ def save_trainable(model, path):
 
 
 def load_trainable(model, path):
-    """Load a save_trainable file into a base model: adds the adapters it describes if the model has
-    none yet, then copies every tensor in, strictly (each name must exist with the same shape)."""
+    """Load a save_trainable file into a base model: checks every tensor against the model first (each
+    name must exist, or be an adapter the file describes, with the same shape), then adds the adapters
+    if the model has none yet and copies the tensors in. A file that does not fit changes nothing."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         cfg = json.loads((f.metadata() or {}).get("lora", "null"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if cfg and lora_config(model) is None:
-        add_lora(model, cfg["rank"], cfg["alpha"], targets=tuple(cfg["targets"]))
+    add = cfg is not None and lora_config(model) is None
     params = dict(model.named_parameters())
-    problems = [f"{k}: not in the model" for k in tensors if k not in params]
-    problems += [f"{k}: file {tuple(t.shape)}, model {tuple(params[k].shape)}" for k, t in tensors.items() if k in params and params[k].shape != t.shape]
+
+    def expected(k):  # the shape the model has, or will have once the file's adapters are added
+        parent, _, leaf = k.rpartition(".")
+        if k in params or not (add and leaf in ("lora_a", "lora_b") and parent.rsplit(".", 1)[-1] in cfg["targets"]):
+            return tuple(params[k].shape) if k in params else None
+        try:
+            out_f, in_f = model.get_submodule(parent).weight.shape
+        except AttributeError:  # no such layer in this model
+            return None
+        return (cfg["rank"], in_f) if leaf == "lora_a" else (out_f, cfg["rank"])
+
+    problems = [f"{k}: file {tuple(t.shape)}, model {expected(k) or 'has no such parameter'}" for k, t in tensors.items() if expected(k) != tuple(t.shape)]
     if problems:
         raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:8]) + "\nWas it trained from another base model?")
+    if add:
+        add_lora(model, cfg["rank"], cfg["alpha"], targets=tuple(cfg["targets"]))
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for k, t in tensors.items():
             params[k].copy_(t)
