@@ -1,0 +1,32 @@
+"""The README's example runs as written, and CI runs the README's test command."""
+import re
+from pathlib import Path
+
+import torch
+
+import lora
+import model
+from common import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    assert '"llama-2-7b/"' in code
+    model.save(tiny_model(), tmp_path / "llama-2-7b")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["logits"].shape == (1, 4096, scope["m"].args.vocab_size)
+    merged = model.load(tmp_path / "merged")
+    base = lora.load_trainable(model.load(tmp_path / "llama-2-7b"), tmp_path / "trainable.safetensors")
+    tok = torch.randint(0, merged.args.vocab_size, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tok), base(tok), rtol=1e-5, atol=1e-5)
+
+
+def test_ci_runs_the_readme_test_command():
+    command = re.search(r"^(python -m pytest[^\n#]*?)\s+#", README, re.M).group(1)
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
