@@ -227,7 +227,8 @@ def load(path, dtype=None, device="cpu"):
         more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
         raise ValueError(f"the weights in {path} do not match its config:\n  " + "\n  ".join(problems[:8]) + more + f"\n{args}\nCheck that the config file belongs to these weights.")
     dtype = dtype or sd["tok_embeddings.weight"].dtype
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    for k in sd:  # one tensor at a time, so a conversion never holds two copies of the checkpoint
+        sd[k] = sd[k].to(device=device, dtype=dtype)
     m.load_state_dict(sd, strict=True, assign=True)
     return m
 
@@ -266,6 +267,8 @@ def _read_meta(path):
             if dim is None:
                 raise ValueError(f"{k} in {path}: unknown parameter, cannot merge shards")
         sd[k] = torch.cat([s[k] for s in shards], dim=dim)
+    if "output.weight" not in sd and "tok_embeddings.weight" in sd:  # no head: it shares the embedding
+        params["tie_embeddings"] = True
     if params.get("vocab_size", -1) <= 0:
         params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]
     if "max_seq_len" not in params and params.get("rope_theta") == 500000.0:  # Meta's files omit it

@@ -125,7 +125,8 @@ def _sdpa(q, k, v, G, lead):
     n = (N + front + tail) // G  # groups per sequence
 
     def grouped(x):  # (B, N, h', D) -> (B * n, h', G, D)
-        x = torch.cat([x[:, :lead], x.new_zeros(B, front, *x.shape[2:]), x[:, lead:], x.new_zeros(B, tail, *x.shape[2:])], 1)
+        if front or tail:
+            x = torch.cat([x[:, :lead], x.new_zeros(B, front, *x.shape[2:]), x[:, lead:], x.new_zeros(B, tail, *x.shape[2:])], 1)
         return x.view(B * n, G, *x.shape[2:]).transpose(1, 2)
 
     gq, gk, gv = grouped(q), grouped(k), grouped(v)

@@ -111,6 +111,14 @@ def test_meta_shards_merge_back(tmp_path, generation, n_shards):
     assert torch.equal(logits(m2, tokens()), logits(m, tokens()))
 
 
+def test_meta_checkpoint_without_output_head_is_tied(tmp_path):
+    """Tied Meta-layout checkpoints store no output.weight; params.json need not say so."""
+    m = tiny_model(tie_embeddings=True)
+    write_meta_shards(m, tmp_path, 2, generation=3)
+    m2 = model.load(tmp_path)
+    assert m2.args.tie_embeddings and torch.equal(logits(m2, tokens()), logits(m, tokens()))
+
+
 def test_meta_checkpoint_matches_transformers(tmp_path):
     """Meta layout -> our model, the same weights in HF layout -> transformers: same logits."""
     hf = hf_model(num_key_value_heads=2, intermediate_size=192)  # Meta's FFN recipe: dim 64, multiple_of 32
