@@ -241,11 +241,25 @@ def _args_from(d, source):
     return {k: v for k, v in d.items() if k in known}
 
 
+def _read_json(f, required):
+    """A config file as a dict, with a clear error if it is not JSON or lacks a required key."""
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); restore it from the original checkpoint") from e
+    if d.get("model_type", "llama") != "llama":
+        raise ValueError(f"{f}: model_type {d['model_type']!r} is not a Llama; this loader reads Llama-architecture checkpoints")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{f} lacks {missing}; restore it from the original checkpoint")
+    return d
+
+
 def _read_meta(path):
-    params = json.loads((path / "params.json").read_text())
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path} has params.json but no consolidated.NN.pth weight files")
+    params = _read_json(path / "params.json", required=("dim", "n_layers", "n_heads"))
     shards = [_torch_load(f) for f in files]
     for f, shard in zip(files[1:], shards[1:]):  # model-parallel shards are equal slices of every tensor
         for k in shards[0].keys() | shard.keys():
@@ -313,9 +327,7 @@ def _rename(k, to_hf):
 
 
 def _read_hf(path):
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("model_type", "llama") != "llama":
-        raise ValueError(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a Llama; this loader reads Llama-architecture checkpoints")
+    cfg = _read_json(path / "config.json", required=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"))
     if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}/config.json: biases or an activation other than silu are not Llama's; not supported")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]

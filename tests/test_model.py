@@ -213,6 +213,21 @@ def test_corrupt_shard(tmp_path):
         model.load(tmp_path)
 
 
+def test_config_files_that_are_broken_or_incomplete(tmp_path):
+    write_meta_shards(tiny_model(), tmp_path, 1)
+    (tmp_path / "params.json").write_text('{"dim": 64,')
+    with pytest.raises(ValueError, match="params.json is not valid JSON"):
+        model.load(tmp_path)
+    (tmp_path / "params.json").write_text('{"dim": 64}')
+    with pytest.raises(ValueError, match=r"params.json lacks \['n_layers', 'n_heads'\]"):
+        model.load(tmp_path)
+    (tmp_path / "params.json").unlink()
+    (tmp_path / "consolidated.00.pth").unlink()
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    with pytest.raises(ValueError, match=r"config.json lacks \['num_hidden_layers'"):
+        model.load(tmp_path)
+
+
 def test_not_a_llama(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="is not a Llama"):
