@@ -331,7 +331,7 @@ def _read_hf(path):
     if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}/config.json: biases or an activation other than silu are not Llama's; not supported")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+    if (cfg.get("head_dim") or dim // n_heads) != dim // n_heads:  # some configs write "head_dim": null
         raise ValueError(f"{path}/config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads; not supported")
     rope = cfg.get("rope_parameters") or {}  # transformers >= 5 spelling; older files: top-level keys
     scaling = cfg.get("rope_scaling") or rope

@@ -58,7 +58,7 @@ def test_load_hf_reads_the_older_top_level_rope_keys(tmp_path):
     hf.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.pop("rope_parameters", None)
-    cfg.update(rope_theta=50000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    cfg.update(rope_theta=50000.0, rope_scaling={"type": "linear", "factor": 2.0}, head_dim=None, num_key_value_heads=2)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     m = model.load(tmp_path)
     assert (m.args.rope_theta, m.args.rope_interpolation) == (50000.0, 2.0)

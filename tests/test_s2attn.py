@@ -170,3 +170,48 @@ def test_flash_never_reads_the_future_cuda():
         s2_attention(q, k, v, 16, backend="flash")[:, t].float().sum().backward()
         for x in (q, k, v):
             assert torch.all(x.grad[:, t + 1 :] == 0)
+
+
+# ----------------------------------------------------------------------------- the flash path on CPU
+# The varlen kernels need CUDA, but everything around them (segment borders, cu_seqlens, packing, the
+# head split, GQA) is ours. These stand-ins implement the kernels' documented contract on CPU: causal
+# attention inside each segment [cu[i], cu[i+1]) of a packed (total, heads, D) batch.
+
+
+def segment_attention(q, k, v, cu, max_len):
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == q.shape[0]
+    assert max_len == int((cu[1:] - cu[:-1]).max())
+    r = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)))
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
+    return out
+
+
+def fake_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, causal=False):
+    assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == max_seqlen_k
+    return segment_attention(q, k, v, cu_seqlens_q, max_seqlen_q)
+
+
+def fake_varlen_new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+    """torch >= 2.11: causal is window_size=(-1, 0); GQA behind enable_gqa."""
+    assert window_size == (-1, 0) and enable_gqa == (key.shape[1] != query.shape[1])
+    return segment_attention(query, key, value, cu_seq_q, max_q)
+
+
+def fake_varlen_old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    """torch 2.10: is_causal, and no GQA (k and v must have as many heads as q)."""
+    assert is_causal and key.shape[1] == query.shape[1]
+    return segment_attention(query, key, value, cu_seq_q, max_q)
+
+
+@pytest.mark.parametrize("kernel", ["flash_attn", "varlen_new", "varlen_old"])
+@pytest.mark.parametrize("N,G,H,Hkv", CASES)
+def test_flash_path_with_stand_in_kernels(monkeypatch, kernel, N, G, H, Hkv):
+    monkeypatch.setattr(s2attn, "flash_attn_varlen_func", fake_flash_attn if kernel == "flash_attn" else None)
+    monkeypatch.setattr(s2attn, "torch_varlen_attn", {"varlen_new": fake_varlen_new, "varlen_old": fake_varlen_old}.get(kernel))
+    check = s2attn._check
+    monkeypatch.setattr(s2attn, "_check", lambda q, k, v, backend: check(q, k, v, "sdpa"))  # no CUDA here
+    q, k, v = qkv(2, N, H, Hkv)
+    torch.testing.assert_close(attend(q, k, v, G, "flash").double(), reference(q, k, v, G), rtol=1e-4, atol=1e-5)
