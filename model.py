@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from s2attn import ALL_BACKENDS, full_attention, s2_attention
+from s2attn import check_config, full_attention, s2_attention
 
 
 @dataclass
@@ -190,10 +190,7 @@ class Transformer(nn.Module):
 
     def set_attention(self, group_size=None, backend=None):
         """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend."""
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f"group_size must be None (full attention) or a positive int, got {group_size!r}")
-        if backend is not None and backend not in ALL_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ALL_BACKENDS}")
+        check_config(group_size, backend or self.layers[0].attention.backend)
         for layer in self.layers:
             layer.attention.group_size = group_size
             layer.attention.backend = backend or layer.attention.backend

@@ -63,9 +63,10 @@ def full_attention(q, k, v, backend="sdpa"):
 def s2_attention(q, k, v, group_size, backend="sdpa"):
     """Shifted sparse attention with groups of `group_size` tokens (see the module docstring)."""
     _check(q, k, v, backend)
+    check_config(group_size, backend)
+    if group_size is None:
+        raise ValueError("s2_attention needs a group_size in tokens; for full attention call full_attention")
     G = group_size
-    if isinstance(G, bool) or not isinstance(G, int) or G < 1:
-        raise ValueError(f"group_size must be a positive int (tokens), got {G!r}")
     B, N, H, D = q.shape
     if backend == "naive":
         return _naive(q, k, v, causal_mask(N, H, G, device=q.device))
@@ -166,10 +167,18 @@ def _torch_varlen(q, k, v, cu, max_len):
 _KERNELS = {"sdpa": _sdpa, "flash": _flash}
 
 
-def _check(q, k, v, backend):
-    """Fail early, with a message that says what to do, instead of deep inside a kernel."""
+def check_config(group_size, backend):
+    """Raise a clear error for an unknown backend, or a group size that is neither None (full attention)
+    nor a positive int. Callers that store a configuration (the model) check it when it is set."""
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ALL_BACKENDS} (this machine runs {BACKENDS})")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive int (tokens), or None for full attention; got {group_size!r}")
+
+
+def _check(q, k, v, backend):
+    """Fail early, with a message that says what to do, instead of deep inside a kernel."""
+    check_config(None, backend)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"expected q (B, N, H, D) and k, v (B, N, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     (B, N, H, D), (Bk, Nk, Hkv, Dk) = q.shape, k.shape

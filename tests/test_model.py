@@ -153,7 +153,7 @@ def test_attention_switches_at_run_time():
     torch.testing.assert_close(logits(m, tok), full, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention backend"):
         m.set_attention(backend="xformers")
-    with pytest.raises(ValueError, match="group_size must be None"):
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
         m.set_attention(group_size=0)
 
 

@@ -139,6 +139,8 @@ def test_bad_input_errors():
         s2_attention(q, k, v, 0)
     with pytest.raises(ValueError, match="group_size must be a positive int"):
         s2_attention(q, k, v, 2.5)
+    with pytest.raises(ValueError, match="for full attention call full_attention"):
+        s2_attention(q, k, v, None)
     with pytest.raises(ValueError, match="must agree on B, N and D"):
         s2_attention(q, k[:, :5], v[:, :5], 4)
     with pytest.raises(ValueError, match=r"expected q \(B, N, H, D\)"):
