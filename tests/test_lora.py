@@ -133,10 +133,13 @@ def test_lora_errors():
         lora.add_lora(m, rank=8, alpha=16, targets=("q_proj",))
     with pytest.raises(ValueError, match="rank must be a positive int"):
         lora.add_lora(m, rank=0, alpha=16)
+    lora.add_lora(m, rank=4, alpha=8)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.add_lora(m, rank=4, alpha=8)
     with pytest.raises(ValueError, match="unknown trainable group"):
         lora.set_trainable(m, extra=("embeddings",))
     with pytest.raises(ValueError, match="nothing would train"):
-        lora.set_trainable(m, extra=())
+        lora.set_trainable(tiny_model(), extra=())
 
 
 def test_tied_embeddings_train_through_the_shared_head():
