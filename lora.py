@@ -107,26 +107,36 @@ def lora_config(model):
     return {"rank": first.rank, "alpha": first.alpha, "targets": sorted(layers)}
 
 
-def save_trainable(model, path):
-    """Write the trainable parameters (adapters, embedding, norms) to a safetensors file, with the
-    adapter settings in its metadata so that load_trainable can rebuild the adapters."""
+CONTEXT = ("rope_interpolation", "max_seq_len")  # the context extension an adapter was trained with
+
+
+def save_trainable(model, path, state=None):
+    """Write the trainable parameters (adapters, embedding, norms) to a safetensors file, with the adapter
+    settings and the model's context extension (Position Interpolation factor, context length) in its
+    metadata, so that load_trainable rebuilds the fine-tuned model from the base model alone. `state`:
+    the tensors by name, when they are not the model's own (train.py gathers them from FSDP shards)."""
     from safetensors.torch import save_file
 
-    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    if not tensors:
+    if state is None:
+        state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if not state:
         raise ValueError("the model has no trainable parameters to save; call set_trainable first")
-    save_file(tensors, str(path), metadata={"lora": json.dumps(lora_config(model))})
+    context = {k: getattr(model.args, k) for k in CONTEXT}
+    metadata = {"lora": json.dumps(lora_config(model)), "context": json.dumps(context)}
+    save_file({k: t.contiguous() for k, t in state.items()}, str(path), metadata=metadata)
 
 
 def load_trainable(model, path):
     """Load a save_trainable file into a base model: checks every tensor against the model first (each
     name must exist, or be an adapter the file describes, with the same shape), then adds the adapters
-    if the model has none yet and copies the tensors in. A file that does not fit changes nothing."""
+    if the model has none yet, sets the context extension, and copies the tensors in. A file that does
+    not fit changes nothing."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        cfg = json.loads((f.metadata() or {}).get("lora", "null"))
+        meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cfg, context = json.loads(meta.get("lora", "null")), json.loads(meta.get("context", "{}"))
     add = cfg is not None and lora_config(model) is None
     params = dict(model.named_parameters())
 
@@ -145,6 +155,8 @@ def load_trainable(model, path):
         raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:8]) + "\nWas it trained from another base model?")
     if add:
         add_lora(model, cfg["rank"], cfg["alpha"], targets=tuple(cfg["targets"]))
+    for k, v in context.items():
+        setattr(model.args, k, v)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, t in tensors.items():

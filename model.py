@@ -179,14 +179,17 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, tokens):
-        """tokens: (B, N) LongTensor -> logits (B, N, vocab_size)."""
+    def forward(self, tokens, head=None):
+        """tokens: (B, N) LongTensor -> logits (B, N, vocab_size). With `head`, returns head(h, W) instead:
+        h the final hidden states (B, N, dim), W the output weight (vocab_size, dim); train.py passes a
+        loss that never materialises the logits of the whole sequence at once."""
         h = self.tok_embeddings(tokens)  # (B, N, dim)
         freqs_cis = precompute_freqs_cis(self.args, tokens.shape[1], device=h.device)
         for layer in self.layers:
             h = layer(h, freqs_cis)
         h = self.norm(h)
-        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        w = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, w) if head is None else head(h, w)
 
     def set_attention(self, group_size=None, backend=None):
         """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend."""

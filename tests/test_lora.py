@@ -102,10 +102,12 @@ def test_trainable_weights_file_restores_the_model(tmp_path):
     with torch.no_grad():  # as if training had moved the embedding and the norms too
         m.tok_embeddings.weight.add_(0.01)
         m.layers[1].ffn_norm.weight.mul_(1.1)
+    m.args.rope_interpolation, m.args.max_seq_len = 4.0, 256  # trained with Position Interpolation, 4x
     lora.save_trainable(m, tmp_path / "trainable.safetensors")
     restored = lora.load_trainable(base, tmp_path / "trainable.safetensors")
+    assert (restored.args.rope_interpolation, restored.args.max_seq_len) == (4.0, 256)
     assert lora.lora_config(restored) == {"rank": 4, "alpha": 8, "targets": ["wk", "wo", "wq", "wv"]}
-    assert torch.equal(logits(restored, tokens()), logits(m, tokens()))
+    assert torch.equal(logits(restored, tokens(N=100)), logits(m, tokens(N=100)))
 
 
 def test_trainable_file_from_another_model_is_refused(tmp_path):

@@ -1,0 +1,304 @@
+"""Data for LongLoRA: tokenizers, token files, fixed-length training windows, supervised examples.
+
+    python data.py tokenize --tokenizer llama-2-7b/ --out train.bin corpus/ more.jsonl   # -> train.bin + train.json
+    python data.py tokenizer --vocab-size 4096 --out tok/ texts/                         # train a small BPE model
+
+Tokenizers: sentencepiece `tokenizer.model` (Llama 2), Llama 3's tiktoken `tokenizer.model` (needs
+`pip install tiktoken`), or a Hugging Face `tokenizer.json` (needs `pip install tokenizers`); PATH is
+the file or the model folder that holds it. A token file is the documents' ids back to back, each
+document as BOS + text + EOS, stored as uint16 when the vocabulary fits and uint32 otherwise, with a
+JSON file beside it (dtype, tokens, documents, vocab_size, max_id, tokenizer).
+
+Training reads it in windows of seq_len + 1 tokens (inputs and next-token targets), in an order that
+depends only on the seed and the global sample index: 1 process and 8 see the same samples, and a
+resumed run continues the same sequence. Supervised examples (LongAlpaca's `instruction`, `input`,
+`output`) mask the prompt out of the loss with target -100.
+"""
+import argparse
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+IGNORE = -100  # target id that the loss skips: prompts of SFT examples, right padding
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer:
+    """encode(text) -> ids with BOS first; decode(ids) -> text. Wraps the three formats Llamas ship."""
+
+    def __init__(self, name, encode, decode, bos_id, eos_id, vocab_size):
+        self.name, self._encode, self._decode = name, encode, decode
+        self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
+
+    def encode(self, text, bos=True, eos=False):
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+
+def load_tokenizer(path):
+    """A Tokenizer from a tokenizer.model / tokenizer.json file, or from the model folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    if path.suffix == ".json":
+        return _hf_tokenizer(path)
+    first = path.read_bytes()[:256].split(b"\n")[0].split()
+    if len(first) == 2 and first[1].isdigit():  # "<base64 token> <rank>" lines: Llama 3's tiktoken format
+        return _tiktoken_tokenizer(path)
+    return _sentencepiece_tokenizer(path)
+
+
+def _sentencepiece_tokenizer(path):
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a sentencepiece model ({e})") from e
+    return Tokenizer(str(path), sp.encode, sp.decode, sp.bos_id(), sp.eos_id(), sp.vocab_size())
+
+
+# Llama 3's pre-tokenizer and special tokens (Meta's reference tokenizer): 256 specials after the ranks.
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                   "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|reserved_special_token_4|>", "<|eot_id|>"] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]  # fmt: skip
+
+
+def _tiktoken_tokenizer(path):
+    try:
+        import tiktoken
+    except ImportError as e:
+        raise ImportError(f"{path} is a Llama 3 (tiktoken) tokenizer: pip install tiktoken") from e
+    ranks = {}
+    for line in path.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
+    enc = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    return Tokenizer(str(path), lambda s: enc.encode(s, disallowed_special=()), enc.decode, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], enc.n_vocab)
+
+
+def _hf_tokenizer(path):
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError as e:
+        raise ImportError(f"{path} is a Hugging Face tokenizer: pip install tokenizers") from e
+    tok = HFTokenizer.from_file(str(path))
+    cfg_file = path.parent / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+
+    def special(key, fallbacks):
+        names = [cfg.get(key)] + fallbacks
+        names = [n["content"] if isinstance(n, dict) else n for n in names if n]
+        ids = [tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None]
+        if not ids:
+            raise ValueError(f"{path}: no {key} among {names}; add it to {cfg_file.name}")
+        return ids[0]
+
+    bos = special("bos_token", ["<s>", "<|begin_of_text|>", "<|endoftext|>"])
+    eos = special("eos_token", ["</s>", "<|end_of_text|>", "<|endoftext|>"])
+    encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731  (BOS/EOS are added by Tokenizer)
+    return Tokenizer(str(path), encode, tok.decode, bos, eos, tok.get_vocab_size())
+
+
+def train_tokenizer(files, vocab_size, out):
+    """Train a sentencepiece BPE model with Llama 2's conventions (unk 0, bos 1, eos 2, byte fallback)."""
+    import sentencepiece as spm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        input=[str(f) for f in files], model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        split_digits=True, max_sentence_length=1 << 16, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        minloglevel=2,
+    )  # fmt: skip
+    return out / "tokenizer.model"
+
+
+# ----------------------------------------------------------------------------- token files
+
+
+def documents(inputs):
+    """Yield (source, text) for every document: a text file is one, a .jsonl line with "text" is one;
+    folders are walked in sorted order."""
+    for inp in map(Path, inputs):
+        if not inp.exists():
+            raise FileNotFoundError(f"input {inp} does not exist")
+        files = sorted(p for p in inp.rglob("*") if p.is_file() and not p.name.startswith(".")) if inp.is_dir() else [inp]
+        for f in files:
+            if f.suffix == ".jsonl":
+                with open(f, encoding="utf-8") as lines:
+                    for n, line in enumerate(lines, 1):
+                        if line.strip():
+                            doc = json.loads(line)
+                            if "text" not in doc:
+                                raise ValueError(f"{f}:{n} has no \"text\" field (RedPajama's layout is one JSON object per line with \"text\")")
+                            yield f"{f}:{n}", doc["text"]
+            else:
+                yield str(f), f.read_text(encoding="utf-8", errors="replace")
+
+
+def tokenize(tokenizer_path, out, inputs, overwrite=False):
+    """Tokenize `inputs` into the token file `out` (.bin) and its `.json`. Streams one document at a
+    time; writes under temporary names, so a failure leaves an existing file untouched."""
+    tok = load_tokenizer(tokenizer_path)
+    out = Path(out)
+    meta_path = out.with_suffix(".json")
+    if out.suffix != ".bin":
+        raise ValueError(f"--out {out}: a token file ends in .bin")
+    if (out.exists() or meta_path.exists()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    n_tokens = n_docs = max_id = 0
+    with open(tmp, "wb") as f, tqdm(desc=f"tokenizing -> {out.name}", unit=" docs") as bar:
+        for _, text in documents(inputs):
+            ids = np.array(tok.encode(text, bos=True, eos=True), dtype=dtype)
+            ids.tofile(f)
+            n_tokens, n_docs, max_id = n_tokens + len(ids), n_docs + 1, max(max_id, int(ids.max()))
+            bar.update()
+            bar.set_postfix(tokens=n_tokens)
+    if n_docs == 0:
+        tmp.unlink()
+        raise ValueError(f"no documents in {inputs}")
+    meta = {"dtype": np.dtype(dtype).name, "tokens": n_tokens, "documents": n_docs, "vocab_size": tok.vocab_size,
+            "max_id": max_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": str(tokenizer_path)}  # fmt: skip
+    meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+    meta_tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out)
+    os.replace(meta_tmp, meta_path)
+    return meta
+
+
+def read_tokens(path):
+    """(np.memmap of the ids, meta dict) of a token file written by `tokenize`."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.exists():
+        raise FileNotFoundError(f"token file {path} does not exist; make one with: python data.py tokenize ...")
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} is missing: token files come with their JSON; make them with python data.py tokenize")
+    meta = json.loads(meta_path.read_text())
+    tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+    if len(tokens) != meta["tokens"]:
+        raise ValueError(f"{path} holds {len(tokens)} tokens but {meta_path.name} says {meta['tokens']}: the file is truncated or was replaced")
+    return tokens, meta
+
+
+def sample_index(i, n, seed):
+    """The item that global sample i reads: a fresh permutation of the n items for every pass."""
+    epoch, j = divmod(i, n)
+    return int(np.random.default_rng([seed, epoch]).permutation(n)[j])
+
+
+class TokenWindows:
+    """Non-overlapping windows of seq_len + 1 tokens: dataset[i] -> (inputs, targets), each (seq_len,)."""
+
+    def __init__(self, path, seq_len, seed=0):
+        self.tokens, self.meta = read_tokens(path)
+        self.seq_len, self.seed = seq_len, seed
+        self.n = (len(self.tokens) - 1) // seq_len
+        if self.n == 0:
+            raise ValueError(f"{path} has {len(self.tokens)} tokens, too few for one window of --seq-len {seq_len} + 1")
+
+    def __getitem__(self, i):
+        w = sample_index(i, self.n, self.seed) * self.seq_len
+        x = torch.from_numpy(self.tokens[w : w + self.seq_len + 1].astype(np.int64))
+        return x[:-1], x[1:]
+
+
+# ----------------------------------------------------------------------------- supervised fine-tuning
+
+
+PROMPT = "[INST] {instruction}{input} [/INST] "  # Llama 2 chat's turn markers; `input` follows a blank line
+
+
+def sft_example(tok, ex, seq_len):
+    """(inputs, targets) of one LongAlpaca example: BOS + prompt + output + EOS, truncated to seq_len + 1
+    tokens; the prompt's targets are IGNORE, so only the answer is learned."""
+    if "instruction" not in ex or "output" not in ex:
+        raise ValueError(f"an SFT example needs 'instruction' and 'output' (optional 'input'); got keys {sorted(ex)}")
+    extra = f"\n\n{ex['input']}" if ex.get("input") else ""
+    prompt = tok.encode(PROMPT.format(instruction=ex["instruction"], input=extra), bos=True)
+    answer = tok.encode(ex["output"], bos=False, eos=True)
+    ids = torch.tensor((prompt + answer)[: seq_len + 1])
+    targets = ids[1:].clone()
+    targets[: len(prompt) - 1] = IGNORE  # position t predicts token t + 1: the first answer token is learned
+    return ids[:-1], targets
+
+
+class SFTExamples:
+    """LongAlpaca-style examples from a .json list or a .jsonl file: dataset[i] -> (inputs, targets)."""
+
+    def __init__(self, path, tokenizer, seq_len, seed=0):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"SFT file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        self.examples = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+        if not self.examples:
+            raise ValueError(f"{path} holds no examples")
+        self.tok, self.seq_len, self.seed, self.n = tokenizer, seq_len, seed, len(self.examples)
+
+    def __getitem__(self, i):
+        return sft_example(self.tok, self.examples[sample_index(i, self.n, self.seed)], self.seq_len)
+
+
+def collate(samples, pad_id=0):
+    """Right-pad (inputs, targets) pairs into (B, N) tensors: padding ids are `pad_id` (never read by a
+    real token under the causal mask) and padding targets IGNORE."""
+    N = max(len(x) for x, _ in samples)
+    inputs = torch.full((len(samples), N), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), N), IGNORE, dtype=torch.long)
+    for b, (x, y) in enumerate(samples):
+        inputs[b, : len(x)], targets[b, : len(y)] = x, y
+    return inputs, targets
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenize", help="text files, folders, .jsonl -> one token file (.bin + .json)")
+    t.add_argument("--tokenizer", required=True, help="tokenizer.model / tokenizer.json, or the model folder holding it")
+    t.add_argument("--out", required=True, help="the token file to write, FILE.bin (its FILE.json is written beside it)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing token file")
+    t.add_argument("inputs", nargs="+", help="text files, folders of them, .jsonl files with a 'text' field")
+    s = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer (for small models built here)")
+    s.add_argument("--vocab-size", type=int, required=True, help="number of tokens")
+    s.add_argument("--out", required=True, help="folder to write tokenizer.model into")
+    s.add_argument("files", nargs="+", help="text files or folders to learn from")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "tokenize":
+            meta = tokenize(args.tokenizer, args.out, args.inputs, overwrite=args.overwrite)
+            print(f"{args.out}: {meta['tokens']:,} tokens in {meta['documents']:,} documents ({meta['dtype']})")
+        else:
+            files = [p for f in map(Path, args.files) for p in (sorted(f.rglob("*.txt")) if f.is_dir() else [f])]
+            print(f"wrote {train_tokenizer(files, args.vocab_size, args.out)}")
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
