@@ -1,0 +1,155 @@
+"""train.py end to end on CPU: 1 process vs 2 under torchrun (FSDP2 over gloo), kill and resume, the
+merged model, and bad input. Runs are tiny (a 2-layer model, 128-token sequences) and judged by what
+they wrote (log.jsonl, safetensors), not only by their exit code."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import lora
+import model
+from common import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the a of and to in is was he that it his her with as for had you not be on at by which but from have or".split()
+
+
+def synthetic_text(n_words, seed):
+    """Text with learnable structure: frequent words, and short phrases that repeat."""
+    g = torch.Generator().manual_seed(seed)
+    phrases = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (4,), generator=g)) for _ in range(12)]
+    picks = torch.randint(0, len(phrases), (n_words // 4,), generator=g)
+    return ". ".join(phrases[i] for i in picks) + ".\n"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    (d / "texts").mkdir()
+    for i in range(4):
+        (d / "texts" / f"doc{i}.txt").write_text(synthetic_text(3000, seed=i))
+    tok = data.train_tokenizer(sorted((d / "texts").glob("*.txt")), vocab_size=320, out=d / "tok")
+    data.tokenize(tok, d / "train.bin", [d / "texts"])
+    model.save(tiny_model(vocab_size=320, max_seq_len=64), d / "base")
+    return d
+
+
+def run_train(setup, out, *flags, nproc=1, check=True):
+    common = ["--model", str(setup / "base"), "--data", str(setup / "train.bin"), "--out", str(out), "--seq-len", "128",
+              "--dtype", "float32", "--warmup", "2", "--lr", "3e-3", "--grad-accum", "2", "--save-every", "2"]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(launcher + [str(ROOT / "train.py"), *common, *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check:  # judge what the run wrote: gloo may abort a rank after a clean finish (see DESIGN)
+        assert (out / "merged").exists(), f"run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_one_and_two_processes_agree(setup, tmp_path):
+    """Same global batch (2 sequences per micro-step): 1 process x batch 2 == 2 processes x batch 1.
+    Plain SGD, since AdamW amplifies float-rounding differences in near-zero gradients."""
+    run_train(setup, tmp_path / "one", "--steps", "3", "--batch-size", "2", "--optim", "sgd", "--lr", "0.5")
+    run_train(setup, tmp_path / "two", "--steps", "3", "--batch-size", "1", "--optim", "sgd", "--lr", "0.5", nproc=2)
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+    a, b = load_file(tmp_path / "one" / "trainable.safetensors"), load_file(tmp_path / "two" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_falls_and_outputs_load(setup, tmp_path):
+    out = tmp_path / "run"
+    run_train(setup, out, "--steps", "8", "--batch-size", "2")
+    ls, log = losses(out), [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(ls) == 8 and ls[-1] < ls[0] - 0.3, ls
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in log)
+    assert [r["lr"] for r in log[:3]] == [1.5e-3, 3e-3, 3e-3]  # linear warm-up over 2 steps, then constant
+    merged = model.load(out / "merged")
+    assert (merged.args.rope_interpolation, merged.args.max_seq_len) == (2.0, 128)  # ceil(128 / 64): Position Interpolation
+    # merged == base + trainable weights
+    rebuilt = lora.merge_lora(lora.load_trainable(model.load(setup / "base"), out / "trainable.safetensors"))
+    tok = torch.randint(0, 320, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tok), rebuilt(tok))
+    trained = load_file(out / "trainable.safetensors")
+    assert "tok_embeddings.weight" in trained and "norm.weight" in trained and "output.weight" not in trained
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    run_train(setup, tmp_path / "full", "--steps", "4", "--batch-size", "2")
+    run_train(setup, tmp_path / "cut", "--steps", "2", "--batch-size", "2")
+    (tmp_path / "cut" / "checkpoints" / ".partial-step-0000003").mkdir()  # a save that a kill interrupted
+    run_train(setup, tmp_path / "cut", "--steps", "4", "--batch-size", "2", "--resume")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # bit-identical, optimizer state included
+    a, b = load_file(tmp_path / "full" / "trainable.safetensors"), load_file(tmp_path / "cut" / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--model", str(setup / "base"), "--data", str(setup / "train.bin"), "--out", str(out), "--seq-len", "128", "--dtype", "float32",
+             "--grad-accum", "1", "--save-every", "1", "--keep", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--steps", "10000"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "checkpoints").glob("step-*"))) < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in the middle of a step or of a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = int(sorted((out / "checkpoints").glob("step-*"))[-1].name.split("-")[1])
+    r = run_train(setup, out, "--steps", str(last + 1), "--grad-accum", "1", "--resume")
+    assert f"resuming after step {last}" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["missing-model", "vocab", "group", "existing-out", "corrupt-checkpoint", "both-data"])
+def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
+    out = tmp_path / "run"
+    flags, expect = ["--steps", "2"], None
+    if case == "missing-model":
+        flags += ["--model", str(tmp_path / "nope")]
+        expect = "is not a folder"
+    elif case == "vocab":
+        model.save(tiny_model(vocab_size=200), tmp_path / "small")
+        flags += ["--model", str(tmp_path / "small")]
+        expect = "but the model's vocabulary has 200: it was tokenized with another tokenizer"
+    elif case == "group":
+        flags += ["--group-size", "256"]
+        expect = "--group-size 256 is larger than --seq-len 128"
+    elif case == "both-data":
+        flags += ["--sft", "x.json"]
+        expect = "give exactly one of --data"
+    elif case in ("existing-out", "corrupt-checkpoint"):
+        run_train(setup, out, "--steps", "2")
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        if case == "corrupt-checkpoint":
+            shard = next((out / "checkpoints").glob("step-*/*.distcp"))
+            shard.write_bytes(shard.read_bytes()[:100])
+            before[shard] = shard.read_bytes()
+            flags = ["--steps", "4", "--resume"]
+            expect = "cannot be read"
+        else:
+            expect = "already holds a run; pass --resume"
+    r = run_train(setup, out, *flags, check=False)
+    assert r.returncode != 0 and expect in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    if case in ("existing-out", "corrupt-checkpoint"):
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_changed_settings(setup, tmp_path):
+    run_train(setup, tmp_path / "run", "--steps", "2")
+    r = run_train(setup, tmp_path / "run", "--steps", "4", "--resume", "--lora-rank", "4", check=False)
+    assert r.returncode != 0 and "--lora-rank 8 -> 4" in r.stderr, r.stderr[-2000:]

@@ -1,0 +1,345 @@
+"""LongLoRA fine-tuning: S2-Attn at the target length, Position Interpolation, LoRA+, plain torch FSDP2.
+
+    python train.py --model DIR --data train.bin --seq-len 8192 --out runs/a          # one process, CPU or GPU
+    torchrun --nproc 8 train.py --model llama-2-7b --data redpajama.bin --seq-len 8192 --out runs/7b-8k
+    torchrun --nnodes 2 --nproc 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...   # several nodes
+
+The same code runs everywhere: without torchrun it makes a one-process group, so one process and 64 go
+through the same FSDP2 path (gloo on CPU, nccl on CUDA). The defaults are the paper's (§4.1): AdamW
+(0.9, 0.95), no weight decay, lr 2e-5 with 20 warm-up steps then constant, per-device batch 1 with
+8 gradient-accumulation steps (global batch 64 on 8 GPUs), 1000 steps, bf16, LoRA rank 8 / alpha 16
+on wq wk wv wo with the token embedding and every norm trainable, S2-Attn groups of a quarter of the
+training length, RoPE positions interpolated by ceil(seq_len / the model's context).
+
+Writes to --out: log.jsonl (one line per step: loss, lr, grad norm, tokens/s, peak memory),
+checkpoints/step-NNNNNNN/ every --save-every steps (trainable weights, optimizer, RNG; --resume continues
+from the latest), and at the end trainable.safetensors (adapters + embedding + norms + the RoPE
+scaling) and merged/, a plain checkpoint that model.load opens with its new context length.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import resource
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
+import lora
+import model as llama
+import s2attn
+
+# Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
+SAME_ON_RESUME = ("model", "data", "sft", "seq_len", "attn", "group_size", "lora_rank", "lora_alpha", "lora_targets",
+                  "trainable", "rope_scale", "grad_accum", "dtype", "seed", "optim", "weight_decay")  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("what to train")
+    a.add_argument("--model", required=True, help="base model: a Meta folder, an HF folder, or a merged/ folder of an earlier run")
+    a.add_argument("--data", help="token file (FILE.bin from `python data.py tokenize`) read in windows of --seq-len tokens")
+    a.add_argument("--sft", help="supervised examples instead: LongAlpaca .json/.jsonl (instruction, input, output)")
+    a.add_argument("--tokenizer", help="tokenizer for --sft (default: the one in --model)")
+    a.add_argument("--out", required=True, help="run folder: log, checkpoints, trainable weights, merged model")
+    a = p.add_argument_group("LongLoRA")
+    a.add_argument("--seq-len", type=int, default=8192, help="training length in tokens (default 8192)")
+    a.add_argument("--attn", choices=("s2", "full"), default="s2", help="S2-Attn (default) or full attention while training")
+    a.add_argument("--group-size", type=int, help="S2-Attn group size in tokens (default seq-len/4, paper Table 11)")
+    a.add_argument("--backend", choices=s2attn.ALL_BACKENDS, help="attention kernel (default: flash where available, else sdpa)")
+    a.add_argument("--rope-scale", type=float, help="Position Interpolation factor applied on top of the model's own "
+                   "(default: ceil(seq-len / the model's context), e.g. 2 for Llama 2 at 8192)")  # fmt: skip
+    a.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8); 0 = full fine-tuning")
+    a.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    a.add_argument("--lora-targets", default="wq,wk,wv,wo", help="Linear layers that get adapters (default wq,wk,wv,wo)")
+    a.add_argument("--trainable", default="embed,norm", help="trained besides the adapters: LoRA+ is embed,norm (default); '' = plain LoRA")
+    a = p.add_argument_group("optimisation")
+    a.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; the paper uses 1e-5 for 70B)")
+    a.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then constant (default 20)")
+    a.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    a.add_argument("--batch-size", type=int, default=1, help="sequences per device per micro-step (default 1)")
+    a.add_argument("--grad-accum", type=int, default=8, help="micro-steps per optimizer step (default 8)")
+    a.add_argument("--optim", choices=("adamw", "sgd"), default="adamw", help="AdamW(0.9, 0.95) (default) or plain SGD")
+    a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    a.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1.0; 0 = off)")
+    a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (default bfloat16); trainable weights stay float32")
+    a.add_argument("--loss-chunk", type=int, default=2048, help="tokens per chunk of the output-head loss (default 2048)")
+    a.add_argument("--no-activation-checkpointing", action="store_true", help="keep every block's activations (faster, much more memory)")
+    a.add_argument("--seed", type=int, default=42, help="seed of the adapters' init and of the data order (default 42)")
+    a = p.add_argument_group("checkpoints and output")
+    a.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0 = only at the end)")
+    a.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    a.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    a.add_argument("--export-format", choices=("meta", "hf"), default="meta", help="format of OUT/merged (default meta)")
+    args = p.parse_args(argv)
+    args.group_size = args.group_size or max(1, args.seq_len // 4)
+    args.backend = args.backend or ("flash" if "flash" in s2attn.BACKENDS else "sdpa")
+    if (args.data is None) == (args.sft is None):
+        p.error("give exactly one of --data (a token file) and --sft (supervised examples)")
+    if args.attn == "s2" and args.group_size > args.seq_len:
+        p.error(f"--group-size {args.group_size} is larger than --seq-len {args.seq_len}: S2-Attn needs groups shorter than the sequence")
+    for name in ("seq_len", "steps", "batch_size", "grad_accum", "loss_chunk", "keep"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup_distributed():
+    """Join torchrun's process group, or make a one-process group: one code path at every scale."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_model(args):
+    """The base model with LongLoRA applied: RoPE interpolation, adapters, what trains, attention."""
+    m = llama.load(args.model)  # memory-mapped, stored dtype
+    scale = args.rope_scale or max(1, math.ceil(args.seq_len / m.args.max_seq_len))
+    m.args.rope_interpolation *= scale
+    m.args.max_seq_len = max(int(m.args.max_seq_len * scale), args.seq_len)
+    torch.manual_seed(args.seed)  # the same adapters on every rank
+    if args.lora_rank:
+        lora.add_lora(m, args.lora_rank, args.lora_alpha, targets=tuple(t for t in args.lora_targets.split(",") if t))
+        lora.set_trainable(m, extra=tuple(t for t in args.trainable.split(",") if t))
+    m.set_attention(group_size=args.group_size if args.attn == "s2" else None, backend=args.backend)
+    dtype = getattr(torch, args.dtype)
+    for p in m.parameters():  # frozen weights in the compute dtype; trainable ones in float32 for the optimizer
+        p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+    return m
+
+
+def parallelize(m, args, device, world):
+    """Activation checkpointing per block, then FSDP2: each block is one unit, then the root."""
+    if not args.no_activation_checkpointing:
+        for block in m.layers:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    dtype = getattr(torch, args.dtype)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in m.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(m, mesh=mesh, mp_policy=mp)
+    return m
+
+
+def load_data(args, vocab_size):
+    if args.data:
+        ds = data.TokenWindows(args.data, args.seq_len, seed=args.seed)
+        if ds.meta["max_id"] >= vocab_size:
+            raise ValueError(f"{args.data} holds token ids up to {ds.meta['max_id']}, but the model's vocabulary has {vocab_size}: "
+                             f"it was tokenized with another tokenizer ({ds.meta['tokenizer']})")  # fmt: skip
+        return ds, 0
+    tok = data.load_tokenizer(args.tokenizer or args.model)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer")
+    return data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed), tok.eos_id
+
+
+def loss_head(targets, chunk):
+    """The summed cross-entropy, as a `head` for model.forward: the output projection and the loss run
+    over `chunk` tokens at a time, each recomputed in backward, so float32 logits of the whole sequence
+    never exist at once (at 32k tokens and a 32k vocabulary they would take 4 GB)."""
+
+    def chunk_loss(h, w, t):
+        logits = F.linear(h, w).float()  # (B, chunk, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=data.IGNORE, reduction="sum")
+
+    def head(h, w):
+        parts = [checkpoint(chunk_loss, hs, w, ts, use_reentrant=False) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))]
+        return torch.stack(parts).sum()
+
+    return head
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoints(out):
+    return sorted((out / "checkpoints").glob("step-*"))
+
+
+def save_checkpoint(out, step, m, optim, args, rank, world):
+    """Write checkpoints/step-N via a temporary folder renamed when complete: a kill at any moment leaves
+    the previous checkpoint intact, and a half-written one is never mistaken for a checkpoint."""
+    final, tmp = out / "checkpoints" / f"step-{step:07d}", out / "checkpoints" / f".partial-step-{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(m, optim, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / f"rng-{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, "args": vars(args)}, indent=2))
+        os.replace(tmp, final)
+        for old in checkpoints(out)[: -args.keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_checkpoint(ckpt, m, optim, args, rank, world):
+    """Restore trainable weights, optimizer and RNG from `ckpt`; returns its step."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        saved = state["args"]
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in SAME_ON_RESUME if saved.get(k) != getattr(args, k)]
+        if saved["batch_size"] * state["world"] != args.batch_size * world:
+            changed.append(f"sequences per micro-step (batch size x processes) {saved['batch_size'] * state['world']} -> {args.batch_size * world}")
+        if changed:
+            raise ValueError(f"cannot resume {ckpt}: these settings differ from the run that wrote it: {'; '.join(changed)}")
+        model_sd, optim_sd = get_state_dict(m, optim, options=StateDictOptions(ignore_frozen_params=True))
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=str(ckpt))
+        set_state_dict(m, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        rng = torch.load(ckpt / f"rng-{rank}.pt", weights_only=True)
+    except ValueError:
+        raise
+    except (Exception, dcp.api.CheckpointException) as e:  # a damaged checkpoint (the latter is a BaseException)
+        cause = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]  # DCP's text holds tracebacks
+        raise ValueError(f"checkpoint {ckpt} cannot be read ({cause}); delete that folder to resume from the one before it") from e
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"]
+
+
+def export(out, m, args, rank):
+    """trainable.safetensors (LoRA runs) and merged/: the base model with the training folded in."""
+    ignore_frozen = args.lora_rank > 0
+    state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen))
+    if rank == 0:
+        base = llama.load(args.model)
+        for k in lora.CONTEXT:
+            setattr(base.args, k, getattr(m.args, k))
+        if ignore_frozen:
+            lora.save_trainable(m, out / "trainable.safetensors", state=state)
+            lora.merge_lora(lora.load_trainable(base, out / "trainable.safetensors"))
+        else:
+            base.load_state_dict({k: v.to(base.tok_embeddings.weight.dtype) for k, v in state.items()}, assign=True)
+        llama.save(base, out / "merged", format=args.export_format, overwrite=True)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB, the whole process
+
+
+def train(args, rank, world, device):
+    out = Path(args.out)
+    if rank == 0 and not args.resume and ((out / "log.jsonl").exists() or checkpoints(out)):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    dist.barrier()
+    m = build_model(args)
+    dataset, pad_id = load_data(args, m.args.vocab_size)
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
+    parallelize(m, args, device, world)
+    trainable = [p for p in m.parameters() if p.requires_grad]  # the sharded parameters
+    if args.optim == "adamw":
+        optim = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    else:
+        optim = torch.optim.SGD(trainable, lr=args.lr)
+    start = 0
+    if args.resume and checkpoints(out):
+        start = load_checkpoint(checkpoints(out)[-1], m, optim, args, rank, world)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%); {world} process(es) on {device.type}; "
+              f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens; attention {args.attn}"
+              + (f" (G={args.group_size})" if args.attn == "s2" else "") + f", {args.backend}; RoPE positions / {m.args.rope_interpolation:g}"
+              + (f"; resuming after step {start}" if start else ""), flush=True)  # fmt: skip
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    per_micro = args.batch_size * world
+    for step in range(start + 1, args.steps + 1):
+        t0 = time.perf_counter()
+        lr = args.lr * min(1.0, step / max(1, args.warmup))
+        for g in optim.param_groups:
+            g["lr"] = lr
+        # global sample index: (step, micro-step, rank, row); the same samples for any number of processes
+        micro = [data.collate([dataset[((step - 1) * args.grad_accum + i) * per_micro + rank * args.batch_size + b] for b in range(args.batch_size)], pad_id)
+                 for i in range(args.grad_accum)]  # fmt: skip
+        n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)))
+        dist.all_reduce(n_targets)
+        loss_sum = torch.zeros(())
+        for x, t in micro:
+            loss = m(x.to(device), head=loss_head(t.to(device), args.loss_chunk))
+            # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens
+            (loss * world / n_targets.clamp(min=1).item()).backward()
+            loss_sum += loss.detach().float().cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf"))
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            save_checkpoint(out, step, m, optim, args, rank, world)
+        dt = time.perf_counter() - t0
+        if rank == 0:
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            rec = {"step": step, "loss": (loss_sum / n_targets.clamp(min=1)).item(), "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens": args.grad_accum * per_micro * args.seq_len, "tokens_per_s": args.grad_accum * per_micro * args.seq_len / dt,
+                   "step_s": dt, "peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['peak_mem_gb']:.1f}G")
+            bar.update()
+    bar.close()
+    if start < args.steps or not (out / "merged").exists():
+        if args.save_every:
+            save_checkpoint(out, args.steps, m, optim, args, rank, world)
+        export(out, m, args, rank)
+    if rank == 0:
+        log.close()
+        print(f"done: {out / 'merged'}" + (f", {out / 'trainable.safetensors'}" if args.lora_rank else ""), flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    try:
+        train(args, rank, world, device)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    else:
+        code = 0
+    sys.stdout.flush()
+    dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
