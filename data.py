@@ -169,16 +169,19 @@ def tokenize(tokenizer_path, out, inputs, overwrite=False):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     n_tokens = n_docs = max_id = 0
-    with open(tmp, "wb") as f, tqdm(desc=f"tokenizing -> {out.name}", unit=" docs") as bar:
-        for _, text in documents(inputs):
-            ids = np.array(tok.encode(text, bos=True, eos=True), dtype=dtype)
-            ids.tofile(f)
-            n_tokens, n_docs, max_id = n_tokens + len(ids), n_docs + 1, max(max_id, int(ids.max()))
-            bar.update()
-            bar.set_postfix(tokens=n_tokens)
-    if n_docs == 0:
-        tmp.unlink()
-        raise ValueError(f"no documents in {inputs}")
+    try:
+        with open(tmp, "wb") as f, tqdm(desc=f"tokenizing -> {out.name}", unit=" docs", mininterval=1) as bar:
+            for _, text in documents(inputs):
+                ids = np.array(tok.encode(text, bos=True, eos=True), dtype=dtype)
+                ids.tofile(f)
+                n_tokens, n_docs, max_id = n_tokens + len(ids), n_docs + 1, max(max_id, int(ids.max()))
+                bar.update()
+                bar.set_postfix(tokens=n_tokens, refresh=False)
+        if n_docs == 0:
+            raise ValueError(f"no documents in {inputs}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     meta = {"dtype": np.dtype(dtype).name, "tokens": n_tokens, "documents": n_docs, "vocab_size": tok.vocab_size,
             "max_id": max_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": str(tokenizer_path)}  # fmt: skip
     meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp")

@@ -1,0 +1,150 @@
+"""Tokenizers, token files, training windows and SFT examples."""
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer", "The slings and arrows of outrageous fortune"]
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    (d / "corpus.txt").write_text("\n".join(TEXTS * 50))
+    return data.train_tokenizer([d / "corpus.txt"], vocab_size=300, out=d / "tok")
+
+
+def test_sentencepiece_tokenizer(spm):
+    tok = data.load_tokenizer(spm.parent)  # the folder works as well as the file
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 300)
+    ids = tok.encode(TEXTS[0], bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == TEXTS[0]
+
+
+def test_token_file_round_trip(spm, tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "b.txt").write_text(TEXTS[1])
+    (tmp_path / "folder" / "a.txt").write_text(TEXTS[0])
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": TEXTS[2], "meta": {}}) + "\n\n")
+    meta = data.tokenize(spm, tmp_path / "out.bin", [tmp_path / "folder", tmp_path / "more.jsonl"])
+    tokens, meta2 = data.read_tokens(tmp_path / "out.bin")
+    assert meta == meta2 and meta["dtype"] == "uint16" and meta["documents"] == 3
+    tok = data.load_tokenizer(spm)
+    expected = [i for t in TEXTS for i in tok.encode(t, bos=True, eos=True)]  # folders in sorted order
+    assert tokens.tolist() == expected and meta["tokens"] == len(expected) and meta["max_id"] == max(expected)
+    docs = np.split(tokens, np.flatnonzero(tokens == tok.bos_id)[1:])
+    assert [tok.decode(d.tolist()) for d in docs] == TEXTS
+
+
+def test_token_file_dtype_follows_the_vocabulary(spm, tmp_path, monkeypatch):
+    big = data.load_tokenizer(spm)
+    big.vocab_size = 128256  # a Llama 3 vocabulary does not fit uint16
+    monkeypatch.setattr(data, "load_tokenizer", lambda path: big)
+    (tmp_path / "t.txt").write_text(TEXTS[0])
+    assert data.tokenize(spm, tmp_path / "out.bin", [tmp_path / "t.txt"])["dtype"] == "uint32"
+    assert data.read_tokens(tmp_path / "out.bin")[0].dtype == np.uint32
+
+
+def test_tokenize_never_destroys_what_exists(spm, tmp_path):
+    (tmp_path / "t.txt").write_text(TEXTS[0])
+    data.tokenize(spm, tmp_path / "out.bin", [tmp_path / "t.txt"])
+    before = (tmp_path / "out.bin").read_bytes(), (tmp_path / "out.json").read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        data.tokenize(spm, tmp_path / "out.bin", [tmp_path / "t.txt"])
+    (tmp_path / "bad.jsonl").write_text('{"content": "no text field"}\n')
+    with pytest.raises(ValueError, match=r'bad.jsonl:1 has no "text" field'):
+        data.tokenize(spm, tmp_path / "out.bin", [tmp_path / "t.txt", tmp_path / "bad.jsonl"], overwrite=True)
+    assert ((tmp_path / "out.bin").read_bytes(), (tmp_path / "out.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "out.bin", "out.json", "t.txt"]  # no temporary left
+
+
+def test_truncated_token_file_is_detected(spm, tmp_path):
+    (tmp_path / "t.txt").write_text(TEXTS[0])
+    data.tokenize(spm, tmp_path / "out.bin", [tmp_path / "t.txt"])
+    (tmp_path / "out.bin").write_bytes((tmp_path / "out.bin").read_bytes()[:-4])
+    with pytest.raises(ValueError, match="truncated"):
+        data.read_tokens(tmp_path / "out.bin")
+
+
+def test_cli_errors_are_one_line(spm, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "tokenize", "--tokenizer", str(spm), "--out", str(tmp_path / "o.bin"), str(tmp_path / "missing")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode != 0 and "error: input" in r.stderr and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_windows_order_depends_only_on_seed_and_index(tmp_path):
+    tokens = np.arange(16 * 10 + 5, dtype=np.uint16)  # distinct ids: a window is known by its first token
+    tokens.tofile(tmp_path / "t.bin")
+    (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "tokens": len(tokens), "max_id": int(tokens.max())}))
+    ds, same, other = (data.TokenWindows(tmp_path / "t.bin", 16, seed=s) for s in (0, 0, 1))
+    assert ds.n == 10
+    starts = []
+    for i in range(ds.n):
+        x, y = ds[i]
+        assert torch.equal(x, same[i][0]) and torch.equal(y, x + 1) and x[0] % 16 == 0  # targets: the next tokens
+        starts.append(int(x[0]) // 16)
+    assert sorted(starts) == list(range(10))  # one pass visits every window once
+    assert starts != [int(other[i][0][0]) // 16 for i in range(10)]  # another seed, another order
+    assert starts != [int(ds[10 + i][0][0]) // 16 for i in range(10)]  # a new order on the next pass
+    with pytest.raises(ValueError, match="too few for one window"):
+        data.TokenWindows(tmp_path / "t.bin", len(tokens), seed=0)
+
+
+def test_sft_masks_the_prompt(spm):
+    tok = data.load_tokenizer(spm)
+    ex = {"instruction": TEXTS[0], "input": TEXTS[1], "output": TEXTS[2]}
+    x, y = data.sft_example(tok, ex, seq_len=512)
+    prompt = tok.encode(data.PROMPT.format(instruction=TEXTS[0], input="\n\n" + TEXTS[1]), bos=True)
+    answer = tok.encode(TEXTS[2], bos=False, eos=True)
+    assert x.tolist() == (prompt + answer)[:-1]
+    assert y.tolist() == [data.IGNORE] * (len(prompt) - 1) + answer  # every answer token and EOS, nothing else
+    x, y = data.sft_example(tok, ex, seq_len=len(prompt) + 2)  # truncated: still learns the first answer tokens
+    assert len(x) == len(y) == len(prompt) + 2 and y.tolist()[-3:] == answer[:3]
+    with pytest.raises(ValueError, match="needs 'instruction' and 'output'"):
+        data.sft_example(tok, {"question": "?"}, 64)
+
+
+def test_collate_right_pads(spm, tmp_path):
+    (tmp_path / "sft.json").write_text(json.dumps([{"instruction": "a", "output": TEXTS[0]}, {"instruction": TEXTS[1], "output": "b"}]))
+    ds = data.SFTExamples(tmp_path / "sft.json", data.load_tokenizer(spm), seq_len=64)
+    samples = [ds[0], ds[1]]
+    x, y = data.collate(samples, pad_id=2)
+    for b, (xs, ys) in enumerate(samples):
+        n = len(xs)
+        assert torch.equal(x[b, :n], xs) and torch.equal(y[b, :n], ys)
+        assert (x[b, n:] == 2).all() and (y[b, n:] == data.IGNORE).all()
+
+
+def test_hf_tokenizer_json(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="pip install tokenizers")
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|begin|>", "<|end|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(TEXTS * 20, trainer)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}))
+    tok = data.load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    ids = tok.encode(TEXTS[0], eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and ids.count(1) == 1 and tok.decode(ids) == TEXTS[0]
+
+
+def test_llama3_tiktoken_format(tmp_path):
+    pytest.importorskip("tiktoken", reason="pip install tiktoken")
+    merges = [b"th", b"the", b" t", b"to", b" to"]
+    ranks = [bytes([i]) for i in range(256)] + merges
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+    tok = data.load_tokenizer(tmp_path / "tokenizer.model")
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (len(ranks), len(ranks) + 1, len(ranks) + 256)  # Llama 3: 128000, 128001
+    ids = tok.encode("to the", eos=True)
+    # pre-tokens "to" and " the"; BPE merges by rank: "to" -> 259; " the" -> " ", "th" (256) -> " ", "the" (257)
+    assert ids == [len(ranks), 259, 32, 257, len(ranks) + 1] and tok.decode(ids) == "to the"
