@@ -1,8 +1,8 @@
 """LongLoRA fine-tuning: S2-Attn at the target length, Position Interpolation, LoRA+, plain torch FSDP2.
 
     python train.py --model DIR --data train.bin --seq-len 8192 --out runs/a          # one process, CPU or GPU
-    torchrun --nproc 8 train.py --model llama-2-7b --data redpajama.bin --seq-len 8192 --out runs/7b-8k
-    torchrun --nnodes 2 --nproc 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...   # several nodes
+    torchrun --nproc-per-node 8 train.py --model llama-2-7b --data redpajama.bin --seq-len 8192 --out runs/7b-8k
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...   # several nodes
 
 The same code runs everywhere: without torchrun it makes a one-process group, so one process and 64 go
 through the same FSDP2 path (gloo on CPU, nccl on CUDA). The defaults are the paper's (§4.1): AdamW
