@@ -60,7 +60,7 @@ def parse_args(argv=None):
     a.add_argument("--seq-len", type=int, default=8192, help="training length in tokens (default 8192)")
     a.add_argument("--attn", choices=("s2", "full"), default="s2", help="S2-Attn (default) or full attention while training")
     a.add_argument("--group-size", type=int, help="S2-Attn group size in tokens (default seq-len/4, paper Table 11)")
-    a.add_argument("--backend", choices=s2attn.ALL_BACKENDS, help="attention kernel (default: flash where available, else sdpa)")
+    a.add_argument("--backend", choices=s2attn.ALL_BACKENDS, help="attention kernel (default: flash where available and bf16, else sdpa)")
     a.add_argument("--rope-scale", type=float, help="Position Interpolation factor applied on top of the model's own "
                    "(default: ceil(seq-len / the model's context), e.g. 2 for Llama 2 at 8192)")  # fmt: skip
     a.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8); 0 = full fine-tuning")
@@ -87,7 +87,7 @@ def parse_args(argv=None):
     a.add_argument("--export-format", choices=("meta", "hf"), default="meta", help="format of OUT/merged (default meta)")
     args = p.parse_args(argv)
     args.group_size = args.group_size or max(1, args.seq_len // 4)
-    args.backend = args.backend or ("flash" if "flash" in s2attn.BACKENDS else "sdpa")
+    args.backend = args.backend or ("flash" if "flash" in s2attn.BACKENDS and args.dtype == "bfloat16" else "sdpa")
     if (args.data is None) == (args.sft is None):
         p.error("give exactly one of --data (a token file) and --sft (supervised examples)")
     if args.attn == "s2" and args.group_size > args.seq_len:
@@ -259,9 +259,10 @@ def peak_memory_gb(device):
 
 def train(args, rank, world, device):
     out = Path(args.out)
-    if rank == 0 and not args.resume and ((out / "log.jsonl").exists() or checkpoints(out)):
+    taken = [(out / "log.jsonl").exists() or bool(checkpoints(out))]
+    dist.broadcast_object_list(taken, src=0)  # every rank decides alike, so none is left waiting
+    if taken[0] and not args.resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    dist.barrier()
     m = build_model(args)
     dataset, pad_id = load_data(args, m.args.vocab_size)
     trainable = [p for p in m.parameters() if p.requires_grad]

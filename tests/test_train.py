@@ -114,10 +114,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
     assert f"resuming after step {last}" in r.stdout
 
 
-@pytest.mark.parametrize("case", ["missing-model", "vocab", "group", "existing-out", "corrupt-checkpoint", "both-data"])
+@pytest.mark.parametrize("case", ["missing-model", "vocab", "group", "existing-out", "existing-out-2proc", "corrupt-checkpoint", "both-data"])
 def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
     out = tmp_path / "run"
-    flags, expect = ["--steps", "2"], None
+    flags, expect, nproc = ["--steps", "2"], None, 2 if case.endswith("2proc") else 1
     if case == "missing-model":
         flags += ["--model", str(tmp_path / "nope")]
         expect = "is not a folder"
@@ -131,7 +131,7 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
     elif case == "both-data":
         flags += ["--sft", "x.json"]
         expect = "give exactly one of --data"
-    elif case in ("existing-out", "corrupt-checkpoint"):
+    elif case.startswith("existing-out") or case == "corrupt-checkpoint":
         run_train(setup, out, "--steps", "2")
         before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
         if case == "corrupt-checkpoint":
@@ -142,10 +142,11 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
             expect = "cannot be read"
         else:
             expect = "already holds a run; pass --resume"
-    r = run_train(setup, out, *flags, check=False)
+    r = run_train(setup, out, *flags, check=False, nproc=nproc)  # and no rank is left hanging
     assert r.returncode != 0 and expect in r.stderr, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    if case in ("existing-out", "corrupt-checkpoint"):
+    assert f'{ROOT / "train.py"}", line' not in r.stderr  # no traceback through our code (torchrun adds one of its own)
+    assert nproc > 1 or "Traceback" not in r.stderr
+    if case.startswith("existing-out") or case == "corrupt-checkpoint":
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -153,3 +154,23 @@ def test_resume_refuses_changed_settings(setup, tmp_path):
     run_train(setup, tmp_path / "run", "--steps", "2")
     r = run_train(setup, tmp_path / "run", "--steps", "4", "--resume", "--lora-rank", "4", check=False)
     assert r.returncode != 0 and "--lora-rank 8 -> 4" in r.stderr, r.stderr[-2000:]
+
+
+def test_full_fine_tuning(setup, tmp_path):
+    out = tmp_path / "run"
+    run_train(setup, out, "--steps", "2", "--lora-rank", "0", "--attn", "full")
+    assert not (out / "trainable.safetensors").exists()
+    base, merged = model.load(setup / "base"), model.load(out / "merged")
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert "output.weight" in changed and "layers.1.feed_forward.w2.weight" in changed  # every weight trains
+
+
+def test_supervised_fine_tuning(setup, tmp_path):
+    examples = [{"instruction": "Say the phrase.", "input": "", "output": synthetic_text(40, seed=0)}]  # one example: its loss must fall
+    (tmp_path / "sft.json").write_text(json.dumps(examples))
+    out = tmp_path / "run"
+    cmd = ["--model", str(setup / "base"), "--sft", str(tmp_path / "sft.json"), "--tokenizer", str(setup / "tok"), "--out", str(out),
+           "--seq-len", "64", "--dtype", "float32", "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "1"]  # fmt: skip
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=600)
+    assert (out / "merged").exists(), r.stderr[-3000:]
+    assert len(losses(out)) == 3 and losses(out)[-1] < losses(out)[0]
