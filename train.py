@@ -282,6 +282,10 @@ def train(args, rank, world, device):
               f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens; attention {args.attn}"
               + (f" (G={args.group_size})" if args.attn == "s2" else "") + f", {args.backend}; RoPE positions / {m.args.rope_interpolation:g}"
               + (f"; resuming after step {start}" if start else ""), flush=True)  # fmt: skip
+    if rank == 0 and (out / "log.jsonl").exists():  # drop the steps a killed run did after its last checkpoint
+        kept = [line for line in (out / "log.jsonl").read_text().splitlines() if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start]
+        (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(out / ".log.jsonl.tmp", out / "log.jsonl")
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     per_micro = args.batch_size * world

@@ -112,6 +112,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
     last = int(sorted((out / "checkpoints").glob("step-*"))[-1].name.split("-")[1])
     r = run_train(setup, out, "--steps", str(last + 1), "--grad-accum", "1", "--resume")
     assert f"resuming after step {last}" in r.stdout
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, last + 2))  # the steps done after the last checkpoint were dropped, then redone
 
 
 @pytest.mark.parametrize("case", ["missing-model", "vocab", "group", "existing-out", "existing-out-2proc", "corrupt-checkpoint", "both-data"])
