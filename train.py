@@ -17,6 +17,7 @@ from the latest), and at the end trainable.safetensors (adapters + embedding + n
 scaling) and merged/, a plain checkpoint that model.load opens with its new context length.
 """
 import argparse
+import datetime
 import functools
 import json
 import math
@@ -108,13 +109,16 @@ def setup_distributed():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Ranks wait at a barrier while rank 0 alone writes the merged model: minutes for a 70B, past the
+    # default 10-minute collective timeout.
+    timeout = datetime.timedelta(hours=2)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
