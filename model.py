@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from s2attn import check_config, full_attention, s2_attention
+from s2attn import cached_attention, check_config, full_attention, s2_attention
 
 
 @dataclass
@@ -131,13 +131,21 @@ class Attention(nn.Module):
         self.group_size = None  # None: full causal attention; an int: S2-Attn with groups of that many tokens
         self.backend = "sdpa"
 
-    def forward(self, x, freqs_cis):
+    def forward(self, x, freqs_cis, cache=None):
         B, N, _ = x.shape
         q = self.wq(x).view(B, N, self.n_heads, self.head_dim)  # (B, N, H, D)
         k = self.wk(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
         v = self.wv(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        if self.group_size is None:
+        if cache is not None:  # generation: this layer's keys and values of the earlier tokens
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)  # (B, Nk, Hkv, D)
+            cache["k"], cache["v"] = k, v
+        if k.shape[1] > N:
+            if self.group_size is not None:
+                raise ValueError("generation with a KV cache uses full attention: set_attention(group_size=None)")
+            out = cached_attention(q, k, v)
+        elif self.group_size is None:
             out = full_attention(q, k, v, backend=self.backend)
         else:
             out = s2_attention(q, k, v, self.group_size, backend=self.backend)
@@ -163,9 +171,18 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis):
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
+    def forward(self, x, freqs_cis, cache=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so that generation computes each new
+    token from its own projections alone: m(prompt, cache=c), then m(next_token, cache=c), ..."""
+
+    def __init__(self, n_layers):
+        self.layers = [{} for _ in range(n_layers)]
+        self.pos = 0
 
 
 class Transformer(nn.Module):
@@ -179,14 +196,18 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, tokens, head=None):
+    def forward(self, tokens, head=None, cache=None):
         """tokens: (B, N) LongTensor -> logits (B, N, vocab_size). With `head`, returns head(h, W) instead:
         h the final hidden states (B, N, dim), W the output weight (vocab_size, dim); train.py passes a
-        loss that never materialises the logits of the whole sequence at once."""
+        loss that never materialises the logits of the whole sequence at once. With a KVCache, `tokens`
+        continue the ones the cache has seen (generation)."""
         h = self.tok_embeddings(tokens)  # (B, N, dim)
-        freqs_cis = precompute_freqs_cis(self.args, tokens.shape[1], device=h.device)
-        for layer in self.layers:
-            h = layer(h, freqs_cis)
+        start = cache.pos if cache is not None else 0
+        freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs_cis, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.pos += tokens.shape[1]
         h = self.norm(h)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, w) if head is None else head(h, w)

@@ -78,6 +78,16 @@ def s2_attention(q, k, v, group_size, backend="sdpa"):
     return torch.cat(outs, dim=2)  # (B, N, H, D)
 
 
+def cached_attention(q, k, v):
+    """Causal attention for generation with a KV cache: the Nq queries are the last Nq of the Nk positions
+    that k and v hold. q: (B, Nq, H, D), k, v: (B, Nk, Hkv, D) -> (B, Nq, H, D). Always full attention,
+    through SDPA: decoding steps are small."""
+    Nq, Nk = q.shape[1], k.shape[1]
+    mask = None if Nq == 1 else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)  # key j <= Nk - Nq + i
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)  # (B, Nq, H, D)
+
+
 def causal_mask(N, H, group_size, device=None):
     """(H, N, N) bool, True where query i of head h may read key j. group_size=None: full attention."""
     i = torch.arange(N, device=device)

@@ -157,6 +157,18 @@ def test_attention_switches_at_run_time():
         m.set_attention(group_size=0)
 
 
+def test_kv_cache_gives_the_logits_of_a_full_forward():
+    m, tok = tiny_model(), tokens(N=20)
+    cache = model.KVCache(m.args.n_layers)
+    with torch.no_grad():
+        parts = [m(tok[:, :12], cache=cache)] + [m(tok[:, t : t + 1], cache=cache) for t in range(12, 17)] + [m(tok[:, 17:], cache=cache)]
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(parts, dim=1), logits(m, tok), rtol=1e-5, atol=1e-5)
+    m.set_attention(group_size=8)
+    with pytest.raises(ValueError, match="uses full attention"), torch.no_grad():
+        m(tok[:, :1], cache=cache)
+
+
 def test_model_is_causal():
     m, tok = tiny_model(), tokens(N=20)
     tok2 = tok.clone()

@@ -128,6 +128,12 @@ def test_s2_equals_full_when_one_group_covers_everything_unshifted():
     torch.testing.assert_close(s2_attention(q, k, v, 16)[:, :, :2], full_attention(q, k, v)[:, :, :2])
 
 
+@pytest.mark.parametrize("Nq", [1, 3, 12])
+def test_cached_attention_is_the_last_rows_of_full_attention(Nq):
+    q, k, v = qkv(2, 12, 6, 2)
+    torch.testing.assert_close(s2attn.cached_attention(q[:, -Nq:], k, v), full_attention(q, k, v, backend="naive")[:, -Nq:], rtol=1e-5, atol=1e-6)
+
+
 def test_bad_input_errors():
     q, k, v = qkv(1, 8, 4, 4)
     with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
