@@ -1,0 +1,261 @@
+"""Evaluation: perplexity over sliding windows, and passkey retrieval (the paper's Tables 4, 5, 9, 10
+and its passkey test).
+
+    python eval.py ppl --model runs/7b-8k/merged --data pg19-test.bin --seq-len 2048,4096,8192 --json ppl.json
+    python eval.py passkey --model runs/7b-8k/merged --lengths 2048,4096,8192 --trials 10 --plot passkey.png
+
+--model is anything model.load opens; add --trainable FILE to apply a trainable-weights file (adapters,
+embedding, norms, RoPE scaling) to it instead. Evaluation runs with full attention unless --attn s2:
+a model fine-tuned with S2-Attn needs nothing special at inference (paper §3.2).
+
+Perplexity conventions (--convention): windows of --seq-len tokens start every --stride tokens (256 in
+the paper, following Press et al.).
+    paper    every next-token prediction inside each window is scored (seq-len - 1 of them), and the
+             perplexity is exp of the mean over windows of each window's mean loss: LongLoRA's and
+             Position Interpolation's evaluation scripts.
+    strided  each token is scored once, by the first window that predicts it with the most context:
+             the first window scores all its predictions, every later one only its last --stride
+             (exp of the mean loss over scored tokens; the Hugging Face / YaRN convention).
+"""
+import argparse
+import json
+import math
+import random
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import lora
+import model as llama
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_model(path, trainable=None, dtype=None, device=None):
+    """A model for evaluation: `path` (+ a trainable-weights file), in eval mode, on `device`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    m = llama.load(path, dtype=dtype)
+    if trainable:
+        lora.merge_lora(lora.load_trainable(m, trainable))
+    return m.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def token_nll(m, x):
+    """Negative log-likelihood of each next token: x (B, L) -> (B, L - 1), computed chunk by chunk so
+    that the logits of a long window never exist at once."""
+
+    def head(h, w):
+        nll = []
+        for hs, ts in zip(h[:, :-1].split(1024, 1), x[:, 1:].split(1024, 1)):
+            logits = F.linear(hs, w).float()  # (B, n, vocab)
+            # classes on the last dim: on CPU, cross_entropy's (B, vocab, n) layout is ten times less accurate
+            nll.append(F.cross_entropy(logits.flatten(0, 1), ts.flatten(), reduction="none").view(ts.shape))
+        return torch.cat(nll, dim=1)
+
+    return m(x, head=head)
+
+
+def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=None, batch_size=1, progress=True):
+    """Perplexity of `m` on the token array `tokens` with windows of `seq_len` every `stride` tokens."""
+    if convention not in ("paper", "strided"):
+        raise ValueError(f"convention must be 'paper' or 'strided', got {convention!r}")
+    if convention == "strided" and stride > seq_len:
+        raise ValueError(f"--stride {stride} is longer than --seq-len {seq_len}: the strided convention would skip tokens")
+    starts = list(range(0, len(tokens) - seq_len + 1, stride))[:max_windows]
+    if not starts:
+        raise ValueError(f"{len(tokens)} tokens are fewer than one window of --seq-len {seq_len}")
+    device = next(m.parameters()).device
+    window_means, total, count = [], 0.0, 0
+    with torch.no_grad(), tqdm(total=len(starts), desc=f"ppl @ {seq_len}", disable=not progress, leave=False) as bar:
+        for i in range(0, len(starts), batch_size):
+            batch = starts[i : i + batch_size]
+            x = torch.stack([torch.from_numpy(tokens[s : s + seq_len].astype("int64")) for s in batch]).to(device)
+            nll = token_nll(m, x).double()  # (b, seq_len - 1): entry j scores token s + j + 1
+            for row, s in zip(nll, batch):
+                window_means.append(row.mean().item())
+                scored = row if s == 0 else row[-stride:]  # strided: only the tokens no earlier window scored
+                total, count = total + scored.sum().item(), count + len(scored)
+            bar.update(len(batch))
+    return math.exp(sum(window_means) / len(window_means)) if convention == "paper" else math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------- passkey retrieval
+
+TASK = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there."
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_prompt(tok, length, depth, key):
+    """Token ids of the passkey prompt, at most `length` tokens: the task, filler, the needle after a
+    fraction `depth` of the filler, more filler, the question."""
+
+    def build(n):
+        before = round(depth * n)
+        text = " ".join([TASK, " ".join([FILLER] * before), NEEDLE.format(key=key), " ".join([FILLER] * (n - before)), QUESTION])
+        return tok.encode(re.sub(" +", " ", text), bos=True)
+
+    per_filler = len(tok.encode(" " + FILLER, bos=False))
+    n = max(0, (length - len(build(0))) // per_filler)
+    while n > 0 and len(build(n)) > length:
+        n -= 1
+    ids = build(n)
+    if len(ids) > length:
+        raise ValueError(f"--lengths {length} is too short to hold the passkey prompt ({len(ids)} tokens without filler)")
+    return ids
+
+
+def parse_answer(text):
+    """The first number in the generated text, or None."""
+    found = re.search(r"\d+", text)
+    return int(found.group()) if found else None
+
+
+def generate(m, ids, max_new_tokens, eos_id=None):
+    """Greedy decoding. With full attention, a KV cache makes each new token cost one token's work; with
+    S2-Attn the whole sequence is run again for every token (S2 has no cached form here)."""
+    device = next(m.parameters()).device
+    x = torch.tensor([ids], device=device)
+    use_cache = all(layer.attention.group_size is None for layer in m.layers)
+    cache = llama.KVCache(len(m.layers)) if use_cache else None
+    out = []
+    with torch.no_grad():
+        logits = m(x, cache=cache)
+        for _ in range(max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            if nxt == eos_id:
+                break
+            out.append(nxt)
+            x = torch.tensor([[nxt]], device=device) if use_cache else torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
+            logits = m(x, cache=cache)
+    return out
+
+
+def passkey(m, tok, lengths, depths, trials, seed=0, progress=True):
+    """{length: {depth: accuracy}} over `trials` random keys (1..50000) per cell, seeded."""
+    rng = random.Random(seed)
+    results = {}
+    cells = [(L, d) for L in lengths for d in depths]
+    for L, d in tqdm(cells, desc="passkey", disable=not progress):
+        hits = 0
+        for _ in range(trials):
+            key = rng.randint(1, 50000)
+            answer = tok.decode(generate(m, passkey_prompt(tok, L, d, key), max_new_tokens=8, eos_id=tok.eos_id))
+            hits += parse_answer(answer) == key
+        results.setdefault(L, {})[d] = hits / trials
+    return results
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
+    return plt
+
+
+def plot_perplexity(results, path, title):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = sorted(results)
+    ax.plot(xs, [results[x] for x in xs], "o-")
+    ax.set(xscale="log", xlabel="evaluation context (tokens)", ylabel="perplexity", title=title)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_passkey(results, path, title):
+    plt = _pyplot()
+    lengths, depths = sorted(results), sorted(next(iter(results.values())))
+    grid = [[results[L][d] for L in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=title)
+    for i, row in enumerate(grid):
+        for j, acc in enumerate(row):
+            ax.text(j, i, f"{acc:.0%}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def ints(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("ppl", "perplexity at several context lengths"), ("passkey", "passkey retrieval accuracy by length and depth")):
+        s = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.add_argument("--model", required=True, help="a folder model.load opens (Meta, HF, or a run's merged/)")
+        s.add_argument("--trainable", help="a trainable-weights file (train.py's trainable.safetensors) to apply to --model")
+        s.add_argument("--attn", choices=("full", "s2"), default="full", help="attention at evaluation (default full)")
+        s.add_argument("--group-size", type=int, help="S2 group size with --attn s2 (default: a quarter of each length)")
+        s.add_argument("--dtype", choices=("float32", "bfloat16"), help="default float32 on CPU, bfloat16 on CUDA")
+        s.add_argument("--plot", help="write a PNG (needs matplotlib)")
+        s.add_argument("--json", help="write the results as JSON")
+        s.add_argument("--seed", type=int, default=0, help="seed (passkey keys and depths; default 0)")
+    s = sub.choices["ppl"]
+    s.add_argument("--data", required=True, help="token file (FILE.bin from data.py tokenize) of the evaluation text")
+    s.add_argument("--seq-len", type=ints, required=True, help="comma-separated evaluation lengths, e.g. 2048,4096,8192")
+    s.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256, the paper's)")
+    s.add_argument("--convention", choices=("paper", "strided"), default="paper", help="which tokens are scored (see above)")
+    s.add_argument("--max-windows", type=int, help="evaluate at most this many windows per length")
+    s.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    s = sub.choices["passkey"]
+    s.add_argument("--lengths", type=ints, required=True, help="comma-separated prompt lengths in tokens")
+    s.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths as fractions of the filler (default 0,0.25,0.5,0.75,1)")
+    s.add_argument("--trials", type=int, default=10, help="random keys per length and depth (default 10)")
+    s.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    args = p.parse_args(argv)
+    try:
+        lengths = args.seq_len if args.cmd == "ppl" else args.lengths
+        m = load_model(args.model, args.trainable, args.dtype)
+        if args.cmd == "ppl":
+            tokens, _ = data.read_tokens(args.data)
+        else:
+            tok = data.load_tokenizer(args.tokenizer or args.model)
+            depths = [float(d) for d in args.depths.split(",")]
+        results = {}
+        for L in lengths:
+            m.set_attention(group_size=args.group_size or max(1, L // 4) if args.attn == "s2" else None)  # S2's default G depends on L
+            if args.cmd == "ppl":
+                results[L] = perplexity(m, tokens, L, args.stride, args.convention, args.max_windows, args.batch_size)
+                print(f"{L:>8}  {results[L]:.4f}", flush=True)
+            else:
+                results.update(passkey(m, tok, [L], depths, args.trials, args.seed))
+                print(f"{L:>8}  " + "  ".join(f"{d:.0%}: {a:.0%}" for d, a in results[L].items()), flush=True)
+        title = f"{Path(args.model).name} ({args.attn} attention)"
+        if args.json:
+            Path(args.json).write_text(json.dumps({str(L): v if args.cmd == "ppl" else {str(d): a for d, a in v.items()} for L, v in results.items()}, indent=2))
+        if args.plot:
+            (plot_perplexity if args.cmd == "ppl" else plot_passkey)(results, args.plot, title)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

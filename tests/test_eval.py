@@ -1,0 +1,133 @@
+"""eval.py: both perplexity conventions against a brute-force computation, the passkey prompt and its
+answer parsing, generation with and without the KV cache, the command line."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as ev
+import model
+from common import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def brute_force_nll(m, tokens, start, t):
+    """-log p(tokens[t] | tokens[start:t]) from its own forward pass over exactly that prefix."""
+    with torch.no_grad():
+        logits = m(torch.from_numpy(tokens[start:t].astype(np.int64))[None])[0, -1].double()
+    return -torch.log_softmax(logits, -1)[int(tokens[t])].item()
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_both_conventions_match_brute_force(stride):
+    m = tiny_model()
+    tokens = np.random.default_rng(0).integers(0, m.args.vocab_size, 60).astype(np.uint16)
+    L = 16
+    starts = list(range(0, len(tokens) - L + 1, stride))
+    # paper: every prediction in each window, mean per window, mean over windows
+    window_means = [np.mean([brute_force_nll(m, tokens, s, t) for t in range(s + 1, s + L)]) for s in starts]
+    assert ev.perplexity(m, tokens, L, stride, "paper", progress=False) == pytest.approx(math.exp(np.mean(window_means)), rel=1e-5)
+    # strided: each token once, from the first window that scores it (the first window: all of it)
+    scored = {t: s for s in reversed(starts) for t in range(max(s + 1, s + L - stride) if s else 1, s + L)}
+    nll = [brute_force_nll(m, tokens, s, t) for t, s in scored.items()]
+    assert sorted(scored) == list(range(1, starts[-1] + L))  # every token in reach scored exactly once
+    assert ev.perplexity(m, tokens, L, stride, "strided", progress=False) == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+
+
+def test_perplexity_options_and_errors():
+    m = tiny_model()
+    tokens = np.random.default_rng(0).integers(0, m.args.vocab_size, 60).astype(np.uint16)
+    one = ev.perplexity(m, tokens, 16, 4, max_windows=1, progress=False)
+    assert one == pytest.approx(ev.perplexity(m, tokens[:16], 16, 4, progress=False))
+    assert ev.perplexity(m, tokens, 16, 4, batch_size=3, progress=False) == pytest.approx(ev.perplexity(m, tokens, 16, 4, progress=False), rel=1e-6)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        ev.perplexity(m, tokens, 100, progress=False)
+    with pytest.raises(ValueError, match="would skip tokens"):
+        ev.perplexity(m, tokens, 16, 32, "strided", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    (d / "corpus.txt").write_text(" ".join([ev.TASK, ev.FILLER, ev.NEEDLE.format(key=12345), ev.QUESTION] * 30))
+    return data.load_tokenizer(data.train_tokenizer([d / "corpus.txt"], vocab_size=320, out=d))
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt(tok, depth):
+    ids = ev.passkey_prompt(tok, 400, depth, key=4242)
+    per_filler = len(tok.encode(" " + ev.FILLER, bos=False))
+    assert 400 - per_filler - 2 <= len(ids) <= 400 and ids[0] == tok.bos_id
+    text = tok.decode(ids)
+    assert text.startswith(ev.TASK) and text.endswith(ev.QUESTION)
+    needle = text.index(ev.NEEDLE.format(key=4242))
+    before, after = text[:needle].count(ev.FILLER), text[needle:].count(ev.FILLER)
+    assert before == round(depth * (before + after))
+    with pytest.raises(ValueError, match="too short to hold the passkey prompt"):
+        ev.passkey_prompt(tok, 20, depth, key=1)
+
+
+def test_parse_answer():
+    assert ev.parse_answer(" 4242. Remember") == 4242
+    assert ev.parse_answer(" the key") is None
+
+
+def test_generation_with_kv_cache_equals_recomputation():
+    m = tiny_model()
+    prompt = list(range(5, 25))
+    with_cache = ev.generate(m, prompt, max_new_tokens=12)
+    x, without = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = int(m(x)[0, -1].argmax())
+            without.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+    assert with_cache == without
+    m.set_attention(group_size=8)  # S2: no cache, the whole sequence again for every token
+    x, s2 = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(12):
+            s2.append(int(m(x)[0, -1].argmax()))
+            x = torch.cat([x, torch.tensor([[s2[-1]]])], dim=1)
+    assert ev.generate(m, prompt, max_new_tokens=12) == s2
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_ppl_json_and_passkey(tmp_path, tok):
+    m = tiny_model(vocab_size=320)
+    model.save(m, tmp_path / "m")
+    tokens = np.random.default_rng(0).integers(0, 320, 300).astype(np.uint16)
+    tokens.tofile(tmp_path / "t.bin")
+    (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "tokens": 300, "max_id": int(tokens.max())}))
+    r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32,64", "--json", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "p.json").read_text())
+    assert list(got) == ["32", "64"] and got["64"] == pytest.approx(ev.perplexity(m, tokens, 64, progress=False), rel=1e-6)
+    r = run_eval("passkey", "--model", str(tmp_path / "m"), "--tokenizer", tok.name, "--lengths", "200", "--trials", "2", "--depths", "0,1", "--json", str(tmp_path / "k.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "k.json").read_text()).keys() == {"200"}
+    r = run_eval("ppl", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32")
+    assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_plot_or_a_clear_message(tmp_path):
+    results = {1024: 9.5, 2048: 8.7}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            ev.plot_perplexity(results, tmp_path / "p.png", "t")
+        return
+    ev.plot_perplexity(results, tmp_path / "p.png", "t")
+    ev.plot_passkey({1024: {0.0: 1.0, 1.0: 0.5}, 2048: {0.0: 0.0, 1.0: 1.0}}, tmp_path / "k.png", "t")
+    assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "k.png").stat().st_size > 1000
