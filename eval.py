@@ -175,8 +175,10 @@ def plot_perplexity(results, path, title):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     xs = sorted(results)
     ax.plot(xs, [results[x] for x in xs], "o-")
-    ax.set(xscale="log", xlabel="evaluation context (tokens)", ylabel="perplexity", title=title)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="evaluation context (tokens)", ylabel="perplexity", title=title)
     ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
