@@ -26,12 +26,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import lora
 import model as llama
+import train
 
 # ----------------------------------------------------------------------------- models
 
@@ -50,18 +50,8 @@ def load_model(path, trainable=None, dtype=None, device=None):
 
 
 def token_nll(m, x):
-    """Negative log-likelihood of each next token: x (B, L) -> (B, L - 1), computed chunk by chunk so
-    that the logits of a long window never exist at once."""
-
-    def head(h, w):
-        nll = []
-        for hs, ts in zip(h[:, :-1].split(1024, 1), x[:, 1:].split(1024, 1)):
-            logits = F.linear(hs, w).float()  # (B, n, vocab)
-            # classes on the last dim: on CPU, cross_entropy's (B, vocab, n) layout is ten times less accurate
-            nll.append(F.cross_entropy(logits.flatten(0, 1), ts.flatten(), reduction="none").view(ts.shape))
-        return torch.cat(nll, dim=1)
-
-    return m(x, head=head)
+    """Negative log-likelihood of each next token: x (B, L) -> (B, L - 1)."""
+    return m(x, head=lambda h, w: train.chunked_nll(h[:, :-1], w, x[:, 1:], chunk=1024))
 
 
 def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=None, batch_size=1, progress=True):

@@ -166,20 +166,25 @@ def load_data(args, vocab_size):
     return data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed), tok.eos_id
 
 
+def chunked_nll(h, w, targets, chunk, recompute=False):
+    """-log p(target) at every position: h (B, N, dim) final hidden states, w (vocab, dim) the output
+    weight, targets (B, N) -> (B, N), 0 where the target is IGNORE. The projection and the loss run over
+    `chunk` positions at a time, so float32 logits of the whole sequence never exist at once (at 32k
+    tokens and a 32k vocabulary they would take 4 GB); with `recompute`, each chunk's logits are
+    recomputed in backward instead of being kept for it."""
+
+    def one(hs, ts):
+        logits = F.linear(hs, w).float()  # (B, chunk, vocab)
+        # classes on the last dim: on CPU, cross_entropy's (B, vocab, chunk) layout is ten times less accurate
+        return F.cross_entropy(logits.flatten(0, 1), ts.flatten(), ignore_index=data.IGNORE, reduction="none").view(ts.shape)
+
+    run = functools.partial(checkpoint, one, use_reentrant=False) if recompute else one
+    return torch.cat([run(hs, ts) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))], dim=1)
+
+
 def loss_head(targets, chunk):
-    """The summed cross-entropy, as a `head` for model.forward: the output projection and the loss run
-    over `chunk` tokens at a time, each recomputed in backward, so float32 logits of the whole sequence
-    never exist at once (at 32k tokens and a 32k vocabulary they would take 4 GB)."""
-
-    def chunk_loss(h, w, t):
-        logits = F.linear(h, w).float()  # (B, chunk, vocab)
-        return F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=data.IGNORE, reduction="sum")
-
-    def head(h, w):
-        parts = [checkpoint(chunk_loss, hs, w, ts, use_reentrant=False) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))]
-        return torch.stack(parts).sum()
-
-    return head
+    """The summed cross-entropy, as a `head` for model.forward (see chunked_nll)."""
+    return lambda h, w: chunked_nll(h, w, targets, chunk, recompute=True).sum()
 
 
 # ----------------------------------------------------------------------------- checkpoints
