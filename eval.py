@@ -126,6 +126,8 @@ def generate(m, ids, max_new_tokens, eos_id=None):
             if nxt == eos_id:
                 break
             out.append(nxt)
+            if len(out) == max_new_tokens:
+                break
             x = torch.tensor([[nxt]], device=device) if use_cache else torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
             logits = m(x, cache=cache)
     return out
