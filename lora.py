@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 class LoRALinear(nn.Module):
     """y = x W^T + (alpha / rank) * x A^T B^T with A (rank, in) Kaiming-uniform and B (out, rank) zero,
-    so a fresh adapter leaves the output unchanged. set_trainable freezes W. The base weight keeps its name (`weight`), so the
-    state dict still has Meta's names, plus `lora_a` and `lora_b`."""
+    so a fresh adapter leaves the output unchanged; set_trainable freezes W. The base weight keeps its
+    name (`weight`), so the state dict still has Meta's names, plus `lora_a` and `lora_b`."""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
@@ -141,9 +141,11 @@ def load_trainable(model, path):
     params = dict(model.named_parameters())
 
     def expected(k):  # the shape the model has, or will have once the file's adapters are added
+        if k in params:
+            return tuple(params[k].shape)
         parent, _, leaf = k.rpartition(".")
-        if k in params or not (add and leaf in ("lora_a", "lora_b") and parent.rsplit(".", 1)[-1] in cfg["targets"]):
-            return tuple(params[k].shape) if k in params else None
+        if not (add and leaf in ("lora_a", "lora_b") and parent.rsplit(".", 1)[-1] in cfg["targets"]):
+            return None
         try:
             out_f, in_f = model.get_submodule(parent).weight.shape
         except AttributeError:  # no such layer in this model

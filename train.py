@@ -315,6 +315,7 @@ def train(args, rank, world, device):
             (loss * world / n_targets.clamp(min=1).item()).backward()
             loss_sum += loss.detach().float().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: on every rank
         optim.step()
         optim.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum)
@@ -322,7 +323,6 @@ def train(args, rank, world, device):
             save_checkpoint(out, step, m, optim, args, rank, world)
         dt = time.perf_counter() - t0
         if rank == 0:
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             rec = {"step": step, "loss": (loss_sum / n_targets.clamp(min=1)).item(), "lr": lr, "grad_norm": float(grad_norm),
                    "tokens": args.grad_accum * per_micro * args.seq_len, "tokens_per_s": args.grad_accum * per_micro * args.seq_len / dt,
                    "step_s": dt, "peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
