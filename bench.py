@@ -1,62 +1,294 @@
-"""Benchmarks. Timings are ratios measured in one process on one machine; the machine is printed.
+"""Benchmarks: LongLoRA's savings measured on this machine. Each table is one run on one machine; the
+machine, torch version and date are printed with it. Timings are compared as ratios within a run.
 
-    python bench.py attn                                   # CPU defaults: N = 2048 .. 8192, H = 8, D = 64
-    python bench.py attn --lengths 8192,32768 --heads 32 --head-dim 128 --dtype bfloat16   # on a GPU
+    python bench.py all                     # every table below with this machine's defaults (BENCHMARKS.md)
+    python bench.py attn                    # attention kernels, full vs S2, forward + backward
+    python bench.py step                    # one LoRA+ training step, full vs S2 (and transformers + PEFT)
+    python bench.py fit                     # the longest LoRA+ S2 step that fits on this GPU (CUDA only)
 
-`attn` times full causal attention against S2-Attn (group size N/4 by default, the paper's), forward +
-backward, for every backend this machine runs except `naive`, and prints the S2/full speed-up. The
-attention-FLOP limit of the speed-up is 4x: S2 computes N/G groups of G x G instead of N x N.
+Defaults depend on the machine. CPU: attention with 8 heads of 64 up to 16k tokens; training steps of
+a small Llama shape (`--shape small`) at 2k to 8k. CUDA: Llama 2 7B's 32 heads of 128 up to 128k;
+training steps of Llama 2 7B's shape (`--shape 7b`, random bf16 weights) at 8k to 64k and beyond.
+
+`attn` times every backend this machine runs except `naive` (the definition, which materialises the
+N x N scores) and reports ms, the S2/full ratio and TFLOP/s. Attention FLOPs here count the causal
+half that the kernels compute: 2 matmuls x 2 FLOPs x (pairs / 2) x D per head, forward; forward +
+backward is 3x forward.
+
+`step` is train.py's step: FSDP2 (one process), activation checkpointing, chunked loss, AdamW on the
+adapters + embedding + norms, frozen weights in --dtype, S2 groups of N/4. Model FLOPs come from
+`model.forward_flops` as train.py counts them (the paper's Table 7 convention: whole attention squares;
+backward 2x forward on trained weights, 1x on frozen ones), and MFU divides by the GPU's bf16 peak.
+When transformers and peft are installed, the same step runs with `LlamaForCausalLM` + PEFT LoRA
+(embedding and norms trainable, gradient checkpointing, its best attention: flash_attention_2 if
+flash-attn is installed, else sdpa) on the same shapes: what a user would pick instead. Each
+configuration runs in its own process, so its peak memory is its own and an out-of-memory ends only it.
 """
 import argparse
+import datetime
+import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
+import model as llama
 import s2attn
+
+SHAPES = {
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),  # Llama 2 7B
+    "small": dict(dim=256, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=64),
+}
+
+
+def machine():
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{name}; torch {torch.__version__}; {datetime.date.today()}"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- attention kernels
+
+
+def attn_flops(N, G, H, D):
+    """Forward + backward FLOPs of causal attention (S2 with groups of G), the masked half not counted."""
+    pairs = (N // G) * G * G + (N % G) ** 2
+    return 3 * 2 * 2 * (pairs / 2) * D * H
 
 
 def time_fwd_bwd(fn, q, k, v, reps):
-    """Best of `reps` forward + backward passes, in seconds, after one warm-up."""
-    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+    """Median of `reps` forward + backward passes, in seconds, after one warm-up."""
     times = []
-    for i in range(reps + 1):
+    for _ in range(reps + 1):
         q.grad = k.grad = v.grad = None
-        sync()
+        sync(q.device)
         t = time.perf_counter()
         fn(q, k, v).sum().backward()
-        sync()
+        sync(q.device)
         times.append(time.perf_counter() - t)
-    return min(times[1:])
+    return statistics.median(times[1:])
 
 
 def bench_attention(args):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; H={args.heads}, Hkv={args.kv_heads or args.heads}, D={args.head_dim}, {args.dtype}, B=1, fwd+bwd, best of {args.reps}")
-    print(f"{'backend':>7} {'N':>7} {'G':>6} {'full ms':>9} {'S2 ms':>9} {'speed-up':>8}")
+    H, Hkv, D = args.heads, args.kv_heads or args.heads, args.head_dim
+    print(f"\n### Attention kernels, forward + backward\n\n{machine()}; H={H}, Hkv={Hkv}, D={D}, {args.dtype}, B=1, "
+          f"median of {args.reps}\n")  # fmt: skip
+    print("| backend | N | G | full ms | S2 ms | S2 speed-up | full TFLOP/s | S2 TFLOP/s |\n|---|---|---|---|---|---|---|---|")
     for backend in [b for b in s2attn.BACKENDS if b != "naive"]:
-        for N in (int(n) for n in args.lengths.split(",")):
+        for N in args.lengths:
             G = args.group_size or N // 4
-            shape = lambda h: (1, N, h, args.head_dim)  # noqa: E731
-            q = torch.randn(shape(args.heads), device=device, dtype=dtype, requires_grad=True)
-            k, v = (torch.randn(shape(args.kv_heads or args.heads), device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+            q = torch.randn(1, N, H, D, device=device, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(1, N, Hkv, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
             full = time_fwd_bwd(lambda q, k, v: s2attn.full_attention(q, k, v, backend=backend), q, k, v, args.reps)
             s2 = time_fwd_bwd(lambda q, k, v: s2attn.s2_attention(q, k, v, G, backend=backend), q, k, v, args.reps)
-            print(f"{backend:>7} {N:>7} {G:>6} {full * 1e3:>9.1f} {s2 * 1e3:>9.1f} {full / s2:>7.2f}x")
+            tf_full, tf_s2 = attn_flops(N, N, H, D) / full / 1e12, attn_flops(N, G, H, D) / s2 / 1e12
+            print(f"| {backend} | {N} | {G} | {full * 1e3:.1f} | {s2 * 1e3:.1f} | {full / s2:.2f}x | {tf_full:.3g} | {tf_s2:.3g} |", flush=True)
+            del q, k, v
+
+
+# ----------------------------------------------------------------------------- training steps
+
+
+def ours(shape, N, attn, dtype, device):
+    """Our LoRA+ model and its trainable parameters, built the way train.py builds it."""
+    import train
+
+    targs = train.parse_args(["--model", "-", "--data", "-", "--out", "-", "--seq-len", str(N), "--attn", attn, "--dtype", dtype])
+    train.setup_distributed()
+    with torch.device(device):
+        m = llama.init(llama.ModelArgs(**SHAPES[shape], max_seq_len=N))  # random weights; no interpolation
+    train.apply_longlora(m, targs)
+    train.parallelize(m, targs, device, world=1)
+    loss = lambda x: m(x[:, :-1], head=train.loss_head(x[:, 1:], targs.loss_chunk)) / N  # noqa: E731
+    return m, loss, train.train_flops(m.args, N, targs), train.peak_tflops(targs, device)
+
+
+def theirs(shape, N, dtype, device):
+    """transformers' LlamaForCausalLM + PEFT LoRA on wq wk wv wo, embedding and norms trainable."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = llama.ModelArgs(**SHAPES[shape], max_seq_len=N)
+    try:
+        import flash_attn  # noqa: F401
+
+        impl = "flash_attention_2" if device.type == "cuda" else "sdpa"
+    except ImportError:
+        impl = "sdpa"
+    cfg = LlamaConfig(hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                      num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size, max_position_embeddings=N, rope_theta=a.rope_theta,
+                      rms_norm_eps=a.norm_eps, tie_word_embeddings=a.tie_embeddings, use_cache=False, attn_implementation=impl)  # fmt: skip
+    with torch.device(device):
+        m = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.enable_input_require_grads()
+    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for n, p in m.named_parameters():
+        if "embed_tokens" in n or "norm" in n or "lora_" in n:
+            p.requires_grad = True
+            p.data = p.data.float()  # trainable in float32, as ours; the rest runs under autocast
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def loss(x):
+        with autocast:
+            return m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+
+    return m, loss, impl
+
+
+def step_worker(cfg):
+    """One configuration, in this process; prints one JSON line."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    shape, N, attn, impl, dtype = cfg["shape"], cfg["N"], cfg["attn"], cfg["impl"], cfg["dtype"]
+    try:
+        if impl == "ours":
+            m, loss_fn, flops, peak = ours(shape, N, attn, dtype, device)
+            cfg["impl"] = f"ours ({m.layers[0].attention.backend})"
+        else:
+            import train
+
+            m, loss_fn, kernel = theirs(shape, N, dtype, device)
+            cfg["impl"] = f"transformers + PEFT ({kernel})"
+            targs = train.parse_args(["--model", "-", "--data", "-", "--out", "-", "--seq-len", str(N), "--attn", "full", "--dtype", dtype])
+            flops, peak = train.train_flops(llama.ModelArgs(**SHAPES[shape], max_seq_len=N), N, targs), train.peak_tflops(targs, device)
+        params = [p for p in m.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
+        x = torch.randint(0, SHAPES[shape]["vocab_size"], (1, N + 1), device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(cfg["reps"] + 1):
+            sync(device)
+            t = time.perf_counter()
+            loss_fn(x).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        t = statistics.median(times[1:])
+        if device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(device) / 2**30
+        else:
+            import resource
+
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        cfg.update(ms=t * 1e3, tokens_per_s=N / t, tflops=flops / t / 1e12, mfu=flops / t / 1e12 / peak if peak else None, peak_gb=mem)
+    except torch.OutOfMemoryError:
+        cfg.update(oom=True)
+    print("RESULT " + json.dumps(cfg), flush=True)
+
+
+def run_one(cfg, timeout=1800):
+    """step_worker in a fresh process: its own peak memory, and an OOM or a crash ends only it."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RANK", None)
+    try:
+        r = subprocess.run([sys.executable, __file__, "_worker", json.dumps(cfg)], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": f"over {timeout} s"}
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**cfg, "oom": "out of memory" in r.stderr.lower(), "error": last[:200]}
+
+
+def bench_steps(args):
+    have_peft = all(_installed(p) for p in ("transformers", "peft"))
+    print(f"\n### One LoRA+ training step, shape `{args.shape}`\n\n{machine()}; {args.dtype}; batch 1; median of {args.reps} steps after one "
+          f"warm-up; S2 groups of N/4" + ("" if have_peft else "; transformers + peft not installed, so that row is missing") + "\n")  # fmt: skip
+    print("| N | implementation | attention | ms / step | tokens/s | model TFLOP/s | MFU | peak GB | S2 speed-up |\n|---|---|---|---|---|---|---|---|---|")
+    for N in args.lengths:
+        rows = [run_one(dict(shape=args.shape, N=N, attn=attn, impl="ours", dtype=args.dtype, reps=args.reps)) for attn in ("full", "s2")]
+        if have_peft:
+            rows.append(run_one(dict(shape=args.shape, N=N, attn="full", impl="hf", dtype=args.dtype, reps=args.reps)))
+        full_ms = rows[0].get("ms")
+        for r in rows:
+            if "ms" not in r:
+                why = "out of memory" if r.get("oom") else r.get("error", "failed")
+                print(f"| {N} | {r['impl']} | {r['attn']} | {why} | | | | | |", flush=True)
+                continue
+            mfu = f"{r['mfu']:.0%}" if r["mfu"] is not None else "n/a"
+            ratio = f"{full_ms / r['ms']:.2f}x" if r["attn"] == "s2" and r["impl"].startswith("ours") and full_ms else ""
+            print(f"| {N} | {r['impl']} | {r['attn']} | {r['ms']:.0f} | {r['tokens_per_s']:.0f} | {r['tflops']:.3g} | {mfu} | {r['peak_gb']:.1f} | {ratio} |", flush=True)
+
+
+def bench_fit(args):
+    """The longest sequence (a multiple of --step-tokens) a LoRA+ S2 step fits in: doubling, then bisection."""
+    if not torch.cuda.is_available():
+        print("\n`fit` needs a CUDA GPU: on a CPU the limit is the machine's RAM and the time you are willing to wait.")
+        return
+    ok = lambda N: "ms" in run_one(dict(shape=args.shape, N=N, attn="s2", impl="ours", dtype=args.dtype, reps=1))  # noqa: E731
+    lo, hi, N = 0, None, args.start
+    while hi is None:
+        if ok(N):
+            lo, N = N, 2 * N
+        else:
+            hi = N
+    while hi - lo > args.step_tokens:
+        mid = (lo + hi) // 2 // args.step_tokens * args.step_tokens
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    print(f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`\n\n{machine()}; {args.dtype}: {lo:,} tokens fit, "
+          f"{hi:,} do not (searched in steps of {args.step_tokens})")  # fmt: skip
+
+
+def _installed(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        return step_worker(json.loads(argv[1]))
+    gpu = torch.cuda.is_available()
+    ints = lambda s: [int(n) for n in s.split(",")]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    parsers = {c: sub.add_parser(c, help=h) for c, h in (("all", "every table"), ("attn", "attention kernels"), ("step", "training steps"), ("fit", "longest step"))}
+    for c in ("all", "attn"):
+        a = parsers[c]
+        a.add_argument("--attn-lengths", dest="attn_lengths", type=ints, default=ints("8192,16384,32768,65536,131072" if gpu else "2048,4096,8192,16384"))
+        a.add_argument("--group-size", type=int, help="S2 group size G (default N/4, the paper's)")
+        a.add_argument("--heads", type=int, default=32 if gpu else 8, help="query heads")
+        a.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
+        a.add_argument("--head-dim", type=int, default=128 if gpu else 64)
+    for c in ("all", "step", "fit"):
+        a = parsers[c]
+        a.add_argument("--shape", choices=SHAPES, default="7b" if gpu else "small", help="model shape")
+    for c in ("all", "step"):
+        parsers[c].add_argument("--step-lengths", dest="step_lengths", type=ints, default=ints("8192,16384,32768,65536" if gpu else "2048,4096,8192"))
+    for c in ("all", "fit"):
+        parsers[c].add_argument("--start", type=int, default=32768, help="first length tried (default 32768)")
+        parsers[c].add_argument("--step-tokens", type=int, default=4096, help="search resolution (default 4096)")
+    for a in parsers.values():
+        a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16" if gpu else "float32")
+        a.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median kept)")
+    args = p.parse_args(argv)
+    print(f"python bench.py {' '.join(argv)}")
+    if args.cmd in ("all", "attn"):
+        bench_attention(argparse.Namespace(**vars(args), lengths=args.attn_lengths))
+    if args.cmd in ("all", "step"):
+        bench_steps(argparse.Namespace(**vars(args), lengths=args.step_lengths))
+    if args.cmd in ("all", "fit"):
+        bench_fit(args)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("attn", help="full vs S2 attention kernels, forward + backward")
-    a.add_argument("--lengths", default="2048,4096,8192", help="comma-separated sequence lengths N")
-    a.add_argument("--group-size", type=int, default=None, help="S2 group size G in tokens (default N/4, the paper's)")
-    a.add_argument("--heads", type=int, default=8, help="query heads H")
-    a.add_argument("--kv-heads", type=int, default=None, help="key/value heads Hkv (default H)")
-    a.add_argument("--head-dim", type=int, default=64, help="head dimension D")
-    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    a.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (best is kept)")
-    args = p.parse_args()
-    bench_attention(args)
+    main()

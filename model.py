@@ -221,6 +221,44 @@ class Transformer(nn.Module):
         return self
 
 
+def forward_flops(args, seq_len, group_size=None):
+    """FLOPs of one forward pass over one sequence of `seq_len` tokens, split as the paper's Table 7:
+    attn (the two attention matmuls, QK^T and AV), proj (wq, wk, wv, wo), ffn (w1, w2, w3 and the SiLU
+    gate), others (LM head, RMSNorms, RoPE, residual adds). A matmul (m, k) @ (k, n) is 2mkn; an
+    elementwise op is 1 per element (RMSNorm 4: square, sum, scale, weight; RoPE 3: a complex product).
+    Attention scores are counted over the whole square, masked half included, as the paper does;
+    with `group_size` (S2-Attn) only the squares of the groups (Algorithm 1: both head halves attend in
+    groups of group_size). For Llama 2 7B this reproduces Table 7 to its 0.1 TFLOP (tests/test_model.py)."""
+    N, d, L, hd = seq_len, args.dim, args.n_layers, args.head_dim
+    G = group_size or N
+    pairs = (N // G) * G * G + (N % G) ** 2  # query-key pairs per head
+    q, kv = args.n_heads * hd, args.n_kv_heads * hd  # widths of the query and key/value projections
+    return {
+        "attn": L * args.n_heads * 2 * 2 * pairs * hd,
+        "proj": L * 2 * N * d * (2 * q + 2 * kv),
+        "ffn": L * (2 * N * d * 3 * args.hidden_dim + 2 * N * args.hidden_dim),
+        "others": 2 * N * d * args.vocab_size + N * (L * (2 * 4 * d + 3 * (q + kv) + 2 * d) + 4 * d),
+    }
+
+
+def init(params, seed=0):
+    """A Transformer with fresh random weights, for pretraining from scratch (how demo/model was made):
+    `params` a params.json file (or a folder with one) or a ModelArgs. Every matrix N(0, 0.02), the ones
+    that write into the residual stream (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2), norms 1."""
+    if not isinstance(params, ModelArgs):
+        f = Path(params) / "params.json" if Path(params).is_dir() else Path(params)
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: init wants a params.json (dim, n_layers, n_heads, vocab_size, ...)")
+        params = ModelArgs(**_args_from(_read_json(f, required=("dim", "n_layers", "n_heads", "vocab_size")), f))
+    torch.manual_seed(seed)
+    m = Transformer(params)
+    for name, p in m.named_parameters():
+        if p.dim() == 2:
+            std = 0.02 / math.sqrt(2 * params.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            nn.init.normal_(p, std=std)
+    return m
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -11,7 +11,7 @@ through the same FSDP2 path (gloo on CPU, nccl on CUDA). The defaults are the pa
 on wq wk wv wo with the token embedding and every norm trainable, S2-Attn groups of a quarter of the
 training length, RoPE positions interpolated by ceil(seq_len / the model's context).
 
-Writes to --out: log.jsonl (one line per step: loss, lr, grad norm, tokens/s, peak memory),
+Writes to --out: log.jsonl (one line per step: loss, lr, grad norm, tokens/s, model TFLOP/s and MFU, peak memory),
 checkpoints/step-NNNNNNN/ every --save-every steps (trainable weights, optimizer, RNG; --resume continues
 from the latest), and at the end trainable.safetensors (adapters + embedding + norms + the RoPE
 scaling) and merged/, a plain checkpoint that model.load opens with its new context length.
@@ -46,13 +46,15 @@ import s2attn
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
 SAME_ON_RESUME = ("model", "data", "sft", "seq_len", "attn", "group_size", "lora_rank", "lora_alpha", "lora_targets",
-                  "trainable", "rope_scale", "grad_accum", "dtype", "seed", "optim", "weight_decay")  # fmt: skip
+                  "trainable", "rope_scale", "grad_accum", "dtype", "seed", "optim", "weight_decay", "init")  # fmt: skip
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("what to train")
     a.add_argument("--model", required=True, help="base model: a Meta folder, an HF folder, or a merged/ folder of an earlier run")
+    a.add_argument("--init", action="store_true", help="pretrain from scratch: --model is only a params.json (or a folder with one), "
+                   "the weights start random (model.init); needs --lora-rank 0 and --attn full")  # fmt: skip
     a.add_argument("--data", help="token file (FILE.bin from `python data.py tokenize`) read in windows of --seq-len tokens")
     a.add_argument("--sft", help="supervised examples instead: LongAlpaca .json/.jsonl (instruction, input, output)")
     a.add_argument("--tokenizer", help="tokenizer for --sft (default: the one in --model)")
@@ -70,7 +72,9 @@ def parse_args(argv=None):
     a.add_argument("--trainable", default="embed,norm", help="trained besides the adapters: LoRA+ is embed,norm (default); '' = plain LoRA")
     a = p.add_argument_group("optimisation")
     a.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; the paper uses 1e-5 for 70B)")
-    a.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then constant (default 20)")
+    a.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then --schedule (default 20)")
+    a.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="after warm-up: constant (default, the paper's) or cosine decay to lr/10 at --steps (pretraining)")  # fmt: skip
     a.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     a.add_argument("--batch-size", type=int, default=1, help="sequences per device per micro-step (default 1)")
     a.add_argument("--grad-accum", type=int, default=8, help="micro-steps per optimizer step (default 8)")
@@ -80,6 +84,8 @@ def parse_args(argv=None):
     a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (default bfloat16); trainable weights stay float32")
     a.add_argument("--loss-chunk", type=int, default=2048, help="tokens per chunk of the output-head loss (default 2048)")
     a.add_argument("--no-activation-checkpointing", action="store_true", help="keep every block's activations (faster, much more memory)")
+    a.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s in --dtype, for the MFU in the log "
+                   "(default: known bf16 peaks of A100/H100/H200; none on CPU)")  # fmt: skip
     a.add_argument("--seed", type=int, default=42, help="seed of the adapters' init and of the data order (default 42)")
     a = p.add_argument_group("checkpoints and output")
     a.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0 = only at the end)")
@@ -91,6 +97,8 @@ def parse_args(argv=None):
     args.backend = args.backend or ("flash" if "flash" in s2attn.BACKENDS and args.dtype == "bfloat16" else "sdpa")
     if (args.data is None) == (args.sft is None):
         p.error("give exactly one of --data (a token file) and --sft (supervised examples)")
+    if args.init and (args.lora_rank or args.attn != "full"):
+        p.error("--init pretrains a model from random weights: give it --lora-rank 0 and --attn full")
     if args.attn == "s2" and args.group_size > args.seq_len:
         p.error(f"--group-size {args.group_size} is larger than --seq-len {args.seq_len}: S2-Attn needs groups shorter than the sequence")
     for name in ("seq_len", "steps", "batch_size", "grad_accum", "loss_chunk", "keep"):
@@ -124,7 +132,12 @@ def setup_distributed():
 
 def build_model(args):
     """The base model with LongLoRA applied: RoPE interpolation, adapters, what trains, attention."""
-    m = llama.load(args.model)  # memory-mapped, stored dtype
+    m = llama.init(args.model, seed=args.seed) if args.init else llama.load(args.model)  # memory-mapped, stored dtype
+    return apply_longlora(m, args)
+
+
+def apply_longlora(m, args):
+    """LongLoRA on model `m` in place, as --seq-len, --lora-*, --trainable, --attn and --dtype say."""
     scale = args.rope_scale or max(1, math.ceil(args.seq_len / m.args.max_seq_len))
     m.args.rope_interpolation *= scale
     m.args.max_seq_len = max(int(m.args.max_seq_len * scale), args.seq_len)
@@ -245,7 +258,7 @@ def export(out, m, args, rank):
     ignore_frozen = args.lora_rank > 0
     state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen))
     if rank == 0:
-        base = llama.load(args.model)
+        base = llama.init(args.model) if args.init else llama.load(args.model)
         for k in lora.CONTEXT:
             setattr(base.args, k, getattr(m.args, k))
         if ignore_frozen:
@@ -260,10 +273,38 @@ def export(out, m, args, rank):
 # ----------------------------------------------------------------------------- training
 
 
+# Dense bf16 peaks (TFLOP/s) by device name; the first match wins, so the PCIe H100 comes before the SXM one.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops or device.type != "cuda" or args.dtype != "bfloat16":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def train_flops(margs, seq_len, args):
+    """Model FLOPs of one training pass over one sequence, for MFU (the recompute of activation
+    checkpointing is not counted). Backward is 2x forward where weights train (gradients of inputs and
+    weights), 1x for frozen matmuls (inputs only: LoRA's base weights and head), 2x for attention (q, k, v).
+    The adapters' own rank-r matmuls are left out: under 1% at rank 8."""
+    f = llama.forward_flops(margs, seq_len, args.group_size if args.attn == "s2" else None)
+    return 3 * sum(f.values()) if not args.lora_rank else 3 * f["attn"] + 2 * (f["proj"] + f["ffn"] + f["others"])
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB, the whole process
+
+
+def learning_rate(step, args):
+    """Linear warm-up over --warmup steps, then constant or a cosine decay to lr/10 at --steps."""
+    if step < args.warmup or args.schedule == "constant":
+        return args.lr * min(1.0, step / max(1, args.warmup))
+    done = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
 
 
 def train(args, rank, world, device):
@@ -296,17 +337,19 @@ def train(args, rank, world, device):
         (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(out / ".log.jsonl.tmp", out / "log.jsonl")
     log = open(out / "log.jsonl", "a") if rank == 0 else None
+    peak = peak_tflops(args, device)
     bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     per_micro = args.batch_size * world
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
-        lr = args.lr * min(1.0, step / max(1, args.warmup))
+        lr = learning_rate(step, args)
         for g in optim.param_groups:
             g["lr"] = lr
         # global sample index: (step, micro-step, rank, row); the same samples for any number of processes
         micro = [data.collate([dataset[((step - 1) * args.grad_accum + i) * per_micro + rank * args.batch_size + b] for b in range(args.batch_size)], pad_id)
                  for i in range(args.grad_accum)]  # fmt: skip
         n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)))
+        flops = sum(x.shape[0] * train_flops(m.args, x.shape[1], args) for x, _ in micro)  # this rank's
         dist.all_reduce(n_targets)
         loss_sum = torch.zeros(())
         for x, t in micro:
@@ -325,10 +368,12 @@ def train(args, rank, world, device):
         if rank == 0:
             rec = {"step": step, "loss": (loss_sum / n_targets.clamp(min=1)).item(), "lr": lr, "grad_norm": float(grad_norm),
                    "tokens": args.grad_accum * per_micro * args.seq_len, "tokens_per_s": args.grad_accum * per_micro * args.seq_len / dt,
-                   "step_s": dt, "peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
+                   "step_s": dt, "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak if peak else None,
+                   "peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['peak_mem_gb']:.1f}G")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['peak_mem_gb']:.1f}G",
+                            **({"mfu": f"{rec['mfu']:.0%}"} if peak else {}))  # fmt: skip
             bar.update()
     bar.close()
     if start < args.steps or not (out / "merged").exists():
@@ -340,11 +385,80 @@ def train(args, rank, world, device):
         print(f"done: {out / 'merged'}" + (f", {out / 'trainable.safetensors'}" if args.lora_rank else ""), flush=True)
 
 
+# ----------------------------------------------------------------------------- the demo: `python train.py`
+
+DEMO = Path(__file__).resolve().parent / "demo"  # model/ and tokenizer.model, made by demo/make.sh
+
+
+def demo(rank, world, device, out=None, steps=200, lr=5e-4, group_size=None, eval_tokens=65536):
+    """The whole method on a laptop: extend the shipped model 4x (256 -> 1024 tokens) with Position
+    Interpolation + S2-Attn + LoRA+, and compare perplexity on plays it never saw, before and after."""
+    import eval as ev  # eval.py imports this file
+
+    out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    old = llama.load(DEMO / "model").args.max_seq_len
+    new = 4 * old
+    if rank == 0:
+        print(f"LongLoRA demo: a {old}-token Shakespeare model (demo/model) learns to read {new} tokens. Output in {out}/", flush=True)
+        for split in ("train", "held-out"):
+            data.tokenize(DEMO / "tokenizer.model", out / "data" / f"{split}.bin", [f"shakespeare:{split}"])
+    dist.barrier()
+    held = data.read_tokens(out / "data" / "held-out.bin")[0][:eval_tokens]
+    ppl = lambda m, n: ev.perplexity(m, held, n, stride=n, progress=False)  # noqa: E731  non-overlapping windows
+    results = {}
+    if rank == 0:
+        base = ev.load_model(DEMO / "model", dtype="float32", device=device)
+        results["base"] = {old: ppl(base, old), new: ppl(base, new)}
+        base.args.rope_interpolation = 4.0
+        results["pi_only"] = {new: ppl(base, new)}
+        print(f"before: perplexity {results['base'][old]:.2f} at {old} tokens, {results['base'][new]:.2f} at {new}; "
+              f"{results['pi_only'][new]:.2f} at {new} with positions interpolated but no fine-tuning", flush=True)  # fmt: skip
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    argv = ["--model", str(DEMO / "model"), "--data", str(out / "data" / "train.bin"), "--out", str(out), "--seq-len", str(new),
+            "--attn", "s2", "--group-size", str(group_size or new // 4), "--lr", str(lr), "--warmup", "10", "--steps", str(steps),
+            "--batch-size", "4", "--grad-accum", "1", "--dtype", dtype, "--save-every", "0", "--no-activation-checkpointing"]  # fmt: skip
+    if rank == 0:
+        print("python train.py " + " ".join(argv), flush=True)
+    train(parse_args(argv), rank, world, device)
+    if rank == 0:
+        after = ev.load_model(out / "merged", dtype="float32", device=device)
+        results["after"] = {old: ppl(after, old), new: ppl(after, new)}
+        (out / "demo.json").write_text(json.dumps({k: {str(n): v for n, v in r.items()} for k, r in results.items()}, indent=2))
+        print(demo_report(results, old, new, len(held)), flush=True)
+    return results
+
+
+def demo_report(r, old, new, n_tokens):
+    """The demo's table and its reading in plain words."""
+    b, pi, a = r["base"], r["pi_only"], r["after"]
+    rows = [("the shipped model, trained at %d tokens" % old, b[old], b[new]), ("  + Position Interpolation alone", None, pi[new]),
+            ("  + LongLoRA fine-tuning (S2-Attn, LoRA+)", a[old], a[new])]  # fmt: skip
+    cell = lambda v: f"{v:>10.2f}" if v is not None else f"{'':>10}"  # noqa: E731
+    lines = [f"\nperplexity on {n_tokens:,} tokens of held-out plays (lower is better)", f"{'':44}{old:>10}{new:>10}"]
+    lines += [f"{name:44}{cell(x)}{cell(y)}" for name, x, y in rows]
+    lines.append("")
+    if a[new] < b[new] and a[new] < b[old]:
+        lines.append(f"It worked. Fed {new} tokens at once, the untouched model is lost (perplexity {b[new]:.1f}): it never saw "
+                     f"positions beyond {old}. Interpolating the positions alone does not fix it ({pi[new]:.1f}). After a few "
+                     f"minutes of LongLoRA it reads {new}-token windows at {a[new]:.1f}, better than it ever did at {old} "
+                     f"({b[old]:.1f}); it was trained with S2-Attn and evaluated here with ordinary full attention.")  # fmt: skip
+    else:
+        lines.append(f"The extension did not beat both references this time: {a[new]:.1f} at {new} tokens against "
+                     f"{b[new]:.1f} (untouched) and {b[old]:.1f} (at {old}). More steps (--steps) usually close the gap.")  # fmt: skip
+    gain = (a[old] - a[new]) / a[old]
+    lines.append(f"Part of the gain is more training on Shakespeare, which also helps at {old} tokens ({b[old]:.1f} -> {a[old]:.1f}); "
+                 f"the rest is the longer context: the fine-tuned model is {100 * gain:+.1f}% better at {new} than at {old}." if gain > 0 else
+                 f"At this size the longer window itself adds little: the fine-tuned model scores {a[new]:.1f} at {new} against "
+                 f"{a[old]:.1f} at {old}, so most of the gain is more training on Shakespeare.")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv) if argv else None
     rank, world, device = setup_distributed()
     try:
-        train(args, rank, world, device)
+        demo(rank, world, device) if args is None else train(args, rank, world, device)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2

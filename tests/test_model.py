@@ -286,3 +286,38 @@ def test_loading_one_shard_copies_nothing(tmp_path):
     shard = str(tmp_path / "consolidated.00.pth")
     assert {mapped_file(p) for p in m.parameters()} == {shard}
     assert shard not in {mapped_file(p) for p in model.load(tmp_path, dtype=torch.float64).parameters()}  # the check can fail
+
+
+# The paper's Table 7 (TFLOPs of one forward pass of Llama 2 7B): N -> (attn, proj, ffn, others, total), S2 (attn, total).
+TABLE_7 = {
+    8192: ((35.2, 35.2, 70.9, 2.2, 143.5), (8.8, 117.1)),
+    16384: ((140.7, 70.4, 141.8, 4.3, 357.2), (35.2, 251.7)),
+    32768: ((562.9, 140.7, 283.7, 8.7, 996.0), (140.7, 573.8)),
+    65536: ((2251.8, 281.5, 567.4, 17.3, 3118.0), (562.9, 1429.1)),
+}
+
+
+@pytest.mark.parametrize("N", sorted(TABLE_7))
+def test_forward_flops_reproduce_table_7(N):
+    args = model.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)  # Llama 2 7B
+    (attn, proj, ffn, others, total), (s2_attn, s2_total) = TABLE_7[N]
+    full, s2 = model.forward_flops(args, N), model.forward_flops(args, N, group_size=N // 4)
+    tf = lambda f: {k: round(v / 1e12, 1) for k, v in f.items()}  # noqa: E731  the table's precision
+    assert tf(full) == {"attn": attn, "proj": proj, "ffn": ffn, "others": others}
+    assert tf(s2) == {"attn": s2_attn, "proj": proj, "ffn": ffn, "others": others}
+    # the table's totals add its rounded columns, so they may differ from the exact sum by the rounding
+    assert abs(sum(full.values()) / 1e12 - total) <= 0.1 and abs(sum(s2.values()) / 1e12 - s2_total) <= 0.1
+
+
+def test_forward_flops_counts_matmuls_of_a_tiny_model():
+    """Independent count: every matmul of a GQA model, from the shapes the module really has."""
+    args = model.ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=97, multiple_of=16)
+    m = model.Transformer(args)
+    N, hd = 40, args.head_dim
+    linear = sum(2 * N * mod.in_features * mod.out_features for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear))
+    f = model.forward_flops(args, N)
+    head, gate = 2 * N * args.dim * args.vocab_size, 2 * args.n_layers * N * args.hidden_dim  # gate: SiLU and the product
+    assert f["proj"] + f["ffn"] - gate + head == linear  # the Linear layers: projections, FFN, output head
+    assert f["attn"] == args.n_layers * args.n_heads * 4 * N * N * hd
+    # S2 with a partial last group: 40 = 3 groups of 12 + 4
+    assert model.forward_flops(args, N, group_size=12)["attn"] == args.n_layers * args.n_heads * 4 * (3 * 144 + 16) * hd
