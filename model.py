@@ -130,6 +130,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.group_size = None  # None: full causal attention; an int: S2-Attn with groups of that many tokens
         self.backend = "sdpa"
+        self.shift = True  # False: groups without the shift (the paper's Table 1 ablation)
 
     def forward(self, x, freqs_cis, cache=None):
         B, N, _ = x.shape
@@ -148,7 +149,7 @@ class Attention(nn.Module):
         elif self.group_size is None:
             out = full_attention(q, k, v, backend=self.backend)
         else:
-            out = s2_attention(q, k, v, self.group_size, backend=self.backend)
+            out = s2_attention(q, k, v, self.group_size, backend=self.backend, shift=self.shift)
         return self.wo(out.reshape(B, N, -1))  # (B, N, H * D) -> (B, N, dim)
 
 
@@ -212,12 +213,14 @@ class Transformer(nn.Module):
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, w) if head is None else head(h, w)
 
-    def set_attention(self, group_size=None, backend=None):
-        """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend."""
+    def set_attention(self, group_size=None, backend=None, shift=True):
+        """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend;
+        shift=False keeps every head in unshifted groups (short attention, an ablation)."""
         check_config(group_size, backend or self.layers[0].attention.backend)
         for layer in self.layers:
             layer.attention.group_size = group_size
             layer.attention.backend = backend or layer.attention.backend
+            layer.attention.shift = shift
         return self
 
 

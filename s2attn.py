@@ -60,8 +60,10 @@ def full_attention(q, k, v, backend="sdpa"):
     return _KERNELS[backend](q, k, v, G=N, lead=0)
 
 
-def s2_attention(q, k, v, group_size, backend="sdpa"):
-    """Shifted sparse attention with groups of `group_size` tokens (see the module docstring)."""
+def s2_attention(q, k, v, group_size, backend="sdpa", shift=True):
+    """Shifted sparse attention with groups of `group_size` tokens (see the module docstring).
+    shift=False: every head attends in the unshifted groups, the "short attention" that the paper's
+    Table 1 shows fails to carry over to full attention at inference."""
     _check(q, k, v, backend)
     check_config(group_size, backend)
     if group_size is None:
@@ -69,7 +71,9 @@ def s2_attention(q, k, v, group_size, backend="sdpa"):
     G = group_size
     B, N, H, D = q.shape
     if backend == "naive":
-        return _naive(q, k, v, causal_mask(N, H, G, device=q.device))
+        return _naive(q, k, v, causal_mask(N, H, G, device=q.device, shift=shift))
+    if not shift:
+        return _KERNELS[backend](q, k, v, G=G, lead=0)
     s = G // 2
     halves = _split_heads(q, k, v)
     # lead: tokens [0, lead) form a group of their own; the shifted heads' first half-group
@@ -88,8 +92,9 @@ def cached_attention(q, k, v):
     return out.transpose(1, 2)  # (B, Nq, H, D)
 
 
-def causal_mask(N, H, group_size, device=None):
-    """(H, N, N) bool, True where query i of head h may read key j. group_size=None: full attention."""
+def causal_mask(N, H, group_size, device=None, shift=True):
+    """(H, N, N) bool, True where query i of head h may read key j. group_size=None: full attention;
+    shift=False: no head is shifted."""
     i = torch.arange(N, device=device)
     causal = i[None, :] <= i[:, None]  # (N, N): key j <= query i
     if group_size is None:
@@ -98,7 +103,8 @@ def causal_mask(N, H, group_size, device=None):
     group = i // G  # heads [0, H//2): [0, G), [G, 2G), ...
     group_shifted = (i + G - s) // G  # heads [H//2, H): [0, s), [s, s + G), ...
     same = lambda g: (g[:, None] == g[None, :]) & causal  # noqa: E731
-    return torch.stack([same(group)] * (H // 2) + [same(group_shifted)] * (H - H // 2))
+    shifted = H - H // 2 if shift else 0
+    return torch.stack([same(group)] * (H - shifted) + [same(group_shifted)] * shifted)
 
 
 def _naive(q, k, v, mask):

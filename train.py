@@ -61,7 +61,8 @@ def parse_args(argv=None):
     a.add_argument("--out", required=True, help="run folder: log, checkpoints, trainable weights, merged model")
     a = p.add_argument_group("LongLoRA")
     a.add_argument("--seq-len", type=int, default=8192, help="training length in tokens (default 8192)")
-    a.add_argument("--attn", choices=("s2", "full"), default="s2", help="S2-Attn (default) or full attention while training")
+    a.add_argument("--attn", choices=("s2", "full", "short"), default="s2",
+                   help="S2-Attn (default), full attention, or short: S2's groups without the shift (the paper's Table 1 ablation)")  # fmt: skip
     a.add_argument("--group-size", type=int, help="S2-Attn group size in tokens (default seq-len/4, paper Table 11)")
     a.add_argument("--backend", choices=s2attn.ALL_BACKENDS, help="attention kernel (default: flash where available and bf16, else sdpa)")
     a.add_argument("--rope-scale", type=float, help="Position Interpolation factor applied on top of the model's own "
@@ -99,7 +100,7 @@ def parse_args(argv=None):
         p.error("give exactly one of --data (a token file) and --sft (supervised examples)")
     if args.init and (args.lora_rank or args.attn != "full"):
         p.error("--init pretrains a model from random weights: give it --lora-rank 0 and --attn full")
-    if args.attn == "s2" and args.group_size > args.seq_len:
+    if args.attn != "full" and args.group_size > args.seq_len:
         p.error(f"--group-size {args.group_size} is larger than --seq-len {args.seq_len}: S2-Attn needs groups shorter than the sequence")
     for name in ("seq_len", "steps", "batch_size", "grad_accum", "loss_chunk", "keep"):
         if getattr(args, name) < 1:
@@ -145,7 +146,7 @@ def apply_longlora(m, args):
     if args.lora_rank:
         lora.add_lora(m, args.lora_rank, args.lora_alpha, targets=tuple(t for t in args.lora_targets.split(",") if t))
         lora.set_trainable(m, extra=tuple(t for t in args.trainable.split(",") if t))
-    m.set_attention(group_size=args.group_size if args.attn == "s2" else None, backend=args.backend)
+    m.set_attention(group_size=args.group_size if args.attn != "full" else None, backend=args.backend, shift=args.attn == "s2")
     dtype = getattr(torch, args.dtype)
     for p in m.parameters():  # frozen weights in the compute dtype; trainable ones in float32 for the optimizer
         p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
@@ -289,7 +290,7 @@ def train_flops(margs, seq_len, args):
     checkpointing is not counted). Backward is 2x forward where weights train (gradients of inputs and
     weights), 1x for frozen matmuls (inputs only: LoRA's base weights and head), 2x for attention (q, k, v).
     The adapters' own rank-r matmuls are left out: under 1% at rank 8."""
-    f = llama.forward_flops(margs, seq_len, args.group_size if args.attn == "s2" else None)
+    f = llama.forward_flops(margs, seq_len, args.group_size if args.attn != "full" else None)
     return 3 * sum(f.values()) if not args.lora_rank else 3 * f["attn"] + 2 * (f["proj"] + f["ffn"] + f["others"])
 
 
@@ -330,7 +331,7 @@ def train(args, rank, world, device):
         out.mkdir(parents=True, exist_ok=True)
         print(f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%); {world} process(es) on {device.type}; "
               f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens; attention {args.attn}"
-              + (f" (G={args.group_size})" if args.attn == "s2" else "") + f", {args.backend}; RoPE positions / {m.args.rope_interpolation:g}"
+              + (f" (G={args.group_size})" if args.attn != "full" else "") + f", {args.backend}; RoPE positions / {m.args.rope_interpolation:g}"
               + (f"; resuming after step {start}" if start else ""), flush=True)  # fmt: skip
     if rank == 0 and (out / "log.jsonl").exists():  # drop the steps a killed run did after its last checkpoint
         kept = [line for line in (out / "log.jsonl").read_text().splitlines() if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start]

@@ -223,3 +223,16 @@ def test_flash_path_with_stand_in_kernels(monkeypatch, kernel, N, G, H, Hkv):
     monkeypatch.setattr(s2attn, "_check", lambda q, k, v, backend: check(q, k, v, "sdpa"))  # no CUDA here
     q, k, v = qkv(2, N, H, Hkv)
     torch.testing.assert_close(attend(q, k, v, G, "flash").double(), reference(q, k, v, G), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("N,G,H,Hkv", [(16, 4, 4, 2), (19, 8, 3, 3), (20, 6, 9, 3)])
+def test_short_attention_without_shift(backend, N, G, H, Hkv):
+    """shift=False (the paper's Table 1 ablation): every head attends like the unshifted half."""
+    q, k, v = qkv(2, N, H, Hkv)
+    # the reference with 2H heads of which the first H are unshifted; repeating k, v makes its GQA map line up
+    r = H // Hkv
+    q2, k2, v2 = torch.cat([q, q], 2), k.repeat_interleave(r, 2).repeat(1, 1, 2, 1), v.repeat_interleave(r, 2).repeat(1, 1, 2, 1)
+    expected = reference(q2, k2, v2, G)[:, :, :H]
+    torch.testing.assert_close(s2_attention(q, k, v, G, backend=backend, shift=False).double(), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(s2_attention(q, k, v, G, backend=backend), s2_attention(q, k, v, G, backend=backend, shift=False))
