@@ -391,9 +391,12 @@ def train(args, rank, world, device):
 DEMO = Path(__file__).resolve().parent / "demo"  # model/ and tokenizer.model, made by demo/make.sh
 
 
-def demo(rank, world, device, out=None, steps=200, lr=5e-4, group_size=None, eval_tokens=65536):
+def demo(rank, world, device, out=None, steps=300, lr=5e-4, group_size=None, eval_tokens=65536, schedule="cosine", attn="s2"):
     """The whole method on a laptop: extend the shipped model 4x (256 -> 1024 tokens) with Position
-    Interpolation + S2-Attn + LoRA+, and compare perplexity on plays it never saw, before and after."""
+    Interpolation + S2-Attn + LoRA+, and compare perplexity on plays it never saw, before and after.
+    The recipe is sized for a 3M-parameter model, not the paper's 7B: lr 5e-4 with a cosine decay, 300
+    steps of 4 x 1024 tokens, S2 groups of half the length (Table 11's N/2; at this size it carries
+    over to full attention better than N/4, see the README)."""
     import eval as ev  # eval.py imports this file
 
     out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
@@ -416,7 +419,7 @@ def demo(rank, world, device, out=None, steps=200, lr=5e-4, group_size=None, eva
               f"{results['pi_only'][new]:.2f} at {new} with positions interpolated but no fine-tuning", flush=True)  # fmt: skip
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     argv = ["--model", str(DEMO / "model"), "--data", str(out / "data" / "train.bin"), "--out", str(out), "--seq-len", str(new),
-            "--attn", "s2", "--group-size", str(group_size or new // 4), "--lr", str(lr), "--warmup", "10", "--steps", str(steps),
+            "--attn", attn, "--group-size", str(group_size or new // 2), "--lr", str(lr), "--warmup", "10", "--steps", str(steps), "--schedule", schedule,
             "--batch-size", "4", "--grad-accum", "1", "--dtype", dtype, "--save-every", "0", "--no-activation-checkpointing"]  # fmt: skip
     if rank == 0:
         print("python train.py " + " ".join(argv), flush=True)
@@ -430,27 +433,28 @@ def demo(rank, world, device, out=None, steps=200, lr=5e-4, group_size=None, eva
 
 
 def demo_report(r, old, new, n_tokens):
-    """The demo's table and its reading in plain words."""
+    """The demo's table and its reading in plain words, whatever the numbers turn out to be."""
     b, pi, a = r["base"], r["pi_only"], r["after"]
-    rows = [("the shipped model, trained at %d tokens" % old, b[old], b[new]), ("  + Position Interpolation alone", None, pi[new]),
+    rows = [(f"the shipped model, trained at {old} tokens", b[old], b[new]), ("  + Position Interpolation alone", None, pi[new]),
             ("  + LongLoRA fine-tuning (S2-Attn, LoRA+)", a[old], a[new])]  # fmt: skip
     cell = lambda v: f"{v:>10.2f}" if v is not None else f"{'':>10}"  # noqa: E731
     lines = [f"\nperplexity on {n_tokens:,} tokens of held-out plays (lower is better)", f"{'':44}{old:>10}{new:>10}"]
-    lines += [f"{name:44}{cell(x)}{cell(y)}" for name, x, y in rows]
-    lines.append("")
-    if a[new] < b[new] and a[new] < b[old]:
-        lines.append(f"It worked. Fed {new} tokens at once, the untouched model is lost (perplexity {b[new]:.1f}): it never saw "
-                     f"positions beyond {old}. Interpolating the positions alone does not fix it ({pi[new]:.1f}). After a few "
-                     f"minutes of LongLoRA it reads {new}-token windows at {a[new]:.1f}, better than it ever did at {old} "
-                     f"({b[old]:.1f}); it was trained with S2-Attn and evaluated here with ordinary full attention.")  # fmt: skip
+    lines += [f"{name:44}{cell(x)}{cell(y)}" for name, x, y in rows] + [""]
+    lines.append(f"Fed {new} tokens at once, the untouched model is lost ({b[new]:.1f}): it never saw positions past {old}. "
+                 f"Interpolating the positions alone does not fix it ({pi[new]:.1f}). After LongLoRA it reads {new}-token "
+                 f"windows at {a[new]:.1f}, " + ("better than" if a[new] < b[new] else "still no better than") + " the untouched model.")  # fmt: skip
+    if a[new] < a[old]:
+        lines.append(f"The extended model uses its longer window: {100 * (1 - a[new] / a[old]):.1f}% lower perplexity at {new} tokens "
+                     f"than at {old}. It was trained with S2-Attn and is evaluated with ordinary full attention.")  # fmt: skip
     else:
-        lines.append(f"The extension did not beat both references this time: {a[new]:.1f} at {new} tokens against "
-                     f"{b[new]:.1f} (untouched) and {b[old]:.1f} (at {old}). More steps (--steps) usually close the gap.")  # fmt: skip
-    gain = (a[old] - a[new]) / a[old]
-    lines.append(f"Part of the gain is more training on Shakespeare, which also helps at {old} tokens ({b[old]:.1f} -> {a[old]:.1f}); "
-                 f"the rest is the longer context: the fine-tuned model is {100 * gain:+.1f}% better at {new} than at {old}." if gain > 0 else
-                 f"At this size the longer window itself adds little: the fine-tuned model scores {a[new]:.1f} at {new} against "
-                 f"{a[old]:.1f} at {old}, so most of the gain is more training on Shakespeare.")  # fmt: skip
+        lines.append(f"The extended model does not gain from the longer window yet: {a[new]:.1f} at {new} tokens, {a[old]:.1f} at {old}.")
+    if a[new] < b[old]:
+        lines.append(f"It now beats the original model at its own {old} tokens ({b[old]:.1f}).")
+    else:
+        lines.append(f"It does not beat the original model at its own {old} tokens ({b[old]:.1f}). Interpolated positions cost this "
+                     f"small model {100 * (a[old] / b[old] - 1):.0f}% at {old} tokens ({b[old]:.1f} -> {a[old]:.1f}), more than four "
+                     "times the context gives back; the paper sees the same cost at short lengths, 'a known limitation of "
+                     "Position Interpolation' (§4.2), which large models outweigh with what they gain from long context.")  # fmt: skip
     return "\n".join(lines)
 
 
