@@ -1,5 +1,6 @@
 """LongLoRA fine-tuning: S2-Attn at the target length, Position Interpolation, LoRA+, plain torch FSDP2.
 
+    python train.py                                                                   # the demo: LongLoRA on a CPU in minutes
     python train.py --model DIR --data train.bin --seq-len 8192 --out runs/a          # one process, CPU or GPU
     torchrun --nproc-per-node 8 train.py --model llama-2-7b --data redpajama.bin --seq-len 8192 --out runs/7b-8k
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...   # several nodes
@@ -133,7 +134,7 @@ def setup_distributed():
 
 def build_model(args):
     """The base model with LongLoRA applied: RoPE interpolation, adapters, what trains, attention."""
-    m = llama.init(args.model, seed=args.seed) if args.init else llama.load(args.model)  # memory-mapped, stored dtype
+    m = llama.init(args.model, seed=args.seed) if args.init else llama.load(args.model)  # load: memory-mapped, stored dtype
     return apply_longlora(m, args)
 
 
@@ -450,6 +451,8 @@ def demo_report(r, old, new, n_tokens):
         lines.append(f"The extended model does not gain from the longer window yet: {a[new]:.1f} at {new} tokens, {a[old]:.1f} at {old}.")
     if a[new] < b[old]:
         lines.append(f"It now beats the original model at its own {old} tokens ({b[old]:.1f}).")
+    elif a[old] <= b[old]:
+        lines.append(f"It does not beat the original model at its own {old} tokens ({b[old]:.1f}).")
     else:
         lines.append(f"It does not beat the original model at its own {old} tokens ({b[old]:.1f}). Interpolated positions cost this "
                      f"small model {100 * (a[old] / b[old] - 1):.0f}% at {old} tokens ({b[old]:.1f} -> {a[old]:.1f}), more than four "
