@@ -54,28 +54,44 @@ def token_nll(m, x):
     return m(x, head=lambda h, w: train.chunked_nll(h[:, :-1], w, x[:, 1:], chunk=1024))
 
 
+def window_nll(m, tokens, seq_len, stride, max_windows=None, batch_size=1, progress=True):
+    """(start, nll) for the windows of `seq_len` tokens every `stride` tokens: nll[j] is the loss of the
+    prediction of token start + j + 1, made with j + 1 tokens of context."""
+    starts = list(range(0, len(tokens) - seq_len + 1, stride))[:max_windows]
+    if not starts:
+        raise ValueError(f"{len(tokens)} tokens are fewer than one window of --seq-len {seq_len}")
+    device = next(m.parameters()).device
+    with torch.no_grad(), tqdm(total=len(starts), desc=f"ppl @ {seq_len}", disable=not progress, leave=False) as bar:
+        for i in range(0, len(starts), batch_size):
+            batch = starts[i : i + batch_size]
+            x = torch.stack([torch.from_numpy(tokens[s : s + seq_len].astype("int64")) for s in batch]).to(device)
+            yield from zip(batch, token_nll(m, x).double().cpu())
+            bar.update(len(batch))
+
+
 def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=None, batch_size=1, progress=True):
     """Perplexity of `m` on the token array `tokens` with windows of `seq_len` every `stride` tokens."""
     if convention not in ("paper", "strided"):
         raise ValueError(f"convention must be 'paper' or 'strided', got {convention!r}")
     if convention == "strided" and stride > seq_len:
         raise ValueError(f"--stride {stride} is longer than --seq-len {seq_len}: the strided convention would skip tokens")
-    starts = list(range(0, len(tokens) - seq_len + 1, stride))[:max_windows]
-    if not starts:
-        raise ValueError(f"{len(tokens)} tokens are fewer than one window of --seq-len {seq_len}")
-    device = next(m.parameters()).device
     window_means, total, count = [], 0.0, 0
-    with torch.no_grad(), tqdm(total=len(starts), desc=f"ppl @ {seq_len}", disable=not progress, leave=False) as bar:
-        for i in range(0, len(starts), batch_size):
-            batch = starts[i : i + batch_size]
-            x = torch.stack([torch.from_numpy(tokens[s : s + seq_len].astype("int64")) for s in batch]).to(device)
-            nll = token_nll(m, x).double()  # (b, seq_len - 1): entry j scores token s + j + 1
-            for row, s in zip(nll, batch):
-                window_means.append(row.mean().item())
-                scored = row if s == 0 else row[-stride:]  # strided: only the tokens no earlier window scored
-                total, count = total + scored.sum().item(), count + len(scored)
-            bar.update(len(batch))
+    for s, row in window_nll(m, tokens, seq_len, stride, max_windows, batch_size, progress):
+        window_means.append(row.mean().item())
+        scored = row if s == 0 else row[-stride:]  # strided: only the tokens no earlier window scored
+        total, count = total + scored.sum().item(), count + len(scored)
     return math.exp(sum(window_means) / len(window_means)) if convention == "paper" else math.exp(total / count)
+
+
+def perplexity_by_context(m, tokens, seq_len, stride=256, max_windows=None, batch_size=1, progress=True):
+    """{(lo, hi): perplexity of the predictions made with lo <= c < hi tokens of context}, over the same
+    windows as `perplexity`, c in powers of two (1, 2, 4, ... seq_len). It shows whether the model uses
+    its window: where the numbers stop falling, the tokens further back no longer help it."""
+    total, n = torch.zeros(seq_len - 1, dtype=torch.float64), 0
+    for _, row in window_nll(m, tokens, seq_len, stride, max_windows, batch_size, progress):
+        total, n = total + row, n + 1
+    edges = [2**k for k in range(seq_len.bit_length()) if 2**k < seq_len] + [seq_len]
+    return {(lo, hi): math.exp(total[lo - 1 : hi - 1].mean().item() / n) for lo, hi in zip(edges, edges[1:])}
 
 
 # ----------------------------------------------------------------------------- passkey retrieval
@@ -219,6 +235,7 @@ def main(argv=None):
     s.add_argument("--convention", choices=("paper", "strided"), default="paper", help="which tokens are scored (see above)")
     s.add_argument("--max-windows", type=int, help="evaluate at most this many windows per length")
     s.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    s.add_argument("--by-context", action="store_true", help="also print perplexity by how many tokens of context each prediction had")
     s = sub.choices["passkey"]
     s.add_argument("--lengths", type=ints, required=True, help="comma-separated prompt lengths in tokens")
     s.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths as fractions of the filler (default 0,0.25,0.5,0.75,1)")
@@ -239,6 +256,9 @@ def main(argv=None):
             if args.cmd == "ppl":
                 results[L] = perplexity(m, tokens, L, args.stride, args.convention, args.max_windows, args.batch_size)
                 print(f"{L:>8}  {results[L]:.4f}", flush=True)
+                if args.by_context:
+                    by = perplexity_by_context(m, tokens, L, args.stride, args.max_windows, args.batch_size)
+                    print("".join(f"          context {lo:>6}-{hi - 1:<6} {v:.4f}\n" for (lo, hi), v in by.items()), end="", flush=True)
             else:
                 results.update(passkey(m, tok, [L], depths, args.trials, args.seed))
                 print(f"{L:>8}  " + "  ".join(f"{d:.0%}: {a:.0%}" for d, a in results[L].items()), flush=True)

@@ -41,6 +41,22 @@ def test_both_conventions_match_brute_force(stride):
     assert ev.perplexity(m, tokens, L, stride, "strided", progress=False) == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
 
 
+def test_perplexity_by_context_matches_brute_force():
+    m = tiny_model()
+    tokens = np.random.default_rng(1).integers(0, m.args.vocab_size, 40).astype(np.uint16)
+    L, stride = 12, 5
+    starts = list(range(0, len(tokens) - L + 1, stride))
+    got = ev.perplexity_by_context(m, tokens, L, stride, progress=False)
+    assert list(got) == [(1, 2), (2, 4), (4, 8), (8, 12)]
+    for (lo, hi), ppl in got.items():  # predictions made from c = t - s tokens of context, lo <= c < hi
+        nll = [brute_force_nll(m, tokens, s, s + c) for s in starts for c in range(lo, hi)]
+        assert ppl == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+    # every prediction sits in one bucket with the same weight, so the buckets average to the paper's perplexity
+    n = {(lo, hi): hi - lo for lo, hi in got}
+    mean = sum(n[k] * math.log(v) for k, v in got.items()) / sum(n.values())
+    assert math.exp(mean) == pytest.approx(ev.perplexity(m, tokens, L, stride, progress=False), rel=1e-6)
+
+
 def test_perplexity_options_and_errors():
     m = tiny_model()
     tokens = np.random.default_rng(0).integers(0, m.args.vocab_size, 60).astype(np.uint16)
@@ -113,6 +129,10 @@ def test_cli_ppl_json_and_passkey(tmp_path, tok):
     assert r.returncode == 0, r.stderr
     got = json.loads((tmp_path / "p.json").read_text())
     assert list(got) == ["32", "64"] and got["64"] == pytest.approx(ev.perplexity(m, tokens, 64, progress=False), rel=1e-6)
+    r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", "--by-context")
+    assert r.returncode == 0, r.stderr
+    by = ev.perplexity_by_context(m, tokens, 32, progress=False)
+    assert [line.split()[1:] for line in r.stdout.splitlines()[1:]] == [[f"{lo}-{hi - 1}", f"{v:.4f}"] for (lo, hi), v in by.items()]
     r = run_eval("passkey", "--model", str(tmp_path / "m"), "--tokenizer", tok.name, "--lengths", "200", "--trials", "2", "--depths", "0,1", "--json", str(tmp_path / "k.json"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "k.json").read_text()).keys() == {"200"}
