@@ -256,7 +256,8 @@ def with_repeats(src, out, seq_len, every=4, windows=None, seed=0, overwrite=Fal
     worth having; large models learn it from scale). Chunk by chunk, `src`'s text in order, seq_len tokens
     at a time, except that one chunk in `every` (drawn at random; every=1: all of them) is a passage said
     three times: the first m tokens (seq_len / 8 <= m <= 3 seq_len / 4) of either a random stretch of
-    `src` or random tokens, repeated, cut at seq_len. Stops when `src` runs out, or after `windows` chunks."""
+    `src` or random tokens, repeated, cut at seq_len. Ends with the text, or, given `windows`, after that
+    many chunks (the text starting over if it runs out)."""
     tokens, meta = read_tokens(src)
     tokens, out, n = np.asarray(tokens), Path(out), len(tokens) - seq_len
     if (out.exists() or out.with_suffix(".json").exists()) and not overwrite:
@@ -277,8 +278,10 @@ def with_repeats(src, out, seq_len, every=4, windows=None, seed=0, overwrite=Fal
     out.parent.mkdir(parents=True, exist_ok=True)
     ids.tofile(tmp)
     meta = {**meta, "tokens": len(ids), "repeats": {"src": str(src), "seq_len": seq_len, "every": every, "windows": windows, "seed": seed}}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    meta_tmp = out.with_name(f".{out.stem}.json.tmp")
+    meta_tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out)
+    os.replace(meta_tmp, out.with_suffix(".json"))
     return meta
 
 
