@@ -69,29 +69,31 @@ def window_nll(m, tokens, seq_len, stride, max_windows=None, batch_size=1, progr
             bar.update(len(batch))
 
 
-def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=None, batch_size=1, progress=True):
-    """Perplexity of `m` on the token array `tokens` with windows of `seq_len` every `stride` tokens."""
+def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=None, batch_size=1, progress=True, by_context=False):
+    """Perplexity of `m` on the token array `tokens` with windows of `seq_len` every `stride` tokens.
+    by_context=True: (perplexity, perplexity_by_context's dict), both from the one pass over the windows."""
     if convention not in ("paper", "strided"):
         raise ValueError(f"convention must be 'paper' or 'strided', got {convention!r}")
     if convention == "strided" and stride > seq_len:
         raise ValueError(f"--stride {stride} is longer than --seq-len {seq_len}: the strided convention would skip tokens")
     window_means, total, count = [], 0.0, 0
+    by_pos = torch.zeros(seq_len - 1, dtype=torch.float64)  # summed over windows: loss of the prediction made with j + 1 tokens
     for s, row in window_nll(m, tokens, seq_len, stride, max_windows, batch_size, progress):
         window_means.append(row.mean().item())
         scored = row if s == 0 else row[-stride:]  # strided: only the tokens no earlier window scored
-        total, count = total + scored.sum().item(), count + len(scored)
-    return math.exp(sum(window_means) / len(window_means)) if convention == "paper" else math.exp(total / count)
+        total, count, by_pos = total + scored.sum().item(), count + len(scored), by_pos + row
+    ppl = math.exp(sum(window_means) / len(window_means)) if convention == "paper" else math.exp(total / count)
+    if not by_context:
+        return ppl
+    edges = [2**k for k in range(seq_len.bit_length()) if 2**k < seq_len] + [seq_len]
+    return ppl, {(lo, hi): math.exp(by_pos[lo - 1 : hi - 1].mean().item() / len(window_means)) for lo, hi in zip(edges, edges[1:])}
 
 
 def perplexity_by_context(m, tokens, seq_len, stride=256, max_windows=None, batch_size=1, progress=True):
     """{(lo, hi): perplexity of the predictions made with lo <= c < hi tokens of context}, over the same
     windows as `perplexity`, c in powers of two (1, 2, 4, ... seq_len). It shows whether the model uses
     its window: where the numbers stop falling, the tokens further back no longer help it."""
-    total, n = torch.zeros(seq_len - 1, dtype=torch.float64), 0
-    for _, row in window_nll(m, tokens, seq_len, stride, max_windows, batch_size, progress):
-        total, n = total + row, n + 1
-    edges = [2**k for k in range(seq_len.bit_length()) if 2**k < seq_len] + [seq_len]
-    return {(lo, hi): math.exp(total[lo - 1 : hi - 1].mean().item() / n) for lo, hi in zip(edges, edges[1:])}
+    return perplexity(m, tokens, seq_len, stride, "paper", max_windows, batch_size, progress, by_context=True)[1]
 
 
 # ----------------------------------------------------------------------------- passkey retrieval
@@ -254,10 +256,10 @@ def main(argv=None):
         for L in lengths:
             m.set_attention(group_size=args.group_size or max(1, L // 4) if args.attn == "s2" else None)  # S2's default G depends on L
             if args.cmd == "ppl":
-                results[L] = perplexity(m, tokens, L, args.stride, args.convention, args.max_windows, args.batch_size)
+                got = perplexity(m, tokens, L, args.stride, args.convention, args.max_windows, args.batch_size, by_context=args.by_context)
+                results[L], by = got if args.by_context else (got, {})
                 print(f"{L:>8}  {results[L]:.4f}", flush=True)
-                if args.by_context:
-                    by = perplexity_by_context(m, tokens, L, args.stride, args.max_windows, args.batch_size)
+                if by:
                     print("".join(f"          context {lo:>6}-{hi - 1:<6} {v:.4f}\n" for (lo, hi), v in by.items()), end="", flush=True)
             else:
                 results.update(passkey(m, tok, [L], depths, args.trials, args.seed))

@@ -55,6 +55,12 @@ def test_perplexity_by_context_matches_brute_force():
     n = {(lo, hi): hi - lo for lo, hi in got}
     mean = sum(n[k] * math.log(v) for k, v in got.items()) / sum(n.values())
     assert math.exp(mean) == pytest.approx(ev.perplexity(m, tokens, L, stride, progress=False), rel=1e-6)
+    # by_context=True gives both from one forward pass per window, in either convention
+    calls = []
+    m.register_forward_hook(lambda *_: calls.append(1))
+    ppl, by = ev.perplexity(m, tokens, L, stride, "strided", progress=False, by_context=True)
+    assert len(calls) == len(starts) and by == pytest.approx(got, rel=1e-12)
+    assert ppl == pytest.approx(ev.perplexity(m, tokens, L, stride, "strided", progress=False), rel=1e-12)
 
 
 def test_perplexity_options_and_errors():
