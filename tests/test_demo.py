@@ -47,7 +47,7 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "demo.json").read_text())
-    assert set(res) == {"base", "pi_only", "after"} and set(res["after"]) == {"128", "512"}
+    assert set(res) == {"base", "pi_only", "after", "after_s2"} and set(res["after"]) == {"128", "512"} and set(res["after_s2"]) == {"512"}
     assert all(1 < v < 2048 for row in res.values() for v in row.values())  # perplexities below the vocabulary size
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[0]["tokens"] == 8 * 512
@@ -58,14 +58,20 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
 
 def test_demo_report_reads_every_outcome():
     good = {"base": {256: 62.0, 1024: 85.0}, "pi_only": {1024: 100.0}, "after": {256: 60.0, 1024: 57.0}}
-    text = train.demo_report(good, 256, 1024, 65536)
+    text = train.demo_report(good, 256, 1024, 65536, 512)
     assert "5.0% lower perplexity at 1024 tokens than at 256" in text and "It now beats the original model" in text
-    costly = {"base": {256: 52.7, 1024: 78.2}, "pi_only": {1024: 91.2}, "after": {256: 57.1, 1024: 56.2}}
-    text = train.demo_report(costly, 256, 1024, 65536)
+    assert "tested with S2-Attn" not in text  # no S2 row when the demo did not test with S2
+    costly = {"base": {256: 52.7, 1024: 78.2}, "pi_only": {1024: 91.2}, "after": {256: 57.1, 1024: 56.2}, "after_s2": {1024: 55.0}}
+    text = train.demo_report(costly, 256, 1024, 65536, 512)
     assert "1.6% lower perplexity" in text and "does not beat the original model" in text and "cost this small model 8%" in text
+    assert "tested with S2-Attn, groups of 512" in text and "55.00" in text
     flat = {"base": {256: 52.7, 1024: 78.2}, "pi_only": {1024: 91.2}, "after": {256: 57.0, 1024: 58.0}}
-    text = train.demo_report(flat, 256, 1024, 65536)
+    text = train.demo_report(flat, 256, 1024, 65536, 512)
     assert "does not gain from the longer window yet" in text and "does not beat" in text and "Interpolated positions cost" not in text
+    s2_only = {"base": {128: 54.2, 512: 97.5}, "pi_only": {512: 152.9}, "after": {128: 55.5, 512: 55.0}, "after_s2": {512: 53.6}}
+    text = train.demo_report(s2_only, 128, 512, 65536, 256)
+    assert "(groups of 256), it reads 512-token windows at 53.6, better than the original model at its own 128 tokens (54.2)" in text
+    assert "with full attention it does not (55.0)" in text and "read 256 or more tokens back" in text and "It now beats" not in text
 
 
 def test_learning_rate_schedules():
