@@ -183,14 +183,12 @@ def tokenize(tokenizer_path, out, inputs, overwrite=False):
     time; writes under temporary names, so a failure leaves an existing file untouched."""
     tok = load_tokenizer(tokenizer_path)
     out = Path(out)
-    meta_path = out.with_suffix(".json")
     if out.suffix != ".bin":
         raise ValueError(f"--out {out}: a token file ends in .bin")
-    if (out.exists() or meta_path.exists()) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    _check_new(out, overwrite)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = _tmp(out)
     n_tokens = n_docs = max_id = 0
     try:
         with open(tmp, "wb") as f, tqdm(desc=f"tokenizing -> {out.name}", unit=" docs", mininterval=1) as bar:
@@ -207,11 +205,28 @@ def tokenize(tokenizer_path, out, inputs, overwrite=False):
         raise
     meta = {"dtype": np.dtype(dtype).name, "tokens": n_tokens, "documents": n_docs, "vocab_size": tok.vocab_size,
             "max_id": max_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": str(tokenizer_path)}  # fmt: skip
-    meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out)
-    os.replace(meta_tmp, meta_path)
+    _publish(tmp, out, meta)
     return meta
+
+
+def _tmp(path):
+    """The temporary name a file is written under before it replaces `path`."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _check_new(out, overwrite):
+    """Refuse to replace an existing token file `out` (or its .json) unless `overwrite`."""
+    if (out.exists() or out.with_suffix(".json").exists()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def _publish(tmp, out, meta):
+    """Put the token file written at `tmp` in place as `out`, with `meta` as its .json; both are written
+    in full under temporary names first, so a failure before this leaves an existing file untouched."""
+    meta_path = out.with_suffix(".json")
+    _tmp(meta_path).write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out)
+    os.replace(_tmp(meta_path), meta_path)
 
 
 def read_tokens(path):
@@ -260,8 +275,7 @@ def with_repeats(src, out, seq_len, every=4, windows=None, seed=0, overwrite=Fal
     many chunks (the text starting over if it runs out)."""
     tokens, meta = read_tokens(src)
     tokens, out, n = np.asarray(tokens), Path(out), len(tokens) - seq_len
-    if (out.exists() or out.with_suffix(".json").exists()) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    _check_new(out, overwrite)
     if n < 0 or (every == 1 and windows is None):
         raise ValueError(f"{src} has fewer than {seq_len} tokens" if n < 0 else "every=1 repeats forever: give the number of windows")
     rng, chunks, pos = np.random.default_rng(seed), [], 0
@@ -274,14 +288,10 @@ def with_repeats(src, out, seq_len, every=4, windows=None, seed=0, overwrite=Fal
             chunks.append(tokens[pos % (n + 1) : pos % (n + 1) + seq_len])
             pos += seq_len
     ids = np.concatenate(chunks).astype(tokens.dtype)
-    tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    ids.tofile(tmp)
+    ids.tofile(_tmp(out))
     meta = {**meta, "tokens": len(ids), "repeats": {"src": str(src), "seq_len": seq_len, "every": every, "windows": windows, "seed": seed}}
-    meta_tmp = out.with_name(f".{out.stem}.json.tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out)
-    os.replace(meta_tmp, out.with_suffix(".json"))
+    _publish(_tmp(out), out, meta)
     return meta
 
 
