@@ -32,8 +32,8 @@ class LoRALinear(nn.Module):
             raise ValueError("LoRALinear wraps bias-free Linear layers (Llama has no biases)")
         self.weight = base.weight
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        init_adapter(self.lora_a, self.lora_b)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
@@ -48,6 +48,14 @@ class LoRALinear(nn.Module):
         out = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         out.weight = nn.Parameter((w.to(dt) + delta).to(w.dtype), requires_grad=self.weight.requires_grad)
         return out
+
+
+@torch.no_grad()
+def init_adapter(a, b):
+    """A fresh adapter in place: A Kaiming-uniform (as nn.Linear initialises its weight; from torch's
+    global RNG), B zero."""
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.zeros_(b)
 
 
 def add_lora(model, rank, alpha, targets=("wq", "wk", "wv", "wo"), dropout=0.0):

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import warnings
+import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -245,53 +247,93 @@ def forward_flops(args, seq_len, group_size=None):
 
 
 def init(params, seed=0):
-    """A Transformer with fresh random weights, for pretraining from scratch (how demo/model was made):
-    `params` a params.json file (or a folder with one) or a ModelArgs. Every matrix N(0, 0.02), the ones
-    that write into the residual stream (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2), norms 1."""
+    """A Transformer with fresh random weights (random_weights), for pretraining from scratch (how
+    demo/model was made): `params` a params.json file (or a folder with one) or a ModelArgs."""
+    return _build(*random_weights(params, seed))
+
+
+def random_weights(params, seed=0):
+    """(ModelArgs, Weights) of a fresh model, like read_checkpoint's: every matrix N(0, 0.02), the ones
+    that write into the residual stream (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2), norms 1. Each
+    tensor has its own seed (from `seed` and its name), so a process can make any one of them alone."""
+    args = params
     if not isinstance(params, ModelArgs):
         f = Path(params) / "params.json" if Path(params).is_dir() else Path(params)
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: init wants a params.json (dim, n_layers, n_heads, vocab_size, ...)")
-        params = ModelArgs(**_args_from(_read_json(f, required=("dim", "n_layers", "n_heads", "vocab_size")), f))
-    torch.manual_seed(seed)
-    m = Transformer(params)
-    for name, p in m.named_parameters():
-        if p.dim() == 2:
-            std = 0.02 / math.sqrt(2 * params.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-            nn.init.normal_(p, std=std)
-    return m
+        args = ModelArgs(**_args_from(_read_json(f, required=("dim", "n_layers", "n_heads", "vocab_size")), f))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+
+    def make(name):
+        if name.endswith("norm.weight"):
+            return torch.ones(shapes[name])
+        std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        g = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+        return torch.randn(shapes[name], generator=g) * std
+
+    return args, Weights(shapes, make, torch.float32)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load(path, dtype=None, device="cpu"):
-    """A Transformer from a Meta folder (params.json + consolidated.NN.pth, any number of model-parallel
-    shards) or a Hugging Face folder (config.json + *.safetensors, sharded or not). The weights keep
-    their stored dtype unless `dtype` is given. Tensors are memory-mapped and the model is built on the
-    meta device, so a checkpoint is never held twice in memory."""
+class Weights(Mapping):
+    """name -> tensor of a checkpoint, each read only when asked for (Meta's names and layout, full size,
+    stored dtype); `shapes` and `dtype` (the embedding's) without reading anything. model.load reads it one
+    tensor at a time; train.py has each process keep only its rows of each tensor, so no process ever holds
+    the whole model."""
+
+    def __init__(self, shapes, read, dtype):
+        self.shapes, self._read, self.dtype = shapes, read, dtype
+
+    def __getitem__(self, name):
+        return self._read(name)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
+def read_checkpoint(path):
+    """(ModelArgs, Weights) of a Meta folder (params.json + consolidated.NN.pth, any number of
+    model-parallel shards) or a Hugging Face folder (config.json + *.safetensors, sharded or not), after
+    checking that the weights' names and shapes match the config. Nothing is read yet but the headers."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder: model.load wants a Meta checkpoint folder (params.json + consolidated.NN.pth) or a Hugging Face one (config.json + *.safetensors)")
     if (path / "params.json").exists():
-        args, sd = _read_meta(path)
+        args, weights = _read_meta(path)
     elif (path / "config.json").exists():
-        args, sd = _read_hf(path)
+        args, weights = _read_hf(path)
     else:
         raise FileNotFoundError(f"no checkpoint in {path}: expected params.json + consolidated.NN.pth (Meta) or config.json + *.safetensors (Hugging Face)")
     with torch.device("meta"):
-        m = Transformer(args)
-    expected = {k: v.shape for k, v in m.state_dict().items()}
-    problems = [f"missing {k}" for k in sorted(expected.keys() - sd.keys())]
-    problems += [f"unexpected {k}" for k in sorted(sd.keys() - expected.keys())]
-    problems += [f"{k} is {tuple(sd[k].shape)}, the config says {tuple(s)}" for k, s in expected.items() if k in sd and sd[k].shape != s]
+        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    got = weights.shapes
+    problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())]
+    problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())]
+    problems += [f"{k} is {tuple(got[k])}, the config says {tuple(s)}" for k, s in expected.items() if k in got and got[k] != s]
     if problems:
         more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
         raise ValueError(f"the weights in {path} do not match its config:\n  " + "\n  ".join(problems[:8]) + more + f"\n{args}\nCheck that the config file belongs to these weights.")
-    dtype = dtype or sd["tok_embeddings.weight"].dtype
-    for k in sd:  # one tensor at a time, so a conversion never holds two copies of the checkpoint
-        sd[k] = sd[k].to(device=device, dtype=dtype)
-    m.load_state_dict(sd, strict=True, assign=True)
+    return args, weights
+
+
+def load(path, dtype=None, device="cpu"):
+    """A Transformer from a checkpoint folder (see read_checkpoint). The weights keep their stored dtype
+    unless `dtype` is given. The model is built on the meta device and filled one tensor at a time, so a
+    checkpoint is never held twice in memory."""
+    args, weights = read_checkpoint(path)
+    return _build(args, weights, dtype, device)
+
+
+def _build(args, weights, dtype=None, device="cpu"):
+    with torch.device("meta"):
+        m = Transformer(args)
+    m.load_state_dict({k: weights[k].to(device=device, dtype=dtype or weights.dtype) for k in weights}, strict=True, assign=True)
     return m
 
 
@@ -328,28 +370,36 @@ def _read_meta(path):
             if k not in shard or k not in shards[0] or shard[k].shape != shards[0][k].shape:
                 got = lambda s: tuple(s[k].shape) if k in s else "absent"  # noqa: E731
                 raise ValueError(f"shards of different sizes: {k} is {got(shards[0])} in {files[0].name} but {got(shard)} in {f.name}; the folder mixes checkpoints")
-    sd = {}
+    split = {}  # name -> the dim its shards are concatenated on (None: replicated, or a single shard)
     for k, t in shards[0].items():
         if k == "rope.freqs":  # Llama 2 files carry the RoPE table; it is recomputed
             continue
         name = k.split(".")[-2]
         if len(shards) == 1 or name.endswith("norm"):  # norms are replicated
-            sd[k] = t
-            continue
-        if name == "tok_embeddings":  # Llama 2 splits the embedding on dim 1, Llama 3 on the vocabulary
-            dim = 0 if t.shape[1] == params["dim"] else 1
+            split[k] = None
+        elif name == "tok_embeddings":  # Llama 2 splits the embedding on dim 1, Llama 3 on the vocabulary
+            split[k] = 0 if t.shape[1] == params["dim"] else 1
+        elif name in _META_SPLIT:
+            split[k] = _META_SPLIT[name]
         else:
-            dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}.get(name)
-            if dim is None:
-                raise ValueError(f"{k} in {path}: unknown parameter, cannot merge shards")
-        sd[k] = torch.cat([s[k] for s in shards], dim=dim)
-    if "output.weight" not in sd and "tok_embeddings.weight" in sd:  # no head: it shares the embedding
+            raise ValueError(f"{k} in {path}: unknown parameter, cannot merge shards")
+    shapes = {}
+    for k, d in split.items():
+        shape = list(shards[0][k].shape)
+        if d is not None:
+            shape[d] *= len(shards)
+        shapes[k] = torch.Size(shape)
+    sd = Weights(shapes, lambda k: shards[0][k] if split[k] is None else torch.cat([s[k] for s in shards], dim=split[k]), shards[0]["tok_embeddings.weight"].dtype)
+    if "output.weight" not in shapes and "tok_embeddings.weight" in shapes:  # no head: it shares the embedding
         params["tie_embeddings"] = True
     if params.get("vocab_size", -1) <= 0:
-        params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]
+        params["vocab_size"] = shapes["tok_embeddings.weight"][0]
     if "max_seq_len" not in params and params.get("rope_theta") == 500000.0:  # Meta's files omit it
         params["max_seq_len"] = 131072 if params.get("use_scaled_rope") else 8192  # Llama 3.1 / 3
     return ModelArgs(**_args_from(params, path / "params.json")), sd
+
+
+_META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}  # model-parallel split dims
 
 
 def _torch_load(f):
@@ -419,20 +469,31 @@ def _read_hf(path):
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has config.json but no *.safetensors weights (.bin checkpoints are not read; re-save them with safetensors)")
-    sd = {}
+    where, shapes, dtypes = {}, {}, {}  # Meta name -> (file, HF name), shape, stored dtype
     for name in files:
         with safe_open(path / name, framework="pt") as f:
             for k in f.keys():
                 if "rotary_emb.inv_freq" not in k:  # a buffer some old checkpoints saved
-                    sd[_rename(k, to_hf=False)] = f.get_tensor(k)
-    for i in range(args.n_layers):
-        for w, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
-            k = f"layers.{i}.attention.{w}.weight"
-            if k in sd:
-                sd[k] = _hf_permute(sd[k], heads, inverse=True)
-    if args.tie_embeddings:
-        sd.pop("output.weight", None)  # some tied checkpoints store the head too
-    return args, sd
+                    where[_rename(k, to_hf=False)] = (path / name, k)
+                    t = f.get_slice(k)
+                    shapes[_rename(k, to_hf=False)], dtypes[_rename(k, to_hf=False)] = torch.Size(t.get_shape()), t.get_dtype()
+    if args.tie_embeddings:  # some tied checkpoints store the head too
+        where.pop("output.weight", None)
+        shapes.pop("output.weight", None)
+    heads = {"wq": args.n_heads, "wk": args.n_kv_heads}
+
+    def read(k):
+        file, hf_name = where[k]
+        with safe_open(file, framework="pt") as f:
+            t = f.get_tensor(hf_name)
+        w = k.split(".")[-2]
+        return _hf_permute(t, heads[w], inverse=True) if w in heads and k.startswith("layers.") else t
+
+    dtype = _SAFETENSORS_DTYPES.get(dtypes.get("tok_embeddings.weight"), torch.float32)
+    return args, Weights(shapes, read, dtype)
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- saving

@@ -86,6 +86,9 @@ def parse_args(argv=None):
     a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (default bfloat16); trainable weights stay float32")
     a.add_argument("--loss-chunk", type=int, default=2048, help="tokens per chunk of the output-head loss (default 2048)")
     a.add_argument("--no-activation-checkpointing", action="store_true", help="keep every block's activations (faster, much more memory)")
+    a.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="cuda: process LOCAL_RANK drives GPU LOCAL_RANK (one process per GPU); cpu: gloo on CPU cores; "
+                   "auto (default): cuda when a GPU is visible")  # fmt: skip
     a.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s in --dtype, for the MFU in the log "
                    "(default: known bf16 peaks of A100/H100/H200; none on CPU)")  # fmt: skip
     a.add_argument("--seed", type=int, default=42, help="seed of the adapters' init and of the data order (default 42)")
@@ -112,30 +115,82 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- setup
 
 
-def setup_distributed():
-    """Join torchrun's process group, or make a one-process group: one code path at every scale."""
+def setup_distributed(choice="auto"):
+    """Join torchrun's process group, or make a one-process group: one code path at every scale. On CUDA,
+    process LOCAL_RANK drives GPU LOCAL_RANK and the group carries both CUDA collectives (nccl) and CPU
+    ones (gloo: object broadcasts, checkpoint metadata); on CPU it is gloo alone."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Ranks wait at a barrier while rank 0 alone writes the merged model: minutes for a 70B, past the
     # default 10-minute collective timeout.
     timeout = datetime.timedelta(hours=2)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        gpus, local = torch.cuda.device_count(), int(os.environ["LOCAL_RANK"])
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        if gpus == 0:
+            raise ValueError("--device cuda, but this process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver); use --device cpu")
+        if max(per_node, local + 1) > gpus:
+            raise ValueError(f"{per_node} processes on this node but {gpus} GPU(s) visible: run one process per GPU "
+                             f"(torchrun --nproc-per-node {gpus}), or --device cpu")  # fmt: skip
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def build_model(args):
-    """The base model with LongLoRA applied: RoPE interpolation, adapters, what trains, attention."""
-    m = llama.init(args.model, seed=args.seed) if args.init else llama.load(args.model)  # load: memory-mapped, stored dtype
-    return apply_longlora(m, args)
+def decide(value):
+    """Rank 0's `value`, on every rank: what the ranks must agree on (which checkpoint to resume, whether to
+    export) is decided once, so ranks that see the disk differently cannot take different paths and hang."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_all(ok, message):
+    """Raise ValueError(message) on every rank if `ok` is False on any: an error that only some ranks
+    raised would leave the others waiting in the next collective."""
+    oks = [None] * dist.get_world_size()
+    dist.all_gather_object(oks, bool(ok))
+    if not all(oks):
+        raise ValueError(f"{message} (processes {', '.join(str(r) for r, o in enumerate(oks) if not o)})")
+
+
+def build_model(args, rank, world, device):
+    """The base model with LongLoRA applied and sharded over the `world` processes, each process holding
+    only its rows of every tensor: the model is built on the meta device (no memory), LongLoRA is applied
+    and FSDP2 shards it there, then each process allocates its shards on `device` and fills them from the
+    checkpoint read one tensor at a time. Host memory per process: its share, plus one tensor."""
+    margs, weights = llama.random_weights(args.model, args.seed) if args.init else llama.read_checkpoint(args.model)
+    with torch.device("meta"):
+        m = llama.Transformer(margs)
+    parallelize(apply_longlora(m, args), args, device, world)
+    m.to_empty(device=device)
+    torch.manual_seed(args.seed)  # the adapters add_lora makes in one process, in its order: alike for any world size
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, lora.LoRALinear):
+                a, b = (torch.empty(p.shape, dtype=weights.dtype) for p in (mod.lora_a, mod.lora_b))
+                lora.init_adapter(a, b)
+                keep_rows(mod.lora_a, a, rank, world)
+                keep_rows(mod.lora_b, b, rank, world)
+        for name, p in m.named_parameters():
+            if "lora_" not in name:
+                keep_rows(p, weights[name], rank, world)
+    return m
+
+
+def keep_rows(p, full, rank, world):
+    """Copy this rank's rows of `full` into p, a parameter FSDP2 sharded on dim 0 the way torch.chunk
+    splits: rank r holds rows [r * c, (r + 1) * c), c = ceil(rows / world) (fewer, or none, at the end)."""
+    local = p.to_local()
+    start = min(rank * -(-full.shape[0] // world), full.shape[0])
+    local.copy_(full.narrow(0, start, local.shape[0]))
 
 
 def apply_longlora(m, args):
@@ -209,7 +264,7 @@ def checkpoints(out):
     return sorted((out / "checkpoints").glob("step-*"))
 
 
-def save_checkpoint(out, step, m, optim, args, rank, world):
+def save_checkpoint(out, step, m, optim, args, rank, world, device):
     """Write checkpoints/step-N via a temporary folder renamed when complete: a kill at any moment leaves
     the previous checkpoint intact, and a half-written one is never mistaken for a checkpoint."""
     final, tmp = out / "checkpoints" / f"step-{step:07d}", out / "checkpoints" / f".partial-step-{step:07d}"
@@ -219,7 +274,8 @@ def save_checkpoint(out, step, m, optim, args, rank, world):
     dist.barrier()
     model_sd, optim_sd = get_state_dict(m, optim, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / f"rng-{rank}.pt")
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # this rank's GPU's: one per rank
+    torch.save({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, tmp / f"rng-{rank}.pt")
     dist.barrier()
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, "args": vars(args)}, indent=2))
@@ -229,7 +285,7 @@ def save_checkpoint(out, step, m, optim, args, rank, world):
     dist.barrier()
 
 
-def load_checkpoint(ckpt, m, optim, args, rank, world):
+def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     """Restore trainable weights, optimizer and RNG from `ckpt`; returns its step."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
@@ -243,15 +299,16 @@ def load_checkpoint(ckpt, m, optim, args, rank, world):
         sd = {"model": model_sd, "optim": optim_sd}
         dcp.load(sd, checkpoint_id=str(ckpt))
         set_state_dict(m, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
-        rng = torch.load(ckpt / f"rng-{rank}.pt", weights_only=True)
+        rng_file = ckpt / f"rng-{rank}.pt"  # a run resumed on more processes: the new ranks take rank 0's
+        rng = torch.load(rng_file if rng_file.exists() else ckpt / "rng-0.pt", weights_only=True)
     except ValueError:
         raise
     except (Exception, dcp.api.CheckpointException) as e:  # a damaged checkpoint (the latter is a BaseException)
         cause = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]  # DCP's text holds tracebacks
         raise ValueError(f"checkpoint {ckpt} cannot be read ({cause}); delete that folder to resume from the one before it") from e
     torch.set_rng_state(rng["cpu"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if device.type == "cuda" and isinstance(rng["cuda"], torch.Tensor):  # none when the run was on CPU
+        torch.cuda.set_rng_state(rng["cuda"], device)
     return state["step"]
 
 
@@ -275,14 +332,24 @@ def export(out, m, args, rank):
 # ----------------------------------------------------------------------------- training
 
 
-# Dense bf16 peaks (TFLOP/s) by device name; the first match wins, so the PCIe H100 comes before the SXM one.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+# Dense bf16 peaks (TFLOP/s): NVIDIA's datasheet figures "with sparsity", halved. Matched against
+# torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", ...): the first key it contains
+# wins, so every variant comes before its family's SXM entry (and GB200 before B200).
+PEAK_BF16_TFLOPS = (
+    ("H100 NVL", 835.5), ("H100 PCIe", 756.0), ("H800 PCIe", 756.0), ("H200 NVL", 835.5),
+    ("H100", 989.4), ("H800", 989.4), ("H200", 989.4),  # SXM, and GH200 (the same chip)
+    ("GB200", 2500.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
+)  # fmt: skip
 
 
 def peak_tflops(args, device):
     if args.peak_tflops or device.type != "cuda" or args.dtype != "bfloat16":
         return args.peak_tflops
-    name = torch.cuda.get_device_name(device)
+    return known_peak(torch.cuda.get_device_name(device))
+
+
+def known_peak(name):
+    """The dense bf16 TFLOP/s of the GPU called `name`, or None if it is not in PEAK_BF16_TFLOPS."""
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
@@ -296,9 +363,10 @@ def train_flops(margs, seq_len, args):
 
 
 def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB, the whole process
+    """(device, host) peak memory of this process so far in GiB: the GPU's allocations on CUDA, the
+    process's resident memory on CPU; and the process's resident memory (ru_maxrss: KiB on Linux)."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else host), host
 
 
 def learning_rate(step, args):
@@ -311,25 +379,24 @@ def learning_rate(step, args):
 
 def train(args, rank, world, device):
     out = Path(args.out)
-    taken = [(out / "log.jsonl").exists() or bool(checkpoints(out))]
-    dist.broadcast_object_list(taken, src=0)  # every rank decides alike, so none is left waiting
-    if taken[0] and not args.resume:
+    if decide((out / "log.jsonl").exists() or bool(checkpoints(out))) and not args.resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    m = build_model(args)
+    ckpt = decide(str(checkpoints(out)[-1]) if args.resume and checkpoints(out) else None)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    check_all(out.is_dir() and (ckpt is None or Path(ckpt).is_dir()),
+              f"these processes do not see {ckpt or out}: --out must be a folder that every node shares, since every process writes and reads its checkpoints")  # fmt: skip
+    m = build_model(args, rank, world, device)
     dataset, pad_id = load_data(args, m.args.vocab_size)
-    trainable = [p for p in m.parameters() if p.requires_grad]
+    trainable = [p for p in m.parameters() if p.requires_grad]  # FSDP2's shards: the only copies there are
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
-    parallelize(m, args, device, world)
-    trainable = [p for p in m.parameters() if p.requires_grad]  # the sharded parameters
     if args.optim == "adamw":
         optim = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     else:
         optim = torch.optim.SGD(trainable, lr=args.lr)
-    start = 0
-    if args.resume and checkpoints(out):
-        start = load_checkpoint(checkpoints(out)[-1], m, optim, args, rank, world)
+    start = load_checkpoint(Path(ckpt), m, optim, args, rank, world, device) if ckpt else 0
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%); {world} process(es) on {device.type}; "
               f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens; attention {args.attn}"
               + (f" (G={args.group_size})" if args.attn != "full" else "") + f", {args.backend}; RoPE positions / {m.args.rope_interpolation:g}"
@@ -341,7 +408,7 @@ def train(args, rank, world, device):
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     peak = peak_tflops(args, device)
     bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
-    per_micro = args.batch_size * world
+    per_micro, saved = args.batch_size * world, start if ckpt else None
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
         lr = learning_rate(step, args)
@@ -350,37 +417,49 @@ def train(args, rank, world, device):
         # global sample index: (step, micro-step, rank, row); the same samples for any number of processes
         micro = [data.collate([dataset[((step - 1) * args.grad_accum + i) * per_micro + rank * args.batch_size + b] for b in range(args.batch_size)], pad_id)
                  for i in range(args.grad_accum)]  # fmt: skip
-        n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)))
         flops = sum(x.shape[0] * train_flops(m.args, x.shape[1], args) for x, _ in micro)  # this rank's
+        # Everything below stays on the device until the one read of the loss and gradient norm: no host
+        # sync inside the step, and no CPU tensor in a collective.
+        n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)), device=device)
         dist.all_reduce(n_targets)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         for x, t in micro:
             loss = m(x.to(device), head=loss_head(t.to(device), args.loss_chunk))
             # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens
-            (loss * world / n_targets.clamp(min=1).item()).backward()
-            loss_sum += loss.detach().float().cpu()
+            (loss * world / n_targets.clamp(min=1)).backward()
+            loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: on every rank
+        dist.all_reduce(loss_sum)
+        mean_loss, norm = torch.stack([loss_sum / n_targets.clamp(min=1), grad_norm.float()]).tolist()  # the step's one sync
+        if not (math.isfinite(mean_loss) and math.isfinite(norm)):  # alike on every rank: both are reduced
+            raise ValueError(f"step {step}: the loss is {mean_loss} and the gradient norm {norm}; stopped before the update, and nothing "
+                             "was saved after it. " + (f"--resume restarts from the checkpoint of step {saved}" if saved else "No checkpoint was written yet")
+                             + "; lower --lr, check the data, or train in --dtype float32")  # fmt: skip
         optim.step()
         optim.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum)
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
-            save_checkpoint(out, step, m, optim, args, rank, world)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels are done: the timer measures them, not their launch
         dt = time.perf_counter() - t0
+        mem = torch.tensor(peak_memory_gb(device), device=device)
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)  # the fullest process's
         if rank == 0:
-            rec = {"step": step, "loss": (loss_sum / n_targets.clamp(min=1)).item(), "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": args.grad_accum * per_micro * args.seq_len, "tokens_per_s": args.grad_accum * per_micro * args.seq_len / dt,
-                   "step_s": dt, "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak if peak else None,
-                   "peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
+            tokens = args.grad_accum * per_micro * args.seq_len
+            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
+                   "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak if peak else None,
+                   "peak_mem_gb": mem[0].item(), "host_mem_gb": mem[1].item()}  # fmt: skip
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['peak_mem_gb']:.1f}G",
                             **({"mfu": f"{rec['mfu']:.0%}"} if peak else {}))  # fmt: skip
             bar.update()
+        if args.save_every and step % args.save_every == 0 and step < args.steps:  # outside the timed step
+            save_checkpoint(out, step, m, optim, args, rank, world, device)
+            saved = step
     bar.close()
-    if start < args.steps or not (out / "merged").exists():
+    if decide(start < args.steps or not (out / "merged").exists()):
         if args.save_every:
-            save_checkpoint(out, args.steps, m, optim, args, rank, world)
+            save_checkpoint(out, args.steps, m, optim, args, rank, world, device)
         export(out, m, args, rank)
     if rank == 0:
         log.close()
@@ -475,8 +554,8 @@ def demo_report(r, old, new, n_tokens, group_size):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv) if argv else None
-    rank, world, device = setup_distributed()
     try:
+        rank, world, device = setup_distributed(args.device if args else "auto")
         demo(rank, world, device) if args is None else train(args, rank, world, device)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -484,7 +563,8 @@ def main(argv=None):
     else:
         code = 0
     sys.stdout.flush()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     sys.exit(code)
 
 
