@@ -88,8 +88,7 @@ def cached_attention(q, k, v):
     through SDPA: decoding steps are small."""
     Nq, Nk = q.shape[1], k.shape[1]
     mask = None if Nq == 1 else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)  # key j <= Nk - Nq + i
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=k.shape[2] != q.shape[2])
-    return out.transpose(1, 2)  # (B, Nq, H, D)
+    return _sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)  # (B, Nq, H, D)
 
 
 def causal_mask(N, H, group_size, device=None, shift=True):
@@ -146,10 +145,20 @@ def _sdpa(q, k, v, G, lead):
             x = torch.cat([x[:, :lead], x.new_zeros(B, front, *x.shape[2:]), x[:, lead:], x.new_zeros(B, tail, *x.shape[2:])], 1)
         return x.view(B * n, G, *x.shape[2:]).transpose(1, 2)
 
-    gq, gk, gv = grouped(q), grouped(k), grouped(v)
-    out = F.scaled_dot_product_attention(gq, gk, gv, is_causal=True, enable_gqa=gk.shape[1] != h)
+    out = _sdpa_call(grouped(q), grouped(k), grouped(v), is_causal=True)
     out = out.transpose(1, 2).reshape(B, n * G, h, D)  # (B, N + front + tail, h, D)
     return torch.cat([out[:, :lead], out[:, lead + front : N + front]], dim=1)  # (B, N, h, D)
+
+
+def _sdpa_call(q, k, v, **kw):
+    """scaled_dot_product_attention on (B, heads, N, D) tensors, k and v with fewer heads under GQA. On
+    CUDA only the flash kernel (float16/bfloat16) takes GQA natively; in float32 the one fused kernel,
+    memory-efficient attention, has no GQA, and SDPA would fall back to the math kernel's (B, H, N, N)
+    float32 scores. There the kv heads are repeated instead, which costs only k and v's size."""
+    r = q.shape[1] // k.shape[1]
+    if r > 1 and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        k, v, r = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1), 1
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=r > 1, **kw)
 
 
 def _flash(q, k, v, G, lead):
@@ -157,8 +166,11 @@ def _flash(q, k, v, G, lead):
     variable-length sequences of one packed batch: no padding, no wasted work."""
     B, N, h, D = q.shape
     bounds = sorted({0, N, *range(lead or G, N, G)})  # segment borders within one sequence
-    cu = torch.tensor([b * N + x for b in range(B) for x in bounds[:-1]] + [B * N], dtype=torch.int32, device=q.device)
     max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
+    # cu_seqlens made on the device (a host list copied there would be a blocking copy on every call)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int32, device=q.device), torch.arange(min(lead or G, N), N, G, dtype=torch.int32, device=q.device)])
+    per_seq = torch.arange(B, dtype=torch.int32, device=q.device)[:, None] * N  # (B, 1)
+    cu = torch.cat([(per_seq + starts).flatten(), starts.new_full((1,), B * N)])
     q, k, v = (x.reshape(B * N, x.shape[2], D) for x in (q, k, v))  # (B*N, heads, D)
     if flash_attn_varlen_func is not None:
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)

@@ -225,6 +225,34 @@ def test_flash_path_with_stand_in_kernels(monkeypatch, kernel, N, G, H, Hkv):
     torch.testing.assert_close(attend(q, k, v, G, "flash").double(), reference(q, k, v, G), rtol=1e-4, atol=1e-5)
 
 
+def test_flash_path_copies_nothing_from_the_host(monkeypatch):
+    """cu_seqlens is made on the tensors' device: a Python list turned into a CUDA tensor would be a
+    blocking host-to-device copy in every attention call (Llama 2 7B: 128 per micro-step)."""
+    monkeypatch.setattr(s2attn, "flash_attn_varlen_func", fake_flash_attn)
+    check = s2attn._check
+    monkeypatch.setattr(s2attn, "_check", lambda q, k, v, backend: check(q, k, v, "sdpa"))
+    q, k, v = qkv(2, 20, 4, 2)
+    expected = attend(q, k, v, 8, "flash")
+
+    def no_host_data(*a, **kw):
+        raise AssertionError("torch.tensor(host data) in the flash path")
+
+    monkeypatch.setattr(torch, "tensor", no_host_data)
+    torch.testing.assert_close(attend(q, k, v, 8, "flash"), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float32_gqa_runs_in_a_fused_kernel_cuda():
+    """float32 with GQA on CUDA: the memory-efficient kernel (no math-kernel fallback with its (H, N, N)
+    float32 scores) gives the reference's result."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = qkv(2, 64, 8, 2, D=64, device="cuda")
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        out = attend(q, k, v, 16, "sdpa")
+    torch.testing.assert_close(out.double().cpu(), reference(q.cpu(), k.cpu(), v.cpu(), 16), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])
 @pytest.mark.parametrize("N,G,H,Hkv", [(16, 4, 4, 2), (19, 8, 3, 3), (20, 6, 9, 3)])
 def test_short_attention_without_shift(backend, N, G, H, Hkv):
