@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -47,6 +48,14 @@ def load_model(path, trainable=None, dtype=None, device=None):
 
 
 # ----------------------------------------------------------------------------- perplexity
+
+
+def check_vocab(m, n, source):
+    """A clear error when `source` (the token file, the tokenizer) uses ids 0..n-1 past the model's
+    vocabulary, instead of a device-side assert on CUDA or an IndexError deep in the embedding on CPU."""
+    if n > m.args.vocab_size:
+        raise ValueError(f"{source} uses token ids up to {n - 1}, but the model's vocabulary has {m.args.vocab_size} tokens: "
+                         "the text was tokenized for another model; tokenize it with this model's tokenizer (python data.py tokenize --tokenizer MODEL ...)")  # fmt: skip
 
 
 def token_nll(m, x):
@@ -76,6 +85,7 @@ def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=N
         raise ValueError(f"convention must be 'paper' or 'strided', got {convention!r}")
     if convention == "strided" and stride > seq_len:
         raise ValueError(f"--stride {stride} is longer than --seq-len {seq_len}: the strided convention would skip tokens")
+    check_vocab(m, int(tokens.max()) + 1 if len(tokens) else 0, "the token file")
     window_means, total, count = [], 0.0, 0
     by_pos = torch.zeros(seq_len - 1, dtype=torch.float64)  # summed over windows: loss of the prediction made with j + 1 tokens
     for s, row in window_nll(m, tokens, seq_len, stride, max_windows, batch_size, progress):
@@ -136,9 +146,10 @@ def generate(m, ids, max_new_tokens, eos_id=None):
     x = torch.tensor([ids], device=device)
     use_cache = all(layer.attention.group_size is None for layer in m.layers)
     cache = llama.KVCache(len(m.layers)) if use_cache else None
+    last = lambda h, w: F.linear(h[:, -1:], w)  # noqa: E731  only the next token's logits: (1, 1, vocab), not (1, N, vocab)
     out = []
     with torch.no_grad():
-        logits = m(x, cache=cache)
+        logits = m(x, cache=cache, head=last)
         for _ in range(max_new_tokens):
             nxt = int(logits[0, -1].argmax())
             if nxt == eos_id:
@@ -147,7 +158,7 @@ def generate(m, ids, max_new_tokens, eos_id=None):
             if len(out) == max_new_tokens:
                 break
             x = torch.tensor([[nxt]], device=device) if use_cache else torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
-            logits = m(x, cache=cache)
+            logits = m(x, cache=cache, head=last)
     return out
 
 
@@ -251,6 +262,7 @@ def main(argv=None):
             tokens, _ = data.read_tokens(args.data)
         else:
             tok = data.load_tokenizer(args.tokenizer or args.model)
+            check_vocab(m, tok.vocab_size, "the tokenizer")
             depths = [float(d) for d in args.depths.split(",")]
         results = {}
         for L in lengths:

@@ -73,6 +73,10 @@ def test_perplexity_options_and_errors():
         ev.perplexity(m, tokens, 100, progress=False)
     with pytest.raises(ValueError, match="would skip tokens"):
         ev.perplexity(m, tokens, 16, 32, "strided", progress=False)
+    too_big = tokens.copy()
+    too_big[7] = m.args.vocab_size + 3
+    with pytest.raises(ValueError, match=f"the token file uses token ids up to {m.args.vocab_size + 3}, but the model's vocabulary has {m.args.vocab_size} tokens"):
+        ev.perplexity(m, too_big, 16, 4, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,11 @@ def test_parse_answer():
 def test_generation_with_kv_cache_equals_recomputation():
     m = tiny_model()
     prompt = list(range(5, 25))
+    shapes = []
+    hook = m.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.shape)))
     with_cache = ev.generate(m, prompt, max_new_tokens=12)
+    hook.remove()
+    assert shapes == [(1, 1, m.args.vocab_size)] * 12  # the next token's logits only, from the prompt's pass too
     x, without = torch.tensor([prompt]), []
     with torch.no_grad():
         for _ in range(12):
@@ -144,6 +152,10 @@ def test_cli_ppl_json_and_passkey(tmp_path, tok):
     assert json.loads((tmp_path / "k.json").read_text()).keys() == {"200"}
     r = run_eval("ppl", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32")
     assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    model.save(tiny_model(vocab_size=200), tmp_path / "small")
+    for cmd in (["ppl", "--data", str(tmp_path / "t.bin"), "--seq-len", "32"], ["passkey", "--tokenizer", tok.name, "--lengths", "200", "--trials", "1"]):
+        r = run_eval(cmd[0], "--model", str(tmp_path / "small"), *cmd[1:])
+        assert r.returncode != 0 and "but the model's vocabulary has 200 tokens" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_plot_or_a_clear_message(tmp_path):
