@@ -46,8 +46,8 @@ SHAPES = {
 }
 
 
-def machine():
-    if torch.cuda.is_available():
+def machine(device):
+    if device.type == "cuda":
         name = torch.cuda.get_device_name()
     else:
         name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
@@ -82,13 +82,13 @@ def time_fwd_bwd(fn, q, k, v, reps):
 
 
 def bench_attention(args):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     dtype = getattr(torch, args.dtype)
     H, Hkv, D = args.heads, args.kv_heads or args.heads, args.head_dim
-    print(f"\n### Attention kernels, forward + backward\n\n{machine()}; H={H}, Hkv={Hkv}, D={D}, {args.dtype}, B=1, "
+    print(f"\n### Attention kernels, forward + backward\n\n{machine(device)}; H={H}, Hkv={Hkv}, D={D}, {args.dtype}, B=1, "
           f"median of {args.reps}\n")  # fmt: skip
     print("| backend | N | G | full ms | S2 ms | S2 speed-up | full TFLOP/s | S2 TFLOP/s |\n|---|---|---|---|---|---|---|---|")
-    for backend in [b for b in s2attn.BACKENDS if b != "naive"]:
+    for backend in [b for b in s2attn.BACKENDS if b != "naive" and (b != "flash" or device.type == "cuda")]:
         for N in args.lengths:
             G = args.group_size or N // 4
             q = torch.randn(1, N, H, D, device=device, dtype=dtype, requires_grad=True)
@@ -109,12 +109,11 @@ def step_args(N, attn, dtype):
 
 
 def ours(margs, targs, device):
-    """Our LoRA+ model and its loss, built the way train.py builds them."""
-    train.setup_distributed()
-    with torch.device(device):
-        m = llama.init(margs)  # random weights; no interpolation
-    train.apply_longlora(m, targs)
-    train.parallelize(m, targs, device, world=1)
+    """Our LoRA+ model and its loss, built by train.py's build_model: sharded (one process), random weights
+    of the shape made on the device instead of a checkpoint read from disk."""
+    train.setup_distributed(device.type)
+    targs.model, targs.init = margs, True
+    m = train.build_model(targs, 0, 1, device)
     loss = lambda x: m(x[:, :-1], head=train.loss_head(x[:, 1:], targs.loss_chunk)) / targs.seq_len  # noqa: E731
     return m, loss
 
@@ -154,7 +153,7 @@ def theirs(a, dtype, device):
 
 def step_worker(cfg):
     """One configuration, in this process; prints one JSON line."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg["device"])
     torch.manual_seed(0)
     shape, N, attn, impl, dtype = cfg["shape"], cfg["N"], cfg["attn"], cfg["impl"], cfg["dtype"]
     margs, targs = llama.ModelArgs(**SHAPES[shape], max_seq_len=N), step_args(N, attn, dtype)  # the baseline runs attn="full"
@@ -183,7 +182,7 @@ def step_worker(cfg):
             times.append(time.perf_counter() - t)
         t = statistics.median(times[1:])
         cfg.update(ms=t * 1e3, tokens_per_s=N / t, tflops=flops / t / 1e12, mfu=flops / t / 1e12 / peak if peak else None,
-                   peak_gb=train.peak_memory_gb(device))  # fmt: skip
+                   peak_gb=train.peak_memory_gb(device)[0])  # fmt: skip
     except torch.OutOfMemoryError:
         cfg.update(oom=True)
     print("RESULT " + json.dumps(cfg), flush=True)
@@ -206,13 +205,14 @@ def run_one(cfg, timeout=1800):
 
 def bench_steps(args):
     have_peft = all(_installed(p) for p in ("transformers", "peft"))
-    print(f"\n### One LoRA+ training step, shape `{args.shape}`\n\n{machine()}; {args.dtype}; batch 1; median of {args.reps} steps after one "
+    print(f"\n### One LoRA+ training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}; batch 1; median of {args.reps} steps after one "
           f"warm-up; S2 groups of N/4" + ("" if have_peft else "; transformers + peft not installed, so that row is missing") + "\n")  # fmt: skip
     print("| N | implementation | attention | ms / step | tokens/s | model TFLOP/s | MFU | peak GB | S2 speed-up |\n|---|---|---|---|---|---|---|---|---|")
     for N in args.lengths:
-        rows = [run_one(dict(shape=args.shape, N=N, attn=attn, impl="ours", dtype=args.dtype, reps=args.reps)) for attn in ("full", "s2")]
+        cfg = dict(shape=args.shape, N=N, dtype=args.dtype, reps=args.reps, device=args.device.type)
+        rows = [run_one(dict(cfg, attn=attn, impl="ours")) for attn in ("full", "s2")]
         if have_peft:
-            rows.append(run_one(dict(shape=args.shape, N=N, attn="full", impl="hf", dtype=args.dtype, reps=args.reps)))
+            rows.append(run_one(dict(cfg, attn="full", impl="hf")))
         full_ms = rows[0].get("ms")
         for r in rows:
             if "ms" not in r:
@@ -225,22 +225,27 @@ def bench_steps(args):
 
 
 def bench_fit(args):
-    """The longest sequence (a multiple of --step-tokens) a LoRA+ S2 step fits in: doubling, then bisection."""
-    if not torch.cuda.is_available():
+    """The longest sequence (a multiple of --step-tokens) a LoRA+ S2 step fits in: doubling, then bisection,
+    for at most --fit-minutes (each try is a fresh process running two steps; at 7B and 100k+ tokens a
+    try takes minutes)."""
+    if args.device.type != "cuda":
         print("\n`fit` needs a CUDA GPU: on a CPU the limit is the machine's RAM and the time you are willing to wait.")
         return
-    ok = lambda N: "ms" in run_one(dict(shape=args.shape, N=N, attn="s2", impl="ours", dtype=args.dtype, reps=1))  # noqa: E731
+    deadline = time.time() + 60 * args.fit_minutes
+    cfg = dict(shape=args.shape, attn="s2", impl="ours", dtype=args.dtype, reps=1, device="cuda")
+    ok = lambda N: "ms" in run_one(dict(cfg, N=N), timeout=max(60, deadline - time.time()))  # noqa: E731
     lo, hi, N = 0, None, args.start
-    while hi is None:
+    while hi is None and time.time() < deadline:
         if ok(N):
             lo, N = N, 2 * N
         else:
             hi = N
-    while hi - lo > args.step_tokens:
+    while hi is not None and hi - lo > args.step_tokens and time.time() < deadline:
         mid = (lo + hi) // 2 // args.step_tokens * args.step_tokens
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    print(f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`\n\n{machine()}; {args.dtype}: {lo:,} tokens fit, "
-          f"{hi:,} do not (searched in steps of {args.step_tokens})")  # fmt: skip
+    found = f"{lo:,} tokens fit, {hi:,} do not (searched in steps of {args.step_tokens})" if hi is not None else f"{lo:,} tokens fit; longer ones were not tried"
+    stopped = f"; stopped at the {args.fit_minutes:g}-minute limit" if time.time() >= deadline else ""
+    print(f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}: {found}{stopped}")
 
 
 def _installed(name):
@@ -253,7 +258,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
         return step_worker(json.loads(argv[1]))
-    gpu = torch.cuda.is_available()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    choice = pre.parse_known_args(argv)[0].device
+    gpu = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())  # the defaults below depend on it
     ints = lambda s: [int(n) for n in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -273,10 +281,14 @@ def main(argv=None):
     for c in ("all", "fit"):
         parsers[c].add_argument("--start", type=int, default=32768, help="first length tried (default 32768)")
         parsers[c].add_argument("--step-tokens", type=int, default=4096, help="search resolution (default 4096)")
+    for c in ("all", "fit"):
+        parsers[c].add_argument("--fit-minutes", type=float, default=20, help="time limit of the search (default 20)")
     for a in parsers.values():
+        a.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto (default): cuda when a GPU is visible")
         a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16" if gpu else "float32")
         a.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median kept)")
     args = p.parse_args(argv)
+    args.device = torch.device("cuda" if gpu else "cpu")
     print(f"python bench.py {' '.join(argv)}")
     if args.cmd in ("all", "attn"):
         bench_attention(argparse.Namespace(**vars(args), lengths=args.attn_lengths))

@@ -252,10 +252,11 @@ def init(params, seed=0):
     return _build(*random_weights(params, seed))
 
 
-def random_weights(params, seed=0):
+def random_weights(params, seed=0, device="cpu"):
     """(ModelArgs, Weights) of a fresh model, like read_checkpoint's: every matrix N(0, 0.02), the ones
     that write into the residual stream (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2), norms 1. Each
-    tensor has its own seed (from `seed` and its name), so a process can make any one of them alone."""
+    tensor has its own seed (from `seed` and its name), so a process can make any one of them alone;
+    made on `device` (the values depend on the device's random generator)."""
     args = params
     if not isinstance(params, ModelArgs):
         f = Path(params) / "params.json" if Path(params).is_dir() else Path(params)
@@ -267,10 +268,10 @@ def random_weights(params, seed=0):
 
     def make(name):
         if name.endswith("norm.weight"):
-            return torch.ones(shapes[name])
+            return torch.ones(shapes[name], device=device)
         std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-        g = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
-        return torch.randn(shapes[name], generator=g) * std
+        g = torch.Generator(device).manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+        return torch.randn(shapes[name], generator=g, device=device) * std
 
     return args, Weights(shapes, make, torch.float32)
 

@@ -166,7 +166,7 @@ def build_model(args, rank, world, device):
     only its rows of every tensor: the model is built on the meta device (no memory), LongLoRA is applied
     and FSDP2 shards it there, then each process allocates its shards on `device` and fills them from the
     checkpoint read one tensor at a time. Host memory per process: its share, plus one tensor."""
-    margs, weights = llama.random_weights(args.model, args.seed) if args.init else llama.read_checkpoint(args.model)
+    margs, weights = llama.random_weights(args.model, args.seed, device) if args.init else llama.read_checkpoint(args.model)
     with torch.device("meta"):
         m = llama.Transformer(margs)
     parallelize(apply_longlora(m, args), args, device, world)
@@ -391,6 +391,8 @@ def train(args, rank, world, device):
     dataset, pad_id = load_data(args, m.args.vocab_size)
     trainable = [p for p in m.parameters() if p.requires_grad]  # FSDP2's shards: the only copies there are
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
+    loaded = torch.tensor(peak_memory_gb(device)[1], device=device)
+    dist.all_reduce(loaded, op=dist.ReduceOp.MAX)  # host memory after loading, of the fullest process
     if args.optim == "adamw":
         optim = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     else:
@@ -400,7 +402,7 @@ def train(args, rank, world, device):
         print(f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%); {world} process(es) on {device.type}; "
               f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens; attention {args.attn}"
               + (f" (G={args.group_size})" if args.attn != "full" else "") + f", {args.backend}; RoPE positions / {m.args.rope_interpolation:g}"
-              + (f"; resuming after step {start}" if start else ""), flush=True)  # fmt: skip
+              + (f"; resuming after step {start}" if start else "") + f"; {loaded.item():.2f} GB host memory per process after loading", flush=True)  # fmt: skip
     if rank == 0 and (out / "log.jsonl").exists():  # drop the steps a killed run did after its last checkpoint
         kept = [line for line in (out / "log.jsonl").read_text().splitlines() if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start]
         (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))

@@ -17,7 +17,7 @@ def test_attention_flops_count_the_causal_half():
 
 
 def test_all_tables_on_a_cpu():
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "all", "--attn-lengths", "256", "--step-lengths", "128", "--reps", "1"],
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "all", "--device", "cpu", "--attn-lengths", "256", "--step-lengths", "128", "--reps", "1"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| backend") and not line.startswith("| N ")]

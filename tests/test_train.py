@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import data
 import lora
 import model
+import train
 from common import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def setup(tmp_path_factory):
 
 def run_train(setup, out, *flags, nproc=1, check=True):
     common = ["--model", str(setup / "base"), "--data", str(setup / "train.bin"), "--out", str(out), "--seq-len", "128",
-              "--dtype", "float32", "--warmup", "2", "--lr", "3e-3", "--grad-accum", "2", "--save-every", "2"]  # fmt: skip
+              "--dtype", "float32", "--warmup", "2", "--lr", "3e-3", "--grad-accum", "2", "--save-every", "2", "--device", "cpu"]  # fmt: skip
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(launcher + [str(ROOT / "train.py"), *common, *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -100,7 +101,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
 def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
     flags = ["--model", str(setup / "base"), "--data", str(setup / "train.bin"), "--out", str(out), "--seq-len", "128", "--dtype", "float32",
-             "--grad-accum", "1", "--save-every", "1", "--keep", "2"]  # fmt: skip
+             "--grad-accum", "1", "--save-every", "1", "--keep", "2", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--steps", "10000"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -172,7 +173,103 @@ def test_supervised_fine_tuning(setup, tmp_path):
     (tmp_path / "sft.json").write_text(json.dumps(examples))
     out = tmp_path / "run"
     cmd = ["--model", str(setup / "base"), "--sft", str(tmp_path / "sft.json"), "--tokenizer", str(setup / "tok"), "--out", str(out),
-           "--seq-len", "64", "--dtype", "float32", "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "1"]  # fmt: skip
+           "--seq-len", "64", "--dtype", "float32", "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"]  # fmt: skip
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=600)
     assert (out / "merged").exists(), r.stderr[-3000:]
     assert len(losses(out)) == 3 and losses(out)[-1] < losses(out)[0]
+
+
+# ----------------------------------------------------------------------------- the distributed path
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_each_process_holds_only_its_share(setup, tmp_path, mode):
+    """Host memory after loading an fp16 Hugging Face checkpoint (135M parameters, float32 in training):
+    with 2 processes, the fullest one holds at most 60% of what one process alone holds above the
+    baseline, where a rank that built the whole model before sharding would hold all of it. LoRA: the
+    frozen weights; full fine-tuning: the trainable ones (no reference to the unsharded originals)."""
+    margs = model.ModelArgs(dim=1024, n_layers=8, n_heads=8, vocab_size=320, hidden_dim=4096, max_seq_len=64)
+    model.save(model.init(margs).to(torch.float16), tmp_path / "base", format="hf")
+    full = sum(t.numel() for t in model.read_checkpoint(tmp_path / "base")[1].shapes.values()) * 4  # bytes in float32
+    flags = ["--model", str(tmp_path / "base"), "--seq-len", "16", "--steps", "1", "--grad-accum", "1", "--save-every", "0",
+             "--no-activation-checkpointing"] + (["--trainable", "norm"] if mode == "lora" else ["--lora-rank", "0", "--attn", "full"])  # fmt: skip
+    gb = {}
+    for n in (1, 2):
+        r = run_train(setup, tmp_path / f"run{n}", *flags, nproc=n)
+        gb[n] = float(r.stdout.split(" GB host memory per process after loading")[0].rsplit(" ", 1)[1])
+    saved = (gb[1] - gb[2]) * 2**30
+    assert saved > 0.4 * full, (gb, full / 2**30)  # ideally half of `full`
+
+
+def test_device_choice_errors(monkeypatch):
+    """--device cuda with no GPU, or more processes on a node than GPUs: a clear error before any process
+    group exists (so nothing hangs), naming the fix."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="sees no GPU.*use --device cpu"):
+        train.setup_distributed("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"2 processes on this node but 1 GPU\(s\) visible: run one process per GPU \(torchrun --nproc-per-node 1\), or --device cpu"):
+        train.setup_distributed("auto")
+    assert not torch.distributed.is_initialized()
+
+
+RANK_SCRIPT = """
+import sys, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train
+rank, world, device = train.setup_distributed("cpu")
+assert train.decide(f"rank {{rank}}'s view") == "rank 0's view"
+try:
+    train.check_all(rank != 1, "rank 1 disagrees")
+except ValueError as e:
+    print(f"rank {{rank}}: {{e}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_rank_zero_decides_and_errors_reach_every_rank(tmp_path):
+    (tmp_path / "ranks.py").write_text(RANK_SCRIPT.format(root=str(ROOT)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(tmp_path / "ranks.py")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(line for line in r.stdout.splitlines() if line.startswith("rank")) == [f"rank {i}: rank 1 disagrees (processes 1)" for i in (0, 1)]
+
+
+def test_non_finite_loss_stops_before_the_update(setup, tmp_path):
+    """SGD at lr 1e30 blows the weights up after step 1: step 2's loss is not finite. The run stops there,
+    names the step and the checkpoint to resume from, and writes no checkpoint, log line or export after."""
+    out = tmp_path / "run"
+    r = run_train(setup, out, "--steps", "4", "--optim", "sgd", "--lr", "1e30", "--warmup", "0", "--save-every", "1", check=False)
+    assert r.returncode == 2 and "error: step 2: the loss is" in r.stderr and "--resume restarts from the checkpoint of step 1" in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-0000001"] and not (out / "merged").exists()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_right_padded_batch_equals_its_samples_alone(backend, group_size):
+    """Samples of different lengths right-padded into one batch: each one's loss, and the gradients of
+    the whole batch, are those of the samples run one by one (padding is never read by a real token). The
+    model runs in float64 but RoPE and the loss's logits in float32, so they agree to float32 rounding;
+    a sample reading padding or another sample would be off by far more."""
+    m = tiny_model(dtype=torch.float64).set_attention(group_size, backend=backend)
+    lengths = (24, 13, 5)
+    seqs = [torch.randint(0, 96, (n + 1,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    samples = [(s[:-1], s[1:]) for s in seqs]
+    x, t = data.collate(samples, pad_id=7)
+
+    def loss_and_grads(x, t):
+        m.zero_grad()
+        per_token = m(x, head=lambda h, w: train.chunked_nll(h, w, t, chunk=5))  # (B, N)
+        per_token.sum().backward()
+        return per_token.sum(1), {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    batch_loss, batch_grads = loss_and_grads(x, t)
+    alone = [loss_and_grads(xs[None], ts[None]) for xs, ts in samples]
+    torch.testing.assert_close(batch_loss, torch.cat([loss for loss, _ in alone]), rtol=1e-6, atol=0)
+    for k, g in batch_grads.items():
+        torch.testing.assert_close(g, sum(grads[k] for _, grads in alone), rtol=1e-5, atol=1e-7)
