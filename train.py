@@ -423,10 +423,11 @@ def train(args, rank, world, device):
         # Everything below stays on the device until the one read of the loss and gradient norm: no host
         # sync inside the step, and no CPU tensor in a collective.
         n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)), device=device)
+        micro = [(x.to(device), t.to(device)) for x, t in micro]  # copies from pageable memory wait for the GPU: all here, while it idles
         dist.all_reduce(n_targets)
         loss_sum = torch.zeros((), device=device)
         for x, t in micro:
-            loss = m(x.to(device), head=loss_head(t.to(device), args.loss_chunk))
+            loss = m(x, head=loss_head(t, args.loss_chunk))
             # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens
             (loss * world / n_targets.clamp(min=1)).backward()
             loss_sum += loss.detach().float()
