@@ -6,21 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import data
-import model
-from common import tiny_model
-from test_train import synthetic_text
+from test_train import toy_run_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_check_runs_every_part_on_a_cpu(tmp_path):
-    (tmp_path / "texts").mkdir()
-    for i in range(6):
-        (tmp_path / "texts" / f"doc{i}.txt").write_text(synthetic_text(3000, seed=i))
-    tok = data.train_tokenizer(sorted((tmp_path / "texts").glob("*.txt")), vocab_size=320, out=tmp_path / "tok")
-    data.tokenize(tok, tmp_path / "train.bin", [tmp_path / "texts"])
-    model.save(tiny_model(vocab_size=320, max_seq_len=256), tmp_path / "base")
+    toy_run_folder(tmp_path, n_docs=6, max_seq_len=256)
+    tok = tmp_path / "tok" / "tokenizer.model"
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--out", str(tmp_path / "check"), "--model", str(tmp_path / "base"),
            "--tokenizer", str(tok), "--data", str(tmp_path / "train.bin"), "--seq-len", "512", "--steps", "6", "--attn-lengths", "256"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)

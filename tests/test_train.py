@@ -32,16 +32,20 @@ def synthetic_text(n_words, seed):
     return ". ".join(phrases[i] for i in picks) + ".\n"
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
+def toy_run_folder(d, n_docs=4, max_seq_len=64):
+    """`d` with texts/, a 320-token tokenizer (tok/), their tokens (train.bin) and a tiny base model."""
     (d / "texts").mkdir()
-    for i in range(4):
+    for i in range(n_docs):
         (d / "texts" / f"doc{i}.txt").write_text(synthetic_text(3000, seed=i))
     tok = data.train_tokenizer(sorted((d / "texts").glob("*.txt")), vocab_size=320, out=d / "tok")
     data.tokenize(tok, d / "train.bin", [d / "texts"])
-    model.save(tiny_model(vocab_size=320, max_seq_len=64), d / "base")
+    model.save(tiny_model(vocab_size=320, max_seq_len=max_seq_len), d / "base")
     return d
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return toy_run_folder(tmp_path_factory.mktemp("run"))
 
 
 def run_train(setup, out, *flags, nproc=1, check=True):
