@@ -233,18 +233,29 @@ def bench_fit(args):
         return
     deadline = time.time() + 60 * args.fit_minutes
     cfg = dict(shape=args.shape, attn="s2", impl="ours", dtype=args.dtype, reps=1, device="cuda")
-    ok = lambda N: "ms" in run_one(dict(cfg, N=N), timeout=max(60, deadline - time.time()))  # noqa: E731
+    cut = []  # a length whose try the time limit stopped: neither fits nor fails
+
+    def ok(N):
+        r = run_one(dict(cfg, N=N), timeout=max(60, deadline - time.time()))
+        if str(r.get("error", "")).startswith("over "):
+            cut.append(N)
+        return "ms" in r
+
     lo, hi, N = 0, None, args.start
-    while hi is None and time.time() < deadline:
+    while hi is None and not cut and time.time() < deadline:
         if ok(N):
             lo, N = N, 2 * N
-        else:
+        elif not cut:
             hi = N
-    while hi is not None and hi - lo > args.step_tokens and time.time() < deadline:
+    while hi is not None and hi - lo > args.step_tokens and not cut and time.time() < deadline:
         mid = (lo + hi) // 2 // args.step_tokens * args.step_tokens
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    found = f"{lo:,} tokens fit, {hi:,} do not (searched in steps of {args.step_tokens})" if hi is not None else f"{lo:,} tokens fit; longer ones were not tried"
-    stopped = f"; stopped at the {args.fit_minutes:g}-minute limit" if time.time() >= deadline else ""
+        if ok(mid):
+            lo = mid
+        elif not cut:
+            hi = mid
+    found = f"{lo:,} tokens fit" + (f", {hi:,} do not (searched in steps of {args.step_tokens})" if hi is not None else "")
+    stopped = f"; {cut[0]:,} was cut off by" if cut else "; stopped at" if time.time() >= deadline else ""
+    stopped += f" the {args.fit_minutes:g}-minute limit" if stopped else ""
     print(f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}: {found}{stopped}")
 
 
@@ -288,6 +299,8 @@ def main(argv=None):
         a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16" if gpu else "float32")
         a.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median kept)")
     args = p.parse_args(argv)
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda, but this process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver); use --device cpu")
     args.device = torch.device("cuda" if gpu else "cpu")
     print(f"python bench.py {' '.join(argv)}")
     if args.cmd in ("all", "attn"):

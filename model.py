@@ -270,7 +270,7 @@ def random_weights(params, seed=0, device="cpu"):
         if name.endswith("norm.weight"):
             return torch.ones(shapes[name], device=device)
         std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-        g = torch.Generator(device).manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+        g = torch.Generator(device).manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
         return torch.randn(shapes[name], generator=g, device=device) * std
 
     return args, Weights(shapes, make, torch.float32)

