@@ -233,28 +233,18 @@ def bench_fit(args):
         return
     deadline = time.time() + 60 * args.fit_minutes
     cfg = dict(shape=args.shape, attn="s2", impl="ours", dtype=args.dtype, reps=1, device="cuda")
-    cut = []  # a length whose try the time limit stopped: neither fits nor fails
-
-    def ok(N):
+    lo, hi, cut = 0, None, None  # lo fits, hi does not; cut: a length whose try the time limit stopped
+    while cut is None and time.time() < deadline and (hi is None or hi - lo > args.step_tokens):
+        N = (2 * lo or args.start) if hi is None else (lo + hi) // 2 // args.step_tokens * args.step_tokens  # doubling, then bisection
         r = run_one(dict(cfg, N=N), timeout=max(60, deadline - time.time()))
         if str(r.get("error", "")).startswith("over "):
-            cut.append(N)
-        return "ms" in r
-
-    lo, hi, N = 0, None, args.start
-    while hi is None and not cut and time.time() < deadline:
-        if ok(N):
-            lo, N = N, 2 * N
-        elif not cut:
+            cut = N
+        elif "ms" in r:
+            lo = N
+        else:
             hi = N
-    while hi is not None and hi - lo > args.step_tokens and not cut and time.time() < deadline:
-        mid = (lo + hi) // 2 // args.step_tokens * args.step_tokens
-        if ok(mid):
-            lo = mid
-        elif not cut:
-            hi = mid
     found = f"{lo:,} tokens fit" + (f", {hi:,} do not (searched in steps of {args.step_tokens})" if hi is not None else "")
-    stopped = f"; {cut[0]:,} was cut off by" if cut else "; stopped at" if time.time() >= deadline else ""
+    stopped = f"; {cut:,} was cut off by" if cut else "; stopped at" if time.time() >= deadline else ""
     stopped += f" the {args.fit_minutes:g}-minute limit" if stopped else ""
     print(f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}: {found}{stopped}")
 

@@ -296,3 +296,11 @@ def test_right_padded_batch_equals_its_samples_alone_cuda(backend, group_size):
     torch.testing.assert_close(loss, loss_alone, rtol=2e-2, atol=0)
     for k, g in grads.items():
         assert (g - grads_alone[k]).norm() <= 3e-2 * grads_alone[k].norm(), k
+
+
+def test_peak_table_tells_variants_apart():
+    """torch.cuda.get_device_name strings: NVL and PCIe cards are not their SXM siblings, GB200 is not B200."""
+    names = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 NVL": 835.5, "NVIDIA H100 PCIe": 756.0, "NVIDIA H800": 989.4,
+             "NVIDIA H200": 989.4, "NVIDIA H200 NVL": 835.5, "NVIDIA GH200 480GB": 989.4, "NVIDIA B200": 2250.0,
+             "NVIDIA GB200": 2500.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A800-SXM4-80GB": 312.0, "Tesla V100-SXM2-16GB": None}  # fmt: skip
+    assert {n: train.known_peak(n) for n in names} == names
