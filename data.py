@@ -33,9 +33,12 @@ IGNORE = -100  # target id that the loss skips: prompts of SFT examples, right p
 class Tokenizer:
     """encode(text) -> ids with BOS first; decode(ids) -> text. Wraps the three formats Llamas ship."""
 
-    def __init__(self, name, encode, decode, bos_id, eos_id, vocab_size):
+    def __init__(self, name, encode, decode, bos_id, eos_id, vocab_size, hf_config=None):
         self.name, self._encode, self._decode = name, encode, decode
         self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
+        # what a tokenizer_config.json beside this file must say for transformers' AutoTokenizer to
+        # encode as we do (save_tokenizer writes it when the file has none)
+        self.hf_config = {"tokenizer_class": "TokenizersBackend", "add_bos_token": True, "add_eos_token": False, **(hf_config or {})}
 
     def encode(self, text, bos=True, eos=False):
         return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
@@ -69,7 +72,8 @@ def _sentencepiece_tokenizer(path):
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except RuntimeError as e:
         raise ValueError(f"{path} is not a sentencepiece model ({e})") from e
-    return Tokenizer(str(path), sp.encode, sp.decode, sp.bos_id(), sp.eos_id(), sp.vocab_size())
+    specials = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()), "unk_token": sp.id_to_piece(sp.unk_id())}
+    return Tokenizer(str(path), sp.encode, sp.decode, sp.bos_id(), sp.eos_id(), sp.vocab_size(), specials)
 
 
 # Llama 3's pre-tokenizer and special tokens (Meta's reference tokenizer): 256 specials after the ranks.
@@ -91,7 +95,9 @@ def _tiktoken_tokenizer(path):
             ranks[base64.b64decode(token)] = int(rank)
     specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
     enc = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-    return Tokenizer(str(path), lambda s: enc.encode(s, disallowed_special=()), enc.decode, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], enc.n_vocab)
+    hf = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "extra_special_tokens": LLAMA3_SPECIALS}
+    encode = lambda s: enc.encode(s, disallowed_special=())  # noqa: E731
+    return Tokenizer(str(path), encode, enc.decode, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], enc.n_vocab, hf)
 
 
 def _hf_tokenizer(path):
@@ -114,7 +120,32 @@ def _hf_tokenizer(path):
     bos = special("bos_token", ["<s>", "<|begin_of_text|>", "<|endoftext|>"])
     eos = special("eos_token", ["</s>", "<|end_of_text|>", "<|endoftext|>"])
     encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731  (BOS/EOS are added by Tokenizer)
-    return Tokenizer(str(path), encode, tok.decode, bos, eos, tok.get_vocab_size())
+    hf = {"bos_token": tok.id_to_token(bos), "eos_token": tok.id_to_token(eos)}
+    return Tokenizer(str(path), encode, tok.decode, bos, eos, tok.get_vocab_size(), hf)
+
+
+# What AutoTokenizer reads from a model folder; save_tokenizer copies those found beside the tokenizer.
+HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def save_tokenizer(src, folder):
+    """Copy the tokenizer at `src` (a file, or a model folder holding one) into `folder`, so that both
+    load_tokenizer and transformers' AutoTokenizer open the folder: the file under its usual name, the
+    Hugging Face files beside it, and a tokenizer_config.json if it had none (transformers >= 5 then
+    builds its tokenizer from the file's own settings; a sentencepiece file needs `pip install protobuf`)."""
+    import shutil
+
+    tok = load_tokenizer(src)  # an unreadable file fails here, before anything is written
+    path, folder = Path(tok.name), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    own = "tokenizer.json" if path.suffix == ".json" else "tokenizer.model"
+    shutil.copyfile(path, folder / own)
+    for name in HF_TOKENIZER_FILES:
+        if name != own and (path.parent / name).exists():
+            shutil.copyfile(path.parent / name, folder / name)
+    if not (folder / "tokenizer_config.json").exists():
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok.hf_config, indent=2))
+    return folder
 
 
 def train_tokenizer(files, vocab_size, out):
@@ -204,7 +235,7 @@ def tokenize(tokenizer_path, out, inputs, overwrite=False):
         tmp.unlink(missing_ok=True)
         raise
     meta = {"dtype": np.dtype(dtype).name, "tokens": n_tokens, "documents": n_docs, "vocab_size": tok.vocab_size,
-            "max_id": max_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": str(tokenizer_path)}  # fmt: skip
+            "max_id": max_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": str(Path(tokenizer_path).resolve())}  # fmt: skip
     _publish(tmp, out, meta)
     return meta
 

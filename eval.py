@@ -50,11 +50,12 @@ def load_model(path, trainable=None, dtype=None, device=None):
 # ----------------------------------------------------------------------------- perplexity
 
 
-def check_vocab(m, n, source):
-    """A clear error when `source` (the token file, the tokenizer) uses ids 0..n-1 past the model's
-    vocabulary, instead of a device-side assert on CUDA or an IndexError deep in the embedding on CPU."""
-    if n > m.args.vocab_size:
-        raise ValueError(f"{source} uses token ids up to {n - 1}, but the model's vocabulary has {m.args.vocab_size} tokens: "
+def check_vocab(vocab_size, n, source):
+    """A clear error when `source` (the token file, the tokenizer) uses ids 0..n-1 past a model's
+    vocabulary of `vocab_size`, instead of a device-side assert on CUDA or an IndexError deep in the
+    embedding on CPU."""
+    if n > vocab_size:
+        raise ValueError(f"{source} uses token ids up to {n - 1}, but the model's vocabulary has {vocab_size} tokens: "
                          "the text was tokenized for another model; tokenize it with this model's tokenizer (python data.py tokenize --tokenizer MODEL ...)")  # fmt: skip
 
 
@@ -85,7 +86,7 @@ def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=N
         raise ValueError(f"convention must be 'paper' or 'strided', got {convention!r}")
     if convention == "strided" and stride > seq_len:
         raise ValueError(f"--stride {stride} is longer than --seq-len {seq_len}: the strided convention would skip tokens")
-    check_vocab(m, int(tokens.max()) + 1 if len(tokens) else 0, "the token file")
+    check_vocab(m.args.vocab_size, int(tokens.max()) + 1 if len(tokens) else 0, "the token file")
     window_means, total, count = [], 0.0, 0
     by_pos = torch.zeros(seq_len - 1, dtype=torch.float64)  # summed over windows: loss of the prediction made with j + 1 tokens
     for s, row in window_nll(m, tokens, seq_len, stride, max_windows, batch_size, progress):
@@ -167,7 +168,7 @@ def passkey(m, tok, lengths, depths, trials, seed=0, progress=True):
     rng = random.Random(seed)
     results = {}
     cells = [(L, d) for L in lengths for d in depths]
-    for L, d in tqdm(cells, desc="passkey", disable=not progress):
+    for L, d in tqdm(cells, desc="passkey", disable=not progress, leave=False):
         hits = 0
         for _ in range(trials):
             key = rng.randint(1, 50000)
@@ -228,6 +229,20 @@ def ints(s):
     return [int(x) for x in s.split(",") if x]
 
 
+def table(cmd, results, by_context=None):
+    """The results as text: perplexity (and by context) per length, or passkey accuracy per length and depth."""
+    if cmd == "ppl":
+        lines = [f"{'length':>8}  perplexity"]
+        for L, ppl in results.items():
+            lines.append(f"{L:>8}  {ppl:10.4f}")
+            lines += [f"{'':>8}    context {lo:>6}-{hi - 1:<6} {v:.4f}" for (lo, hi), v in (by_context or {}).get(L, {}).items()]
+    else:
+        depths = next(iter(results.values()))
+        lines = [f"{'length':>8}  " + "  ".join(f"{f'depth {d:.0%}':>10}" for d in depths)]
+        lines += [f"{L:>8}  " + "  ".join(f"{a:>10.0%}" for a in row.values()) for L, row in results.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -255,27 +270,30 @@ def main(argv=None):
     s.add_argument("--trials", type=int, default=10, help="random keys per length and depth (default 10)")
     s.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
     args = p.parse_args(argv)
+    lengths = args.seq_len if args.cmd == "ppl" else args.lengths
+    if not lengths or min(lengths) < 2:
+        p.error(f"--{'seq-len' if args.cmd == 'ppl' else 'lengths'} takes lengths of at least 2 tokens, e.g. 2048,4096")
+    if args.group_size is not None and args.group_size < 1:
+        p.error(f"--group-size {args.group_size}: an S2-Attn group holds at least 1 token (default: a quarter of each length)")
     try:
-        lengths = args.seq_len if args.cmd == "ppl" else args.lengths
-        m = load_model(args.model, args.trainable, args.dtype)
+        vocab = llama.read_checkpoint(args.model)[0].vocab_size  # checked against the data before the weights load
         if args.cmd == "ppl":
-            tokens, _ = data.read_tokens(args.data)
+            tokens, meta = data.read_tokens(args.data)
+            check_vocab(vocab, meta.get("max_id", int(tokens.max()) if len(tokens) else -1) + 1, f"--data {args.data}")
         else:
             tok = data.load_tokenizer(args.tokenizer or args.model)
-            check_vocab(m, tok.vocab_size, "the tokenizer")
+            check_vocab(vocab, tok.vocab_size, f"the tokenizer {tok.name}")
             depths = [float(d) for d in args.depths.split(",")]
-        results = {}
+        m = load_model(args.model, args.trainable, args.dtype)
+        results, by_context = {}, {}
         for L in lengths:
             m.set_attention(group_size=args.group_size or max(1, L // 4) if args.attn == "s2" else None)  # S2's default G depends on L
             if args.cmd == "ppl":
                 got = perplexity(m, tokens, L, args.stride, args.convention, args.max_windows, args.batch_size, by_context=args.by_context)
-                results[L], by = got if args.by_context else (got, {})
-                print(f"{L:>8}  {results[L]:.4f}", flush=True)
-                if by:
-                    print("".join(f"          context {lo:>6}-{hi - 1:<6} {v:.4f}\n" for (lo, hi), v in by.items()), end="", flush=True)
+                results[L], by_context[L] = got if args.by_context else (got, {})
             else:
                 results.update(passkey(m, tok, [L], depths, args.trials, args.seed))
-                print(f"{L:>8}  " + "  ".join(f"{d:.0%}: {a:.0%}" for d, a in results[L].items()), flush=True)
+        print(table(args.cmd, results, by_context), flush=True)  # after the progress bars have closed
         title = f"{Path(args.model).name} ({args.attn} attention)"
         if args.json:
             Path(args.json).write_text(json.dumps({str(L): v if args.cmd == "ppl" else {str(d): a for d, a in v.items()} for L, v in results.items()}, indent=2))

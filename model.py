@@ -427,6 +427,31 @@ _LAYER_NAMES = {  # Meta -> HF, inside layers.{i}
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 
+def hf_name(k):
+    """The Hugging Face name of the Meta-named parameter `k`."""
+    return _rename(k, to_hf=True)
+
+
+def to_hf(args, sd):
+    """A Meta-named state dict in Hugging Face's names and layout: wq/wk rows permuted for rotate_half RoPE."""
+    out = {}
+    for k, t in sd.items():
+        if k.endswith(("wq.weight", "wk.weight")):
+            t = _hf_permute(t, args.n_heads if "wq" in k else args.n_kv_heads, inverse=False)
+        out[hf_name(k)] = t.contiguous()
+    return out
+
+
+def hf_rope(args):
+    """The RoPE scaling of `args` as a Hugging Face config's `rope_scaling` (None: plain RoPE)."""
+    if args.use_scaled_rope and args.rope_interpolation != 1:
+        raise ValueError("a Hugging Face config cannot express Position Interpolation on top of Llama 3.1 RoPE scaling; save with format='meta'")
+    if args.use_scaled_rope:
+        return {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": args.rope_low_freq_factor,
+                "high_freq_factor": args.rope_high_freq_factor, "original_max_position_embeddings": args.rope_original_context}  # fmt: skip
+    return {"rope_type": "linear", "factor": args.rope_interpolation} if args.rope_interpolation != 1 else None
+
+
 def _rename(k, to_hf):
     """Meta <-> HF names: layers.{i}.attention.wq.weight <-> model.layers.{i}.self_attn.q_proj.weight."""
     top, layer = _TOP_NAMES, _LAYER_NAMES
@@ -533,20 +558,8 @@ def save(model, path, format="meta", overwrite=False, max_shard_bytes=5 * 2**30)
 def _hf_files(args, sd, max_shard_bytes):
     from safetensors.torch import save_file
 
-    if args.use_scaled_rope and args.rope_interpolation != 1:
-        raise ValueError("a Hugging Face config cannot express Position Interpolation on top of Llama 3.1 RoPE scaling; save with format='meta'")
-    out = {}
-    for k, t in sd.items():
-        if k.endswith(("wq.weight", "wk.weight")):
-            t = _hf_permute(t, args.n_heads if "wq" in k else args.n_kv_heads, inverse=False)
-        out[_rename(k, to_hf=True)] = t.contiguous()
-    if args.use_scaled_rope:
-        scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": args.rope_low_freq_factor,
-                   "high_freq_factor": args.rope_high_freq_factor, "original_max_position_embeddings": args.rope_original_context}  # fmt: skip
-    elif args.rope_interpolation != 1:
-        scaling = {"rope_type": "linear", "factor": args.rope_interpolation}
-    else:
-        scaling = None
+    scaling = hf_rope(args)
+    out = to_hf(args, sd)
     dtype = sd["tok_embeddings.weight"].dtype
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim, "intermediate_size": args.hidden_dim,

@@ -14,8 +14,12 @@ training length, RoPE positions interpolated by ceil(seq_len / the model's conte
 
 Writes to --out: log.jsonl (one line per step: loss, lr, grad norm, tokens/s, model TFLOP/s and MFU, peak memory),
 checkpoints/step-NNNNNNN/ every --save-every steps (trainable weights, optimizer, RNG; --resume continues
-from the latest), and at the end trainable.safetensors (adapters + embedding + norms + the RoPE
-scaling) and merged/, a plain checkpoint that model.load opens with its new context length.
+from the latest), and at the end, each with the tokenizer beside it:
+    merged/                 the base with the training folded in, in the base's format (--export-format):
+                            model.load, eval.py and, in HF format, transformers open it as it is
+    adapter/                LoRA runs: a PEFT adapter (LoRA + trained embedding and norms) for the HF base,
+                            with base_config.json, the RoPE scaling the base must be loaded with
+    trainable.safetensors   LoRA runs: the same weights in this codebase's names (lora.load_trainable)
 """
 import argparse
 import datetime
@@ -58,7 +62,8 @@ def parse_args(argv=None):
                    "the weights start random (model.init); needs --lora-rank 0 and --attn full")  # fmt: skip
     a.add_argument("--data", help="token file (FILE.bin from `python data.py tokenize`) read in windows of --seq-len tokens")
     a.add_argument("--sft", help="supervised examples instead: LongAlpaca .json/.jsonl (instruction, input, output)")
-    a.add_argument("--tokenizer", help="tokenizer for --sft (default: the one in --model)")
+    a.add_argument("--tokenizer", help="tokenizer for --sft, copied beside the exported model (default: the one in --model, "
+                   "else the one the --data file was tokenized with)")  # fmt: skip
     a.add_argument("--out", required=True, help="run folder: log, checkpoints, trainable weights, merged model")
     a = p.add_argument_group("LongLoRA")
     a.add_argument("--seq-len", type=int, default=8192, help="training length in tokens (default 8192)")
@@ -96,10 +101,18 @@ def parse_args(argv=None):
     a.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0 = only at the end)")
     a.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     a.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    a.add_argument("--export-format", choices=("meta", "hf"), default="meta", help="format of OUT/merged (default meta)")
+    a.add_argument("--export-format", choices=("meta", "hf"), help="format of OUT/merged (default: the base model's)")
     args = p.parse_args(argv)
+    if args.group_size is not None and args.group_size < 1:
+        p.error(f"--group-size {args.group_size}: an S2-Attn group holds at least 1 token (default: --seq-len / 4)")
     args.group_size = args.group_size or max(1, args.seq_len // 4)
-    args.backend = args.backend or ("flash" if "flash" in s2attn.BACKENDS and args.dtype == "bfloat16" else "sdpa")
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    runs_here = s2attn.BACKENDS if on_cuda else ("naive", "sdpa")
+    args.backend = args.backend or ("flash" if "flash" in runs_here and args.dtype == "bfloat16" else "sdpa")
+    if args.backend not in runs_here:
+        p.error(f"--backend {args.backend} runs on CUDA only: use --backend sdpa on CPU" if not on_cuda else
+                f"--backend {args.backend} needs flash-attn (pip install flash-attn --no-build-isolation) or a torch with "
+                "torch.nn.attention.varlen; or use --backend sdpa")  # fmt: skip
     if (args.data is None) == (args.sft is None):
         p.error("give exactly one of --data (a token file) and --sft (supervised examples)")
     if args.init and (args.lora_rank or args.attn != "full"):
@@ -316,21 +329,98 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     return state["step"]
 
 
-def export(out, m, args, rank):
-    """trainable.safetensors (LoRA runs) and merged/: the base model with the training folded in."""
+def export_plan(args, m, dataset, rank):
+    """(format of merged/, tokenizer to copy beside it), settled before training so that nothing fails
+    after it: merged/ in --export-format, else in the base's own format (HF in, HF out; Meta in, Meta out);
+    the tokenizer from --tokenizer, else from the --model folder, else the one the token file was made with."""
+    fmt = args.export_format or ("hf" if (Path(args.model) / "config.json").exists() else "meta")
+    if fmt == "hf" or args.lora_rank:  # the PEFT adapter needs a Hugging Face config for the base too
+        try:
+            llama.hf_rope(m.args)
+        except ValueError as e:
+            if fmt == "hf":
+                raise ValueError(f"{e}: pass --export-format meta") from None
+            if rank == 0:
+                print(f"note: no PEFT adapter will be written ({e})", flush=True)
+    sources = [args.tokenizer] if args.tokenizer else [args.model, getattr(dataset, "meta", {}).get("tokenizer")]
+    for src in sources:
+        p = Path(src or "")
+        if args.tokenizer or p.is_dir() and any((p / n).exists() for n in ("tokenizer.model", "tokenizer.json")) or p.is_file() and src != args.model:
+            data.load_tokenizer(src)  # a missing or unreadable tokenizer: an error now, not after training
+            return fmt, src
+    if rank == 0:
+        print(f"note: no tokenizer in {args.model} or beside the token file; merged/ will have none (pass --tokenizer to copy one)", flush=True)
+    return fmt, None
+
+
+def export(out, m, args, rank, fmt="meta", tokenizer=None):
+    """trainable.safetensors and adapter/ (LoRA runs), and merged/: the base model with the training
+    folded in; each with the tokenizer beside it."""
     ignore_frozen = args.lora_rank > 0
     state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen))
     if rank == 0:
         base = llama.init(args.model) if args.init else llama.load(args.model)
         for k in lora.CONTEXT:
             setattr(base.args, k, getattr(m.args, k))
+        folders = [out / "merged"]
         if ignore_frozen:
             lora.save_trainable(m, out / "trainable.safetensors", state=state)
+            if save_peft(m, out / "adapter", state, base=args.model if (Path(args.model) / "config.json").exists() else None):
+                folders.append(out / "adapter")
             lora.merge_lora(lora.load_trainable(base, out / "trainable.safetensors"))
         else:
             base.load_state_dict({k: v.to(base.tok_embeddings.weight.dtype) for k, v in state.items()}, assign=True)
-        llama.save(base, out / "merged", format=args.export_format, overwrite=True)
+        llama.save(base, out / "merged", format=fmt, overwrite=True)
+        for folder in folders if tokenizer else []:
+            data.save_tokenizer(tokenizer, folder)
     dist.barrier()
+
+
+def save_peft(m, folder, state, base=None):
+    """The trained weights as a PEFT LoRA adapter for the Hugging Face version of the base model:
+    adapter_config.json + adapter_model.safetensors in transformers' names, and base_config.json, the
+    settings the base must be loaded with (its new RoPE scaling and context length):
+
+        base = AutoModelForCausalLM.from_pretrained(BASE, **json.load(open("adapter/base_config.json")))
+        model = PeftModel.from_pretrained(base, "adapter")
+
+    B's rows are its layer's output rows, so wq's and wk's are permuted as the weights are for HF's
+    RoPE layout (A's rows are the rank). The embedding and norms travel in `modules_to_save`, and with
+    tied embeddings the output head too (PEFT would otherwise keep the base's). Returns False, writing
+    nothing, where a Hugging Face config cannot express the model's RoPE scaling."""
+    from safetensors.torch import save_file
+
+    try:
+        rope = llama.hf_rope(m.args) or {"rope_type": "default"}
+    except ValueError:
+        return False
+    cfg, tensors, targets, modules = lora.lora_config(m), {}, set(), set()
+    for k, t in state.items():
+        layer, _, leaf = k.rpartition(".")
+        if leaf == "lora_a":
+            name = llama.hf_name(f"{layer}.weight").removesuffix(".weight")
+            tensors[f"base_model.model.{name}.lora_A.weight"] = t
+            targets.add(name.rsplit(".", 1)[-1])
+        elif leaf == "lora_b":
+            ((name, t),) = llama.to_hf(m.args, {f"{layer}.weight": t}).items()
+            tensors[f"base_model.model.{name.removesuffix('.weight')}.lora_B.weight"] = t
+        else:  # a whole trained tensor: the embedding or a norm
+            names = [llama.hf_name(k)] + (["lm_head.weight"] if k == "tok_embeddings.weight" and m.args.tie_embeddings else [])
+            for name in names:
+                tensors[f"base_model.model.{name}"] = t.clone()  # safetensors stores no shared tensors
+                modules.add(name.removesuffix(".weight").rsplit(".", 1)[-1])
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()) if base else None,
+        "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(targets),
+        "modules_to_save": sorted(modules) or None, "inference_mode": True,
+    }  # fmt: skip
+    overrides = {"rope_parameters": {**rope, "rope_theta": m.args.rope_theta}, "max_position_embeddings": m.args.max_seq_len}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "base_config.json").write_text(json.dumps(overrides, indent=2))
+    return True
 
 
 # ----------------------------------------------------------------------------- training
@@ -383,9 +473,15 @@ def learning_rate(step, args):
 
 def train(args, rank, world, device):
     out = Path(args.out)
-    if decide((out / "log.jsonl").exists() or bool(checkpoints(out))) and not args.resume:
+    # A folder with a checkpoint or an export holds a run; one with only a log.jsonl holds a run that
+    # stopped before its first checkpoint: nothing there can be resumed, so a new run replaces the log.
+    ckpt = decide(str(checkpoints(out)[-1]) if checkpoints(out) else None)
+    exported = decide(any((out / name).exists() for name in ("merged", "trainable.safetensors", "adapter")))
+    if (ckpt or exported) and not args.resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    ckpt = decide(str(checkpoints(out)[-1]) if args.resume and checkpoints(out) else None)
+    if args.resume and not ckpt:
+        raise ValueError(f"--resume: {out} holds no checkpoint to continue from" + (" (that run saved none: --save-every 0)" if exported else "")
+                         + "; run without --resume to start from the beginning, or choose another --out")  # fmt: skip
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -393,6 +489,7 @@ def train(args, rank, world, device):
               f"these processes do not see {ckpt or out}: --out must be a folder that every node shares, since every process writes and reads its checkpoints")  # fmt: skip
     m = build_model(args, rank, world, device)
     dataset, pad_id = load_data(args, m.args.vocab_size)
+    fmt, tokenizer = export_plan(args, m, dataset, rank)
     trainable = [p for p in m.parameters() if p.requires_grad]  # FSDP2's shards: the only copies there are
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
     loaded = torch.tensor(peak_memory_gb(device)[1], device=device)
@@ -408,6 +505,8 @@ def train(args, rank, world, device):
               + (f" (G={args.group_size})" if args.attn != "full" else "") + f", {args.backend}; RoPE positions / {m.args.rope_interpolation:g}"
               + (f"; resuming after step {start}" if start else "") + f"; {loaded.item():.2f} GB host memory per process after loading", flush=True)  # fmt: skip
     if rank == 0 and (out / "log.jsonl").exists():  # drop the steps a killed run did after its last checkpoint
+        if not start:
+            print(f"replacing {out / 'log.jsonl'}: the run that wrote it stopped before its first checkpoint", flush=True)
         kept = [line for line in (out / "log.jsonl").read_text().splitlines() if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start]
         (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(out / ".log.jsonl.tmp", out / "log.jsonl")
@@ -465,12 +564,12 @@ def train(args, rank, world, device):
             saved = step
     bar.close()
     if decide(start < args.steps or not (out / "merged").exists()):
-        if args.save_every:
+        if args.save_every and start < args.steps:  # (a resume that only redoes a failed export has its checkpoint)
             save_checkpoint(out, args.steps, m, optim, args, rank, world, device)
-        export(out, m, args, rank)
+        export(out, m, args, rank, fmt, tokenizer)
     if rank == 0:
         log.close()
-        print(f"done: {out / 'merged'}" + (f", {out / 'trainable.safetensors'}" if args.lora_rank else ""), flush=True)
+        print(f"done: {out / 'merged'}" + "".join(f", {out / n}" for n in ("adapter", "trainable.safetensors") if args.lora_rank and (out / n).exists()), flush=True)
 
 
 # ----------------------------------------------------------------------------- the demo: `python train.py`
@@ -508,7 +607,7 @@ def demo(rank, world, device, out=None, steps=400, lr=1e-3, group_size=None, eva
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     argv = ["--model", str(DEMO / "model"), "--data", str(out / "data" / "train.bin"), "--out", str(out), "--seq-len", str(new),
             "--attn", attn, "--group-size", str(G), "--lr", str(lr), "--warmup", "10", "--steps", str(steps), "--schedule", schedule,
-            "--batch-size", str(max(1, 4096 // new)), "--grad-accum", "1", "--dtype", dtype, "--save-every", "0", "--no-activation-checkpointing"]  # fmt: skip
+            "--batch-size", str(max(1, 4096 // new)), "--grad-accum", "1", "--dtype", dtype, "--save-every", "0", "--no-activation-checkpointing", "--export-format", "hf"]  # fmt: skip
     if rank == 0:
         print("python train.py " + " ".join(argv), flush=True)
     train(parse_args(argv), rank, world, device)

@@ -151,16 +151,23 @@ def test_collate_right_pads(spm, tmp_path):
         assert (x[b, n:] == 2).all() and (y[b, n:] == data.IGNORE).all()
 
 
-def test_hf_tokenizer_json(tmp_path):
+def hf_tokenizer_folder(folder, config):
+    """A byte-level BPE tokenizer.json trained on TEXTS, with `config` as its tokenizer_config.json."""
     tokenizers = pytest.importorskip("tokenizers", reason="pip install tokenizers")
     tk = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|begin|>", "<|end|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(TEXTS * 20, trainer)
-    tk.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}))
-    tok = data.load_tokenizer(tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tk.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_hf_tokenizer_json(tmp_path):
+    tok = data.load_tokenizer(hf_tokenizer_folder(tmp_path, {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}))
     assert (tok.bos_id, tok.eos_id) == (1, 2)
     ids = tok.encode(TEXTS[0], eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and ids.count(1) == 1 and tok.decode(ids) == TEXTS[0]
@@ -176,3 +183,26 @@ def test_llama3_tiktoken_format(tmp_path):
     ids = tok.encode("to the", eos=True)
     # pre-tokens "to" and " the"; BPE merges by rank: "to" -> 259; " the" -> " ", "th" (256) -> " ", "the" (257)
     assert ids == [len(ranks), 259, 32, 257, len(ranks) + 1] and tok.decode(ids) == "to the"
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tiktoken", "tokenizer.json"])
+def test_saved_tokenizer_opens_in_transformers_and_encodes_alike(spm, tmp_path, kind):
+    """save_tokenizer writes what AutoTokenizer needs; it then encodes as load_tokenizer does, BOS first,
+    newlines and repeated spaces included."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    if kind == "sentencepiece":
+        pytest.importorskip("google.protobuf", reason="AutoTokenizer reads a sentencepiece file with protobuf: pip install protobuf")
+        src = spm
+    elif kind == "tiktoken":
+        pytest.importorskip("tiktoken", reason="pip install tiktoken")
+        ranks = [bytes([i]) for i in range(256)] + [b"th", b"the", b" t", b"to", b" to"]
+        src = tmp_path / "llama3.model"
+        src.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+    else:  # copied with its tokenizer_config.json (its tokenizer.json adds no BOS: compared without)
+        src = hf_tokenizer_folder(tmp_path / "src", {"bos_token": "<|begin|>", "eos_token": "<|end|>"}) / "tokenizer.json"
+    data.save_tokenizer(src, tmp_path / "out")
+    ours, theirs = data.load_tokenizer(tmp_path / "out"), transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "  To be, or not\n\nto be:  that is  the question. 1234 \u00e9"
+    assert ours.encode(text) == data.load_tokenizer(src).encode(text)
+    bos = kind != "tokenizer.json"
+    assert theirs(text, add_special_tokens=bos).input_ids == ours.encode(text, bos=bos)

@@ -146,16 +146,24 @@ def test_cli_ppl_json_and_passkey(tmp_path, tok):
     r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", "--by-context")
     assert r.returncode == 0, r.stderr
     by = ev.perplexity_by_context(m, tokens, 32, progress=False)
-    assert [line.split()[1:] for line in r.stdout.splitlines()[1:]] == [[f"{lo}-{hi - 1}", f"{v:.4f}"] for (lo, hi), v in by.items()]
+    lines = r.stdout.splitlines()  # the table alone: the progress bars are on stderr, closed before it
+    assert lines[0].split() == ["length", "perplexity"] and lines[1].split() == ["32", f"{ev.perplexity(m, tokens, 32, progress=False):.4f}"]
+    assert [line.split()[1:] for line in lines[2:]] == [[f"{lo}-{hi - 1}", f"{v:.4f}"] for (lo, hi), v in by.items()]
     r = run_eval("passkey", "--model", str(tmp_path / "m"), "--tokenizer", tok.name, "--lengths", "200", "--trials", "2", "--depths", "0,1", "--json", str(tmp_path / "k.json"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "k.json").read_text()).keys() == {"200"}
+    accuracy = json.loads((tmp_path / "k.json").read_text())["200"]
+    assert [line.split() for line in r.stdout.splitlines()] == [["length", "depth", "0%", "depth", "100%"], ["200"] + [f"{a:.0%}" for a in accuracy.values()]]
     r = run_eval("ppl", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32")
     assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     model.save(tiny_model(vocab_size=200), tmp_path / "small")
     for cmd in (["ppl", "--data", str(tmp_path / "t.bin"), "--seq-len", "32"], ["passkey", "--tokenizer", tok.name, "--lengths", "200", "--trials", "1"]):
         r = run_eval(cmd[0], "--model", str(tmp_path / "small"), *cmd[1:])
         assert r.returncode != 0 and "but the model's vocabulary has 200 tokens" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for flags, expect in ((["--group-size", "0", "--attn", "s2"], "--group-size 0: an S2-Attn group holds at least 1 token"),
+                          (["--seq-len", "1"], "--seq-len takes lengths of at least 2 tokens")):  # fmt: skip
+        r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", *flags)
+        assert r.returncode == 2 and expect in r.stderr, r.stderr
 
 
 def test_plot_or_a_clear_message(tmp_path):

@@ -158,6 +158,35 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("case", ["backend", "group-zero", "resume-nothing", "resume-no-checkpoint"])
+def test_bad_run_folder_input_is_refused_and_keeps_files(setup, tmp_path, case):
+    """Refused before the model loads (flags) or before anything is written (the run folder)."""
+    out = tmp_path / "run"
+    flags = ["--steps", "2"]
+    if case == "backend":
+        flags += ["--backend", "flash"]
+        expect = "--backend flash runs on CUDA only: use --backend sdpa on CPU"
+    elif case == "group-zero":
+        flags += ["--group-size", "0"]
+        expect = "--group-size 0: an S2-Attn group holds at least 1 token"
+    elif case == "resume-nothing":  # a run that stopped before its first checkpoint left only its log
+        out.mkdir()
+        (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+        flags += ["--resume"]
+        expect = f"--resume: {out} holds no checkpoint to continue from; run without --resume"
+    else:  # a finished run that saved no checkpoint
+        run_train(setup, out, "--steps", "1", "--save-every", "0")
+        flags += ["--resume"]
+        expect = "holds no checkpoint to continue from (that run saved none: --save-every 0)"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run_train(setup, out, *flags, check=False)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    if case == "resume-nothing":  # the same folder, without --resume, starts over and replaces the log
+        r = run_train(setup, out, "--steps", "2")
+        assert "replacing" in r.stdout and len(losses(out)) == 2
+
+
 def test_resume_refuses_changed_settings(setup, tmp_path):
     run_train(setup, tmp_path / "run", "--steps", "2")
     r = run_train(setup, tmp_path / "run", "--steps", "4", "--resume", "--lora-rank", "4", check=False)
@@ -304,3 +333,73 @@ def test_peak_table_tells_variants_apart():
              "NVIDIA H200": 989.4, "NVIDIA H200 NVL": 835.5, "NVIDIA GH200 480GB": 989.4, "NVIDIA B200": 2250.0,
              "NVIDIA GB200": 2500.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A800-SXM4-80GB": 312.0, "Tesla V100-SXM2-16GB": None}  # fmt: skip
     assert {n: train.known_peak(n) for n in names} == names
+
+
+# ----------------------------------------------------------------------------- exports for transformers and PEFT
+
+
+def hf_logits(path, x, **kwargs):
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    with torch.no_grad():
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)(x).logits
+
+
+def peft_logits(base, adapter, x):
+    """Logits of PEFT's `adapter` on the Hugging Face model `base`, loaded with the adapter's base_config.json."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    peft = pytest.importorskip("peft", reason="pip install peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **json.loads((adapter / "base_config.json").read_text()))
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(hf, adapter)(x).logits
+
+
+def test_hf_run_exports_what_transformers_peft_and_eval_open(setup, tmp_path):
+    """An HF base gives an HF merged/ with the tokenizer beside it, and a PEFT adapter: transformers,
+    PEFT and eval.py open them with no extra flag, and all compute the merged model's logits."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    pytest.importorskip("google.protobuf", reason="AutoTokenizer reads a sentencepiece file with protobuf: pip install protobuf")
+    model.save(tiny_model(vocab_size=320, tie_embeddings=True), tmp_path / "base", format="hf")
+    data.save_tokenizer(setup / "tok", tmp_path / "base")
+    out = tmp_path / "run"
+    run_train(setup, out, "--model", str(tmp_path / "base"), "--steps", "3", "--lr", "3e-2", "--warmup", "0", "--save-every", "0")
+    assert (out / "merged" / "config.json").exists() and (out / "merged" / "tokenizer_config.json").exists()
+    x = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
+    ours = model.load(out / "merged")(x).detach()
+    assert (ours - model.load(tmp_path / "base")(x)).abs().max() > 1e-2  # training changed the model
+    torch.testing.assert_close(hf_logits(out / "merged", x), ours, rtol=0, atol=1e-4)
+    torch.testing.assert_close(peft_logits(tmp_path / "base", out / "adapter", x), ours, rtol=0, atol=1e-4)
+    text = synthetic_text(50, seed=9)
+    assert transformers.AutoTokenizer.from_pretrained(out / "merged")(text).input_ids == data.load_tokenizer(setup / "tok").encode(text)
+    r = subprocess.run([sys.executable, "eval.py", "passkey", "--model", str(out / "merged"), "--lengths", "256", "--trials", "1", "--depths", "0"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split() == ["length", "depth", "0%"], r.stderr[-2000:]
+
+
+def test_meta_run_exports_meta_with_the_data_tokenizer(setup, tmp_path):
+    """A Meta base gives a Meta merged/, or HF with --export-format hf; the tokenizer is the one the token
+    file was made with when the model folder has none."""
+    out = tmp_path / "run"
+    run_train(setup, out, "--steps", "1", "--save-every", "0", "--export-format", "hf")
+    assert sorted(p.name for p in (out / "merged").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    assert data.load_tokenizer(out / "merged").encode("the a of") == data.load_tokenizer(setup / "tok").encode("the a of")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("targets,extra", [(("wq", "wk", "wv", "wo"), ("embed", "norm")), (("wq", "w1", "w2", "w3"), ("norm",)), (("wk", "wo"), ())])
+def test_peft_adapter_equals_the_merged_model(tmp_path, tied, targets, extra):
+    """save_peft on random adapters, embedding and norms, GQA, with and without tied embeddings and a
+    context extension: PEFT on the HF base computes what merge_lora computes."""
+    base = tiny_model(tie_embeddings=tied)
+    model.save(base, tmp_path / "base", format="hf")
+    m = lora.add_lora(model.load(tmp_path / "base"), rank=4, alpha=8, targets=targets)
+    lora.set_trainable(m, extra=extra)
+    m.args.rope_interpolation, m.args.max_seq_len = 2.0, 128
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    assert train.save_peft(m, tmp_path / "adapter", {k: p.detach() for k, p in m.named_parameters() if p.requires_grad})
+    x = torch.randint(0, m.args.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+    merged = lora.merge_lora(m)(x).detach()
+    torch.testing.assert_close(peft_logits(tmp_path / "base", tmp_path / "adapter", x), merged, rtol=0, atol=1e-4)
