@@ -329,7 +329,7 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     return state["step"]
 
 
-def export_plan(args, m, dataset, rank):
+def export_plan(args, m, dataset):
     """(format of merged/, tokenizer to copy beside it), settled before training so that nothing fails
     after it: merged/ in --export-format, else in the base's own format (HF in, HF out; Meta in, Meta out);
     the tokenizer from --tokenizer, else from the --model folder, else the one the token file was made with."""
@@ -340,16 +340,14 @@ def export_plan(args, m, dataset, rank):
         except ValueError as e:
             if fmt == "hf":
                 raise ValueError(f"{e}: pass --export-format meta") from None
-            if rank == 0:
-                print(f"note: no PEFT adapter will be written ({e})", flush=True)
+            print(f"note: no PEFT adapter will be written ({e})", flush=True)
     sources = [args.tokenizer] if args.tokenizer else [args.model, getattr(dataset, "meta", {}).get("tokenizer")]
     for src in sources:
         p = Path(src or "")
         if args.tokenizer or p.is_dir() and any((p / n).exists() for n in ("tokenizer.model", "tokenizer.json")) or p.is_file() and src != args.model:
             data.load_tokenizer(src)  # a missing or unreadable tokenizer: an error now, not after training
             return fmt, src
-    if rank == 0:
-        print(f"note: no tokenizer in {args.model} or beside the token file; merged/ will have none (pass --tokenizer to copy one)", flush=True)
+    print(f"note: no tokenizer in {args.model} or where the token file was made; merged/ will have none (--tokenizer copies one)", flush=True)
     return fmt, None
 
 
@@ -489,7 +487,16 @@ def train(args, rank, world, device):
               f"these processes do not see {ckpt or out}: --out must be a folder that every node shares, since every process writes and reads its checkpoints")  # fmt: skip
     m = build_model(args, rank, world, device)
     dataset, pad_id = load_data(args, m.args.vocab_size)
-    fmt, tokenizer = export_plan(args, m, dataset, rank)
+    plan = None
+    if rank == 0:  # rank 0 exports: it decides, and an error it finds stops every rank
+        try:
+            plan = export_plan(args, m, dataset)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            plan = e
+    plan = decide(plan)
+    if isinstance(plan, Exception):
+        raise plan
+    fmt, tokenizer = plan
     trainable = [p for p in m.parameters() if p.requires_grad]  # FSDP2's shards: the only copies there are
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
     loaded = torch.tensor(peak_memory_gb(device)[1], device=device)

@@ -158,7 +158,7 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("case", ["backend", "group-zero", "resume-nothing", "resume-no-checkpoint"])
+@pytest.mark.parametrize("case", ["backend", "group-zero", "resume-nothing", "resume-no-checkpoint", "tokenizer-2proc"])
 def test_bad_run_folder_input_is_refused_and_keeps_files(setup, tmp_path, case):
     """Refused before the model loads (flags) or before anything is written (the run folder)."""
     out = tmp_path / "run"
@@ -174,13 +174,18 @@ def test_bad_run_folder_input_is_refused_and_keeps_files(setup, tmp_path, case):
         (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
         flags += ["--resume"]
         expect = f"--resume: {out} holds no checkpoint to continue from; run without --resume"
+    elif case == "tokenizer-2proc":  # found by rank 0 before training; every rank stops
+        flags += ["--tokenizer", str(tmp_path / "nope.model")]
+        expect = "does not exist"
     else:  # a finished run that saved no checkpoint
         run_train(setup, out, "--steps", "1", "--save-every", "0")
         flags += ["--resume"]
         expect = "holds no checkpoint to continue from (that run saved none: --save-every 0)"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    r = run_train(setup, out, *flags, check=False)
-    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    nproc = 2 if case.endswith("2proc") else 1
+    r = run_train(setup, out, *flags, check=False, nproc=nproc)
+    assert r.returncode != 0 and expect in r.stderr and f'{ROOT / "train.py"}", line' not in r.stderr, r.stderr[-3000:]
+    assert nproc > 1 or (r.returncode == 2 and "Traceback" not in r.stderr)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     if case == "resume-nothing":  # the same folder, without --resume, starts over and replaces the log
         r = run_train(setup, out, "--steps", "2")
