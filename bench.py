@@ -114,7 +114,7 @@ def ours(margs, targs, device):
     train.setup_distributed(device.type)
     targs.model, targs.init = margs, True
     m = train.build_model(targs, 0, 1, device)
-    loss = lambda x: m(x[:, :-1], head=train.loss_head(x[:, 1:], targs.loss_chunk)) / targs.seq_len  # noqa: E731
+    loss = lambda x: m(x[:, :-1], x[:, 1:], loss_chunk=targs.loss_chunk) / targs.seq_len  # noqa: E731
     return m, loss
 
 

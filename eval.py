@@ -32,7 +32,6 @@ from tqdm import tqdm
 import data
 import lora
 import model as llama
-import train
 
 # ----------------------------------------------------------------------------- models
 
@@ -61,7 +60,8 @@ def check_vocab(vocab_size, n, source):
 
 def token_nll(m, x):
     """Negative log-likelihood of each next token: x (B, L) -> (B, L - 1)."""
-    return m(x, head=lambda h, w: train.chunked_nll(h[:, :-1], w, x[:, 1:], chunk=1024))
+    targets = F.pad(x[:, 1:], (0, 1), value=llama.IGNORE)  # position i predicts token i + 1; the last predicts nothing
+    return m(x, targets, reduction="none", loss_chunk=1024)[:, :-1]
 
 
 def window_nll(m, tokens, seq_len, stride, max_windows=None, batch_size=1, progress=True):
@@ -147,10 +147,9 @@ def generate(m, ids, max_new_tokens, eos_id=None):
     x = torch.tensor([ids], device=device)
     use_cache = all(layer.attention.group_size is None for layer in m.layers)
     cache = llama.KVCache(len(m.layers)) if use_cache else None
-    last = lambda h, w: F.linear(h[:, -1:], w)  # noqa: E731  only the next token's logits: (1, 1, vocab), not (1, N, vocab)
     out = []
     with torch.no_grad():
-        logits = m(x, cache=cache, head=last)
+        logits = m(x, cache=cache, last_only=True)  # the next token's logits: (1, 1, vocab), not (1, N, vocab)
         for _ in range(max_new_tokens):
             nxt = int(logits[0, -1].argmax())
             if nxt == eos_id:
@@ -159,7 +158,7 @@ def generate(m, ids, max_new_tokens, eos_id=None):
             if len(out) == max_new_tokens:
                 break
             x = torch.tensor([[nxt]], device=device) if use_cache else torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
-            logits = m(x, cache=cache, head=last)
+            logits = m(x, cache=cache, last_only=True)
     return out
 
 

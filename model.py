@@ -10,6 +10,7 @@ Parameter names are Meta's (tok_embeddings, layers.{i}.attention.wq, feed_forwar
 ffn_norm, norm, output), so a Meta checkpoint loads with strict=True. The model knows nothing about
 LoRA, FSDP or data; it runs on one CPU as it is.
 """
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from s2attn import cached_attention, check_config, full_attention, s2_attention
 
@@ -199,11 +201,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, tokens, head=None, cache=None):
-        """tokens: (B, N) LongTensor -> logits (B, N, vocab_size). With `head`, returns head(h, W) instead:
-        h the final hidden states (B, N, dim), W the output weight (vocab_size, dim); train.py passes a
-        loss that never materialises the logits of the whole sequence at once. With a KVCache, `tokens`
-        continue the ones the cache has seen (generation)."""
+    def forward(self, tokens, targets=None, *, reduction="sum", loss_chunk=2048, last_only=False, cache=None):
+        """tokens (B, N) LongTensor -> logits (B, N, vocab_size); last_only: the last position's, (B, 1, vocab).
+        With targets (B, N), the next-token loss instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed
+        (reduction="sum") or per position (reduction="none", (B, N)), 0 where a target is IGNORE.
+        With a KVCache, `tokens` continue the ones the cache has seen (generation)."""
         h = self.tok_embeddings(tokens)  # (B, N, dim)
         start = cache.pos if cache is not None else 0
         freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]
@@ -213,7 +215,13 @@ class Transformer(nn.Module):
             cache.pos += tokens.shape[1]
         h = self.norm(h)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, w) if head is None else head(h, w)
+        if targets is None:
+            return F.linear(h[:, -1:] if last_only else h, w)
+        # The loss runs here, in the forward, and not on logits returned to the caller: with FSDP2 the
+        # output weight is gathered only during the root module's forward; and chunked, because the
+        # float32 logits of a whole sequence (32k tokens x 32k vocabulary: 4 GB) need never exist.
+        nll = chunked_nll(h, w, targets, loss_chunk, recompute=torch.is_grad_enabled())
+        return nll.sum() if reduction == "sum" else nll
 
     def set_attention(self, group_size=None, backend=None, shift=True):
         """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend;
@@ -224,6 +232,25 @@ class Transformer(nn.Module):
             layer.attention.backend = backend or layer.attention.backend
             layer.attention.shift = shift
         return self
+
+
+IGNORE = -100  # a target the loss skips (as torch's cross_entropy): prompts of SFT examples, right padding
+
+
+def chunked_nll(h, w, targets, chunk, recompute=False):
+    """-log p(target) at every position: h (B, N, dim) final hidden states, w (vocab, dim) the output
+    weight, targets (B, N) -> (B, N) in float32 or wider, 0 where the target is IGNORE. The projection and the loss
+    run over `chunk` positions at a time; with `recompute`, each chunk's logits are recomputed in
+    backward instead of being kept for it."""
+
+    def one(hs, ts):
+        logits = F.linear(hs, w)  # (B, chunk, vocab)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in float32
+        # classes on the last dim: on CPU, cross_entropy's (B, vocab, chunk) layout is ten times less accurate
+        return F.cross_entropy(logits.flatten(0, 1), ts.flatten(), ignore_index=IGNORE, reduction="none").view(ts.shape)
+
+    run = functools.partial(checkpoint, one, use_reentrant=False) if recompute else one
+    return torch.cat([run(hs, ts) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))], dim=1)
 
 
 def forward_flops(args, seq_len, group_size=None):

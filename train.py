@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -248,27 +247,6 @@ def load_data(args, vocab_size):
     if tok.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer")
     return data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed), tok.eos_id
-
-
-def chunked_nll(h, w, targets, chunk, recompute=False):
-    """-log p(target) at every position: h (B, N, dim) final hidden states, w (vocab, dim) the output
-    weight, targets (B, N) -> (B, N), 0 where the target is IGNORE. The projection and the loss run over
-    `chunk` positions at a time, so float32 logits of the whole sequence never exist at once (at 32k
-    tokens and a 32k vocabulary they would take 4 GB); with `recompute`, each chunk's logits are
-    recomputed in backward instead of being kept for it."""
-
-    def one(hs, ts):
-        logits = F.linear(hs, w).float()  # (B, chunk, vocab)
-        # classes on the last dim: on CPU, cross_entropy's (B, vocab, chunk) layout is ten times less accurate
-        return F.cross_entropy(logits.flatten(0, 1), ts.flatten(), ignore_index=data.IGNORE, reduction="none").view(ts.shape)
-
-    run = functools.partial(checkpoint, one, use_reentrant=False) if recompute else one
-    return torch.cat([run(hs, ts) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))], dim=1)
-
-
-def loss_head(targets, chunk):
-    """The summed cross-entropy, as a `head` for model.forward (see chunked_nll)."""
-    return lambda h, w: chunked_nll(h, w, targets, chunk, recompute=True).sum()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -537,7 +515,7 @@ def train(args, rank, world, device):
         dist.all_reduce(n_targets)
         loss_sum = torch.zeros((), device=device)
         for x, t in micro:
-            loss = m(x, head=loss_head(t, args.loss_chunk))
+            loss = m(x, t, loss_chunk=args.loss_chunk)  # summed over this micro-batch's targets
             # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens
             (loss * world / n_targets.clamp(min=1)).backward()
             loss_sum += loss.detach().float()

@@ -321,3 +321,21 @@ def test_forward_flops_counts_matmuls_of_a_tiny_model():
     assert f["attn"] == args.n_layers * args.n_heads * 4 * N * N * hd
     # S2 with a partial last group: 40 = 3 groups of 12 + 4
     assert model.forward_flops(args, N, group_size=12)["attn"] == args.n_layers * args.n_heads * 4 * (3 * 144 + 16) * hd
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 2048])
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
+    """model(tokens, targets): the chunked loss is the cross-entropy of model(tokens)'s logits, skipping
+    IGNORE targets, per token or summed, and so are its gradients (recomputed chunks included)."""
+    m = tiny_model(dtype=torch.float64, tie_embeddings=tied)
+    x, t = tokens(n=2, N=24), tokens(n=2, N=24, seed=2)
+    t[0, 3:9] = model.IGNORE
+    per_token = m(x, t, reduction="none", loss_chunk=chunk)
+    ref = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), t.flatten(), ignore_index=model.IGNORE, reduction="none").view(t.shape)
+    torch.testing.assert_close(per_token, ref, rtol=1e-12, atol=1e-12)
+    assert (per_token[0, 3:9] == 0).all()
+    grads = [torch.autograd.grad(loss, list(m.parameters())) for loss in (m(x, t, loss_chunk=chunk), ref.sum())]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m(x, last_only=True), m(x)[:, -1:], rtol=1e-12, atol=1e-12)
