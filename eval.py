@@ -113,6 +113,7 @@ TASK = "There is an important info hidden inside a lot of irrelevant text. Find 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+ANSWER_TOKENS = 8  # generated after the prompt: enough for a key of up to 5 digits
 
 
 def passkey_prompt(tok, length, depth, key):
@@ -171,7 +172,8 @@ def passkey(m, tok, lengths, depths, trials, seed=0, progress=True):
         hits = 0
         for _ in range(trials):
             key = rng.randint(1, 50000)
-            answer = tok.decode(generate(m, passkey_prompt(tok, L, d, key), max_new_tokens=8, eos_id=tok.eos_id))
+            prompt = passkey_prompt(tok, L - ANSWER_TOKENS, d, key)  # the prompt and its answer fit in L tokens
+            answer = tok.decode(generate(m, prompt, max_new_tokens=ANSWER_TOKENS, eos_id=tok.eos_id))
             hits += parse_answer(answer) == key
         results.setdefault(L, {})[d] = hits / trials
     return results
@@ -255,6 +257,7 @@ def main(argv=None):
         s.add_argument("--plot", help="write a PNG (needs matplotlib)")
         s.add_argument("--json", help="write the results as JSON")
         s.add_argument("--seed", type=int, default=0, help="seed (passkey keys and depths; default 0)")
+        s.add_argument("--beyond-context", action="store_true", help="allow lengths past the model's context (to measure how it fails there)")
     s = sub.choices["ppl"]
     s.add_argument("--data", required=True, help="token file (FILE.bin from data.py tokenize) of the evaluation text")
     s.add_argument("--seq-len", type=ints, required=True, help="comma-separated evaluation lengths, e.g. 2048,4096,8192")
@@ -284,6 +287,9 @@ def main(argv=None):
             check_vocab(vocab, tok.vocab_size, f"the tokenizer {tok.name}")
             depths = [float(d) for d in args.depths.split(",")]
         m = load_model(args.model, args.trainable, args.dtype)
+        m.beyond_context = args.beyond_context
+        if max(lengths) > m.args.max_seq_len and not args.beyond_context:
+            raise ValueError(f"length {max(lengths)} is past the model's context of {m.args.max_seq_len} tokens: pass --beyond-context to measure it there")
         results, by_context = {}, {}
         for L in lengths:
             m.set_attention(group_size=args.group_size or max(1, L // 4) if args.attn == "s2" else None)  # S2's default G depends on L

@@ -3,6 +3,7 @@
     import model
     m = model.load("llama-2-7b/")           # Meta folder (params.json + consolidated.NN.pth) or HF folder
     logits = m(tokens)                      # tokens (B, N) LongTensor -> logits (B, N, vocab)
+    m.extend_context(8)                     # Position Interpolation: 8x the context (positions / 8)
     m.set_attention(group_size=2048)        # S2-Attn (training); group_size=None: full attention
     model.save(m, "out/", format="hf")      # or format="meta"
 
@@ -200,14 +201,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.beyond_context = False  # True: run sequences longer than args.max_seq_len (to measure what happens)
 
     def forward(self, tokens, targets=None, *, reduction="sum", loss_chunk=2048, last_only=False, cache=None):
         """tokens (B, N) LongTensor -> logits (B, N, vocab_size); last_only: the last position's, (B, 1, vocab).
         With targets (B, N), the next-token loss instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed
         (reduction="sum") or per position (reduction="none", (B, N)), 0 where a target is IGNORE.
         With a KVCache, `tokens` continue the ones the cache has seen (generation)."""
-        h = self.tok_embeddings(tokens)  # (B, N, dim)
         start = cache.pos if cache is not None else 0
+        if start + tokens.shape[1] > self.args.max_seq_len and not self.beyond_context:
+            raise ValueError(f"{start + tokens.shape[1]} tokens are more than the model's context of {self.args.max_seq_len}: extend it "
+                             "with m.extend_context(factor), or set m.beyond_context = True to run past it anyway")  # fmt: skip
+        h = self.tok_embeddings(tokens)  # (B, N, dim)
         freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, None if cache is None else cache.layers[i])
@@ -222,6 +227,16 @@ class Transformer(nn.Module):
         # float32 logits of a whole sequence (32k tokens x 32k vocabulary: 4 GB) need never exist.
         nll = chunked_nll(h, w, targets, loss_chunk, recompute=torch.is_grad_enabled())
         return nll.sum() if reduction == "sum" else nll
+
+    def extend_context(self, factor):
+        """Position Interpolation, LongLoRA's context extension (paper §3, after Chen et al. 2023): positions
+        are divided by `factor` (on top of any interpolation the model has), so a context `factor` times
+        as long maps onto the positions it was trained on. Fine-tuning then teaches it to use them."""
+        if factor < 1:
+            raise ValueError(f"extend_context({factor}): the factor is at least 1 (positions are divided by it)")
+        self.args.rope_interpolation *= factor
+        self.args.max_seq_len = int(self.args.max_seq_len * factor)
+        return self
 
     def set_attention(self, group_size=None, backend=None, shift=True):
         """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend;

@@ -56,8 +56,8 @@ def full_attention(q, k, v, backend="sdpa"):
     _check(q, k, v, backend)
     N = q.shape[1]
     if backend == "naive":
-        return _naive(q, k, v, causal_mask(N, q.shape[2], group_size=None, device=q.device))
-    return _KERNELS[backend](q, k, v, G=N, lead=0)
+        return _naive(q, k, v, s2_mask(N, q.shape[2], group_size=None, device=q.device))
+    return _KERNELS[backend](q, k, v, G=N, first=N)  # one group: the whole sequence
 
 
 def s2_attention(q, k, v, group_size, backend="sdpa", shift=True):
@@ -68,18 +68,20 @@ def s2_attention(q, k, v, group_size, backend="sdpa", shift=True):
     check_config(group_size, backend)
     if group_size is None:
         raise ValueError("s2_attention needs a group_size in tokens; for full attention call full_attention")
-    G = group_size
-    B, N, H, D = q.shape
+    G, (B, N, H, D) = group_size, q.shape
     if backend == "naive":
-        return _naive(q, k, v, causal_mask(N, H, G, device=q.device, shift=shift))
+        return _naive(q, k, v, s2_mask(N, H, G, device=q.device, shift=shift))
+    attend = _KERNELS[backend]  # attend(q, k, v, G, first): causal attention in groups [0, first), [first, first + G), ...
     if not shift:
-        return _KERNELS[backend](q, k, v, G=G, lead=0)
-    s = G // 2
-    halves = _split_heads(q, k, v)
-    # lead: tokens [0, lead) form a group of their own; the shifted heads' first half-group
-    leads = (0, s if N > s else 0)
-    outs = [_KERNELS[backend](*qkv, G=G, lead=lead) for qkv, lead in zip(halves, leads) if qkv[0].shape[2]]
-    return torch.cat(outs, dim=2)  # (B, N, H, D)
+        return attend(q, k, v, G, first=G)
+    (q1, k1, v1), (q2, k2, v2) = _split_heads(q, k, v)  # heads [0, H // 2) and [H // 2, H)
+    # The first half of the heads: groups [0, G), [G, 2G), ...
+    out1 = attend(q1, k1, v1, G, first=G) if H > 1 else q1  # (B, N, H // 2, D); H = 1: the first half has no head
+    # The second half: groups shifted by half a group. The paper rolls these heads by -G/2, which wraps
+    # the first half-group around to the end of the sequence, where it reads the future. We start a new
+    # group at G/2 instead, [0, G/2), [G/2, 3G/2), ...: nothing wraps. (G = 1 has no half-group.)
+    out2 = attend(q2, k2, v2, G, first=G // 2 or G)  # (B, N, H - H // 2, D)
+    return torch.cat([out1, out2], dim=2)  # (B, N, H, D)
 
 
 def cached_attention(q, k, v):
@@ -91,9 +93,9 @@ def cached_attention(q, k, v):
     return _sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)  # (B, Nq, H, D)
 
 
-def causal_mask(N, H, group_size, device=None, shift=True):
-    """(H, N, N) bool, True where query i of head h may read key j. group_size=None: full attention;
-    shift=False: no head is shifted."""
+def s2_mask(N, H, group_size, device=None, shift=True):
+    """The definition of S2-Attn as a mask: (H, N, N) bool, True where query i of head h may read key j.
+    group_size=None: full attention; shift=False: no head is shifted."""
     i = torch.arange(N, device=device)
     causal = i[None, :] <= i[:, None]  # (N, N): key j <= query i
     if group_size is None:
@@ -103,7 +105,7 @@ def causal_mask(N, H, group_size, device=None, shift=True):
     group_shifted = (i + G - s) // G  # heads [H//2, H): [0, s), [s, s + G), ...
     same = lambda g: (g[:, None] == g[None, :]) & causal  # noqa: E731
     shifted = H - H // 2 if shift else 0
-    return torch.stack([same(group)] * (H - shifted) + [same(group_shifted)] * shifted)
+    return torch.stack([same(group)] * (H - shifted) + [same(group_shifted)] * shifted)  # (H, N, N)
 
 
 def _naive(q, k, v, mask):
@@ -122,32 +124,35 @@ def _naive(q, k, v, mask):
 def _split_heads(q, k, v):
     """(q, k, v) of heads [0, H//2) and of heads [H//2, H), each with the kv heads it reads."""
     H, Hkv = q.shape[2], k.shape[2]
-    h, r = H // 2, H // Hkv
-    if h % r:  # a kv head serves query heads in both halves: give each half its own copy
-        k, v, r = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2), 1
-    return (q[:, :, :h], k[:, :, : h // r], v[:, :, : h // r]), (q[:, :, h:], k[:, :, h // r :], v[:, :, h // r :])
+    half, r = H // 2, H // Hkv  # query heads in the first half; query heads per kv head
+    if half % r:  # a kv head serves query heads in both halves: give each half its own copy
+        k, v, r = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2), 1  # (B, N, H, D)
+    kv = half // r  # kv heads of the first half
+    return (q[:, :, :half], k[:, :, :kv], v[:, :, :kv]), (q[:, :, half:], k[:, :, kv:], v[:, :, kv:])
 
 
-def _sdpa(q, k, v, G, lead):
-    """Causal attention in groups of G tokens, tokens [0, lead) being a group of their own.
+def _sdpa(q, k, v, G, first):
+    """Causal attention in the groups [0, first), [first, first + G), [first + G, first + 2G), ...
+    q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D).
 
-    Zeros pad every group to G tokens: after the first `lead` tokens, and at the end. Padding only ever
-    sits after the real tokens of its group, where the causal mask hides it, so no key mask is needed
-    and every group is one batch entry of a single dense, causal SDPA call.
+    Zeros pad every group to G tokens: the first group after its `first` tokens, the last at the end.
+    Padding only ever sits after the real tokens of its group, where the causal mask hides it, so no
+    key mask is needed and every group is one batch entry of a single dense, causal SDPA call.
     """
-    B, N, h, D = q.shape
-    front = G - lead if lead else 0
-    tail = -(N + front) % G
+    B, N, Hq, D = q.shape
+    first = min(first, N)
+    front = G - first if first < N else 0  # zeros after the first group
+    tail = -(N + front) % G  # zeros after the last group
     n = (N + front + tail) // G  # groups per sequence
 
-    def grouped(x):  # (B, N, h', D) -> (B * n, h', G, D)
-        if front or tail:
-            x = torch.cat([x[:, :lead], x.new_zeros(B, front, *x.shape[2:]), x[:, lead:], x.new_zeros(B, tail, *x.shape[2:])], 1)
+    def grouped(x):  # (B, N, heads, D) -> (B * n, heads, G, D)
+        zeros = lambda length: x.new_zeros(B, length, *x.shape[2:])  # noqa: E731
+        x = torch.cat([x[:, :first], zeros(front), x[:, first:], zeros(tail)], dim=1)  # (B, n * G, heads, D)
         return x.view(B * n, G, *x.shape[2:]).transpose(1, 2)
 
-    out = _sdpa_call(grouped(q), grouped(k), grouped(v), is_causal=True)
-    out = out.transpose(1, 2).reshape(B, n * G, h, D)  # (B, N + front + tail, h, D)
-    return torch.cat([out[:, :lead], out[:, lead + front : N + front]], dim=1)  # (B, N, h, D)
+    out = _sdpa_call(grouped(q), grouped(k), grouped(v), is_causal=True)  # (B * n, Hq, G, D)
+    out = out.transpose(1, 2).reshape(B, n * G, Hq, D)  # (B, n * G, Hq, D)
+    return torch.cat([out[:, :first], out[:, first + front : N + front]], dim=1)  # (B, N, Hq, D): the padding dropped
 
 
 def _sdpa_call(q, k, v, **kw):
@@ -161,22 +166,25 @@ def _sdpa_call(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=r > 1, **kw)
 
 
-def _flash(q, k, v, G, lead):
-    """Causal attention in the segments [0, lead), [lead, lead + G), ... of every sequence, as
-    variable-length sequences of one packed batch: no padding, no wasted work."""
-    B, N, h, D = q.shape
-    bounds = sorted({0, N, *range(lead or G, N, G)})  # segment borders within one sequence
-    max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
-    # cu_seqlens made on the device (a host list copied there would be a blocking copy on every call)
-    starts = torch.cat([torch.zeros(1, dtype=torch.int32, device=q.device), torch.arange(min(lead or G, N), N, G, dtype=torch.int32, device=q.device)])
-    per_seq = torch.arange(B, dtype=torch.int32, device=q.device)[:, None] * N  # (B, 1)
-    cu = torch.cat([(per_seq + starts).flatten(), starts.new_full((1,), B * N)])
-    q, k, v = (x.reshape(B * N, x.shape[2], D) for x in (q, k, v))  # (B*N, heads, D)
+def _flash(q, k, v, G, first):
+    """Causal attention in the groups [0, first), [first, first + G), ... of every sequence, as the
+    variable-length sequences of one packed batch: no padding, no wasted work.
+    q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D)."""
+    B, N, Hq, D = q.shape
+    first = min(first, N)
+    max_len = max(first, min(G, N - first))  # the longest group
+    # cu_seqlens, the groups' starts in the packed batch, made on the device (a host list copied there
+    # would be a blocking copy on every call)
+    i32 = dict(dtype=torch.int32, device=q.device)
+    starts = torch.cat([torch.zeros(1, **i32), torch.arange(first, N, G, **i32)])  # (groups per sequence,)
+    per_seq = torch.arange(B, **i32)[:, None] * N  # (B, 1): where each sequence starts
+    cu = torch.cat([(per_seq + starts).flatten(), starts.new_full((1,), B * N)])  # (B * groups + 1,)
+    q, k, v = (x.reshape(B * N, x.shape[2], D) for x in (q, k, v))  # (B * N, heads, D)
     if flash_attn_varlen_func is not None:
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
     else:
         out = _torch_varlen(q, k, v, cu, max_len)
-    return out.view(B, N, h, D)
+    return out.view(B, N, Hq, D)
 
 
 def _torch_varlen(q, k, v, cu, max_len):

@@ -209,8 +209,10 @@ def keep_rows(p, full, rank, world):
 def apply_longlora(m, args):
     """LongLoRA on model `m` in place, as --seq-len, --lora-*, --trainable, --attn and --dtype say."""
     scale = args.rope_scale or max(1, math.ceil(args.seq_len / m.args.max_seq_len))
-    m.args.rope_interpolation *= scale
-    m.args.max_seq_len = max(int(m.args.max_seq_len * scale), args.seq_len)
+    if int(m.args.max_seq_len * scale) < args.seq_len:
+        raise ValueError(f"--rope-scale {scale:g} extends the model's context of {m.args.max_seq_len} tokens to {int(m.args.max_seq_len * scale)}, "
+                         f"short of --seq-len {args.seq_len}: leave --rope-scale out (then it is {math.ceil(args.seq_len / m.args.max_seq_len)})")  # fmt: skip
+    m.extend_context(scale)
     torch.manual_seed(args.seed)  # the same adapters on every rank
     if args.lora_rank:
         lora.add_lora(m, args.lora_rank, args.lora_alpha, targets=tuple(t for t in args.lora_targets.split(",") if t))
@@ -557,97 +559,14 @@ def train(args, rank, world, device):
         print(f"done: {out / 'merged'}" + "".join(f", {out / n}" for n in ("adapter", "trainable.safetensors") if args.lora_rank and (out / n).exists()), flush=True)
 
 
-# ----------------------------------------------------------------------------- the demo: `python train.py`
-
-DEMO = Path(__file__).resolve().parent / "demo"  # model/ and tokenizer.model, made by demo/make.sh
-
-
-def demo(rank, world, device, out=None, steps=400, lr=1e-3, group_size=None, eval_tokens=65536, schedule="cosine", attn="s2"):
-    """The whole method on a laptop: extend the shipped model 4x (128 -> 512 tokens) with Position
-    Interpolation + S2-Attn + LoRA+, and compare perplexity on plays it never saw, before and after;
-    after, at the new length, with full attention and with S2-Attn (the paper's Table 2 tests both).
-    The recipe is sized for a 3M-parameter model, not the paper's 7B: lr 1e-3 with a cosine decay, 400
-    steps of 4096 tokens, S2 groups of half the length (Table 11's N/2)."""
-    import eval as ev  # eval.py imports this file
-
-    out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    old = llama.load(DEMO / "model").args.max_seq_len
-    new = 4 * old
-    G = group_size or new // 2
-    if rank == 0:
-        print(f"LongLoRA demo: a {old}-token Shakespeare model (demo/model) learns to read {new} tokens. Output in {out}/", flush=True)
-        for split in ("train", "held-out"):
-            data.tokenize(DEMO / "tokenizer.model", out / "data" / f"{split}.bin", [f"shakespeare:{split}"])
-    dist.barrier()
-    held = data.read_tokens(out / "data" / "held-out.bin")[0][:eval_tokens]
-    ppl = lambda m, n: ev.perplexity(m, held, n, stride=n, progress=False)  # noqa: E731  non-overlapping windows
-    results = {}
-    if rank == 0:
-        base = ev.load_model(DEMO / "model", dtype="float32", device=device)
-        results["base"] = {old: ppl(base, old), new: ppl(base, new)}
-        base.args.rope_interpolation = 4.0
-        results["pi_only"] = {new: ppl(base, new)}
-        print(f"before: perplexity {results['base'][old]:.2f} at {old} tokens, {results['base'][new]:.2f} at {new}; "
-              f"{results['pi_only'][new]:.2f} at {new} with positions interpolated but no fine-tuning", flush=True)  # fmt: skip
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-    argv = ["--model", str(DEMO / "model"), "--data", str(out / "data" / "train.bin"), "--out", str(out), "--seq-len", str(new),
-            "--attn", attn, "--group-size", str(G), "--lr", str(lr), "--warmup", "10", "--steps", str(steps), "--schedule", schedule,
-            "--batch-size", str(max(1, 4096 // new)), "--grad-accum", "1", "--dtype", dtype, "--save-every", "0", "--no-activation-checkpointing", "--export-format", "hf"]  # fmt: skip
-    if rank == 0:
-        print("python train.py " + " ".join(argv), flush=True)
-    train(parse_args(argv), rank, world, device)
-    if rank == 0:
-        after = ev.load_model(out / "merged", dtype="float32", device=device)
-        results["after"] = {old: ppl(after, old), new: ppl(after, new)}
-        if attn == "s2":  # the paper's Table 2: the same model tested with the S2-Attn it was trained with
-            results["after_s2"] = {new: ppl(after.set_attention(G), new)}
-        (out / "demo.json").write_text(json.dumps({k: {str(n): v for n, v in r.items()} for k, r in results.items()}, indent=2))
-        print(demo_report(results, old, new, len(held), G), flush=True)
-    return results
-
-
-def demo_report(r, old, new, n_tokens, group_size):
-    """The demo's table and its reading in plain words, whatever the numbers turn out to be."""
-    b, pi, a, s2 = r["base"], r["pi_only"], r["after"], r.get("after_s2", {}).get(new)
-    rows = [(f"the shipped model, trained at {old} tokens", b[old], b[new]), ("  + Position Interpolation alone", None, pi[new]),
-            ("  + LongLoRA fine-tuning (S2-Attn, LoRA+)", a[old], a[new])]  # fmt: skip
-    if s2 is not None:
-        rows.append((f"    tested with S2-Attn, groups of {group_size}", None, s2))
-    cell = lambda v: f"{v:>10.2f}" if v is not None else f"{'':>10}"  # noqa: E731
-    lines = [f"\nperplexity on {n_tokens:,} tokens of held-out plays (lower is better)", f"{'':44}{old:>10}{new:>10}"]
-    lines += [f"{name:44}{cell(x)}{cell(y)}" for name, x, y in rows] + [""]
-    lines.append(f"Fed {new} tokens at once, the untouched model is lost ({b[new]:.1f}): it never saw positions past {old}. "
-                 f"Interpolating the positions alone does not fix it ({pi[new]:.1f}). After LongLoRA it reads {new}-token "
-                 f"windows at {a[new]:.1f} with ordinary full attention, " + ("better than" if a[new] < b[new] else "still no better than") + " the untouched model.")  # fmt: skip
-    if a[new] < a[old]:
-        lines.append(f"The extended model uses its longer window: {100 * (1 - a[new] / a[old]):.1f}% lower perplexity at {new} tokens "
-                     f"than at {old}.")
-    else:
-        lines.append(f"With full attention the extended model does not gain from the longer window yet: {a[new]:.1f} at {new} tokens, {a[old]:.1f} at {old}.")
-    if a[new] < b[old]:
-        lines.append(f"It now beats the original model at its own {old} tokens ({b[old]:.1f}).")
-    elif s2 is not None and s2 < b[old]:
-        lines.append(f"Tested with the S2-Attn it was trained with (groups of {group_size}), it reads {new}-token windows at {s2:.1f}, "
-                     f"better than the original model at its own {old} tokens ({b[old]:.1f}); with full attention it does not "
-                     f"({a[new]:.1f}). Full attention lets a token read {group_size} or more tokens back, a distance no S2 group "
-                     "spanned during fine-tuning, and a model this small does not carry what it learned over to it. The paper's "
-                     "Llama 2 7B does, and tests better with full attention (Table 2: 8.12 against 8.64).")  # fmt: skip
-    elif a[new] < a[old] and a[old] > b[old]:
-        lines.append(f"It does not beat the original model at its own {old} tokens ({b[old]:.1f}). Interpolated positions cost this "
-                     f"small model {100 * (a[old] / b[old] - 1):.0f}% at {old} tokens ({b[old]:.1f} -> {a[old]:.1f}), more than four "
-                     "times the context gives back; the paper sees the same cost at short lengths, 'a known limitation of "
-                     "Position Interpolation' (§4.2), which large models outweigh with what they gain from long context.")  # fmt: skip
-    else:
-        lines.append(f"It does not beat the original model at its own {old} tokens ({b[old]:.1f}).")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv) if argv else None
+    if not argv:  # the demo lives in demo.py, which imports this file: hand the process over to it
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("demo.py"))])
+    args = parse_args(argv)
     try:
-        rank, world, device = setup_distributed(args.device if args else "auto")
-        demo(rank, world, device) if args is None else train(args, rank, world, device)
+        rank, world, device = setup_distributed(args.device)
+        train(args, rank, world, device)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2

@@ -136,7 +136,7 @@ def part_eval(a, out):
     for name, path in (("base", a.model), ("trained", out / "run" / "merged")):
         js = out / f"ppl-{name}.json"
         code, output = run([sys.executable, "eval.py", "ppl", "--model", path, "--data", a.data, "--seq-len", lengths, "--max-windows", a.windows,
-                            "--json", js], out / "eval.log", 300)  # fmt: skip
+                            "--json", js, "--beyond-context"], out / "eval.log", 300)  # fmt: skip  (the base past its context)
         check(code == 0, f"eval.py ppl {name}: {output.strip().splitlines()[-1:]}")
         got[f"ppl {name}"] = {k: round(v, 3) for k, v in json.loads(js.read_text()).items()}
     js = out / "passkey.json"

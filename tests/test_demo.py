@@ -1,4 +1,4 @@
-"""`python train.py` with no arguments: the shipped demo model, its data split, the demo on a reduced
+"""demo.py (`python train.py` with no arguments): the shipped demo model, its data split, the demo on a reduced
 budget, and its plain-language report; plus the pretraining options that made the model."""
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import demo
 import model
 import train
 from common import needs_shakespeare
@@ -41,8 +42,7 @@ def test_held_out_plays_are_never_trained_on():
 @needs_shakespeare
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
-    code = ("import sys, train; r, w, d = train.setup_distributed(); "
-            "train.demo(r, w, d, out=sys.argv[1], steps=2, eval_tokens=4096)")  # fmt: skip
+    code = "import sys, demo, train; r, w, d = train.setup_distributed(); demo.demo(r, w, d, out=sys.argv[1], steps=2, eval_tokens=4096)"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -56,22 +56,15 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     assert "perplexity on 4,096 tokens of held-out plays" in r.stdout
 
 
-def test_demo_report_reads_every_outcome():
-    good = {"base": {256: 62.0, 1024: 85.0}, "pi_only": {1024: 100.0}, "after": {256: 60.0, 1024: 57.0}}
-    text = train.demo_report(good, 256, 1024, 65536, 512)
-    assert "5.0% lower perplexity at 1024 tokens than at 256" in text and "It now beats the original model" in text
-    assert "tested with S2-Attn" not in text  # no S2 row when the demo did not test with S2
-    costly = {"base": {256: 52.7, 1024: 78.2}, "pi_only": {1024: 91.2}, "after": {256: 57.1, 1024: 56.2}, "after_s2": {1024: 55.0}}
-    text = train.demo_report(costly, 256, 1024, 65536, 512)
-    assert "1.6% lower perplexity" in text and "does not beat the original model" in text and "cost this small model 8%" in text
-    assert "tested with S2-Attn, groups of 512" in text and "55.00" in text
-    flat = {"base": {256: 52.7, 1024: 78.2}, "pi_only": {1024: 91.2}, "after": {256: 57.0, 1024: 58.0}}
-    text = train.demo_report(flat, 256, 1024, 65536, 512)
-    assert "does not gain from the longer window yet" in text and "does not beat" in text and "Interpolated positions cost" not in text
-    s2_only = {"base": {128: 54.2, 512: 97.5}, "pi_only": {512: 152.9}, "after": {128: 55.5, 512: 55.0}, "after_s2": {512: 53.6}}
-    text = train.demo_report(s2_only, 128, 512, 65536, 256)
-    assert "(groups of 256), it reads 512-token windows at 53.6, better than the original model at its own 128 tokens (54.2)" in text
-    assert "with full attention it does not (55.0)" in text and "read 256 or more tokens back" in text and "It now beats" not in text
+def test_demo_report_says_what_the_numbers_say():
+    s2_better = {"base": {128: 54.2, 512: 97.5}, "pi_only": {512: 152.9}, "after": {128: 55.5, 512: 55.0}, "after_s2": {512: 53.6}}
+    text = demo.report(s2_better, 128, 512, 65536, 256)
+    assert "tested with S2-Attn, groups of 256" in text and "53.60" in text
+    assert text.splitlines()[-2:] == ["At 512 tokens: 97.5 untouched, 152.9 with interpolated positions alone, 53.6 after LongLoRA.",
+                                      "After LongLoRA, 512-token windows score better than the original model at its own 128 tokens (54.2)."]
+    worse = {"base": {256: 52.7, 1024: 78.2}, "pi_only": {1024: 91.2}, "after": {256: 57.0, 1024: 58.0}}
+    text = demo.report(worse, 256, 1024, 65536, 512)
+    assert "tested with S2-Attn" not in text and "58.0 after LongLoRA" in text and "score worse than the original model" in text
 
 
 def test_learning_rate_schedules():

@@ -134,7 +134,7 @@ def run_eval(*args):
 
 
 def test_cli_ppl_json_and_passkey(tmp_path, tok):
-    m = tiny_model(vocab_size=320)
+    m = tiny_model(vocab_size=320, max_seq_len=256)
     model.save(m, tmp_path / "m")
     tokens = np.random.default_rng(0).integers(0, 320, 300).astype(np.uint16)
     tokens.tofile(tmp_path / "t.bin")
@@ -164,6 +164,10 @@ def test_cli_ppl_json_and_passkey(tmp_path, tok):
                           (["--seq-len", "1"], "--seq-len takes lengths of at least 2 tokens")):  # fmt: skip
         r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", *flags)
         assert r.returncode == 2 and expect in r.stderr, r.stderr
+    r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "300")
+    assert r.returncode == 1 and "length 300 is past the model's context of 256 tokens: pass --beyond-context" in r.stderr, r.stderr
+    r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "300", "--beyond-context")
+    assert r.returncode == 0, r.stderr
 
 
 def test_plot_or_a_clear_message(tmp_path):

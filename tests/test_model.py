@@ -339,3 +339,27 @@ def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m(x, last_only=True), m(x)[:, -1:], rtol=1e-12, atol=1e-12)
+
+
+def test_extend_context_and_the_refusal_past_it():
+    """extend_context(s) divides positions by s and lengthens the context s times; a longer sequence is a
+    clear error unless beyond_context is set; a cache counts the tokens it has seen."""
+    m = tiny_model(max_seq_len=16)
+    x = tokens(n=1, N=32)
+    with pytest.raises(ValueError, match="32 tokens are more than the model's context of 16: extend it with m.extend_context"):
+        m(x)
+    m.beyond_context = True
+    plain = m(x)
+    m.beyond_context = False
+    m.extend_context(2)
+    assert (m.args.rope_interpolation, m.args.max_seq_len) == (2.0, 32)
+    stretched = m(x)  # within the context now, and different: positions are halved
+    assert (stretched - plain).abs().max() > 1e-3
+    ref = tiny_model(max_seq_len=32, rope_interpolation=2.0)
+    torch.testing.assert_close(stretched, ref(x), rtol=0, atol=0)
+    cache = model.KVCache(len(m.layers))
+    m(x[:, :30], cache=cache)
+    with pytest.raises(ValueError, match="33 tokens are more than"):
+        m(x[:, :3], cache=cache)
+    with pytest.raises(ValueError, match="at least 1"):
+        m.extend_context(0.5)

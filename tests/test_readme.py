@@ -15,7 +15,7 @@ README = (ROOT / "README.md").read_text()
 def test_readme_example_runs(tmp_path, monkeypatch):
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     assert '"llama-2-7b/"' in code
-    model.save(tiny_model(), tmp_path / "llama-2-7b")
+    model.save(tiny_model(max_seq_len=4096), tmp_path / "llama-2-7b")  # Llama 2's context, extended 4x in the example
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)

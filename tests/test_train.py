@@ -370,12 +370,14 @@ def test_hf_run_exports_what_transformers_peft_and_eval_open(setup, tmp_path):
     assert (out / "merged" / "config.json").exists() and (out / "merged" / "tokenizer_config.json").exists()
     x = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
     ours = model.load(out / "merged")(x).detach()
-    assert (ours - model.load(tmp_path / "base")(x)).abs().max() > 1e-2  # training changed the model
+    base = model.load(tmp_path / "base")
+    base.beyond_context = True  # 100 tokens, past its 64
+    assert (ours - base(x)).abs().max() > 1e-2  # training changed the model
     torch.testing.assert_close(hf_logits(out / "merged", x), ours, rtol=0, atol=1e-4)
     torch.testing.assert_close(peft_logits(tmp_path / "base", out / "adapter", x), ours, rtol=0, atol=1e-4)
     text = synthetic_text(50, seed=9)
     assert transformers.AutoTokenizer.from_pretrained(out / "merged")(text).input_ids == data.load_tokenizer(setup / "tok").encode(text)
-    r = subprocess.run([sys.executable, "eval.py", "passkey", "--model", str(out / "merged"), "--lengths", "256", "--trials", "1", "--depths", "0"],
+    r = subprocess.run([sys.executable, "eval.py", "passkey", "--model", str(out / "merged"), "--lengths", "256", "--trials", "1", "--depths", "0", "--beyond-context"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
     assert r.returncode == 0 and r.stdout.splitlines()[0].split() == ["length", "depth", "0%"], r.stderr[-2000:]
 
