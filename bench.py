@@ -39,6 +39,7 @@ import torch
 import model as llama
 import s2attn
 import train
+from eval import ints
 
 SHAPES = {
     "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),  # Llama 2 7B
@@ -103,18 +104,14 @@ def bench_attention(args):
 # ----------------------------------------------------------------------------- training steps
 
 
-def step_args(N, attn, dtype):
-    """train.py's settings for one step at N tokens (its defaults: LoRA+, rank 8, groups of N/4)."""
-    return train.parse_args(["--model", "-", "--data", "-", "--out", "-", "--seq-len", str(N), "--attn", attn, "--dtype", dtype])
-
-
-def ours(margs, targs, device):
-    """Our LoRA+ model and its loss, built by train.py's build_model: sharded (one process), random weights
-    of the shape made on the device instead of a checkpoint read from disk."""
+def ours(margs, N, attn, dtype, device):
+    """Our LoRA+ model and its loss at N tokens, built by train.py's build_model with its defaults (rank 8,
+    embedding and norms, groups of N/4): sharded (one process), random weights of the shape made on the
+    device instead of a checkpoint read from disk."""
     train.setup_distributed(device.type)
-    targs.model, targs.init = margs, True
-    m = train.build_model(targs, 0, 1, device)
-    loss = lambda x: m(x[:, :-1], x[:, 1:], loss_chunk=targs.loss_chunk) / targs.seq_len  # noqa: E731
+    backend = train.default_backend(device.type == "cuda", dtype)
+    m = train.build_model(margs, 0, 1, device, init=True, dtype=dtype, seq_len=N, attn=attn, backend=backend)
+    loss = lambda x: m(x[:, :-1], x[:, 1:]) / N  # noqa: E731
     return m, loss
 
 
@@ -156,11 +153,12 @@ def step_worker(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
     shape, N, attn, impl, dtype = cfg["shape"], cfg["N"], cfg["attn"], cfg["impl"], cfg["dtype"]
-    margs, targs = llama.ModelArgs(**SHAPES[shape], max_seq_len=N), step_args(N, attn, dtype)  # the baseline runs attn="full"
-    flops, peak = train.train_flops(margs, N, targs), train.peak_tflops(targs, device)  # the same count for both implementations
+    margs = llama.ModelArgs(**SHAPES[shape], max_seq_len=N)  # the baseline runs attn="full"
+    group_size = None if attn == "full" else N // 4
+    flops, peak = train.train_flops(margs, N, group_size=group_size), train.peak_tflops(device, dtype)  # the same count for both
     try:
         if impl == "ours":
-            m, loss_fn = ours(margs, targs, device)
+            m, loss_fn = ours(margs, N, attn, dtype, device)
             cfg["impl"] = f"ours ({m.layers[0].attention.backend})"
         else:
             m, loss_fn, kernel = theirs(margs, dtype, device)
@@ -263,7 +261,6 @@ def main(argv=None):
     pre.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     choice = pre.parse_known_args(argv)[0].device
     gpu = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())  # the defaults below depend on it
-    ints = lambda s: [int(n) for n in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     parsers = {c: sub.add_parser(c, help=h) for c, h in (("all", "every table"), ("attn", "attention kernels"), ("step", "training steps"), ("fit", "longest step"))}
@@ -286,7 +283,7 @@ def main(argv=None):
         parsers[c].add_argument("--fit-minutes", type=float, default=20, help="time limit of the search (default 20)")
     for a in parsers.values():
         a.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto (default): cuda when a GPU is visible")
-        a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16" if gpu else "float32")
+        a.add_argument("--dtype", choices=("bfloat16", "float32"), default=llama.default_dtype("cuda" if gpu else "cpu"))
         a.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median kept)")
     args = p.parse_args(argv)
     if gpu and not torch.cuda.is_available():

@@ -44,7 +44,7 @@ def demo(rank, world, device, out=None, steps=400, lr=1e-3, group_size=None, eva
         base.beyond_context = True  # measured at 4x its context: that is the problem LongLoRA solves
         results["base"] = {old: ppl(base, old), new: ppl(base, new)}
         results["pi_only"] = {new: ppl(base.extend_context(4), new)}
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = llama.default_dtype(device)
     argv = ["--model", str(DEMO / "model"), "--data", str(out / "data" / "train.bin"), "--out", str(out), "--seq-len", str(new),
             "--attn", attn, "--group-size", str(G), "--lr", str(lr), "--warmup", "10", "--steps", str(steps),
             "--schedule", schedule, "--batch-size", str(max(1, 4096 // new)), "--grad-accum", "1", "--dtype", dtype,

@@ -39,7 +39,7 @@ import model as llama
 def load_model(path, trainable=None, dtype=None, device=None):
     """A model for evaluation: `path` (+ a trainable-weights file), in eval mode, on `device`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, dtype or llama.default_dtype(device))
     m = llama.load(path, dtype=dtype)
     if trainable:
         lora.merge_lora(lora.load_trainable(m, trainable))

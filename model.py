@@ -268,6 +268,12 @@ def chunked_nll(h, w, targets, chunk, recompute=False):
     return torch.cat([run(hs, ts) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))], dim=1)
 
 
+def default_dtype(device):
+    """The compute dtype's name where none is asked for: bfloat16 on CUDA, float32 elsewhere (on a CPU,
+    bfloat16 matmuls are slow and the tests compare in float32)."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def forward_flops(args, seq_len, group_size=None):
     """FLOPs of one forward pass over one sequence of `seq_len` tokens, split as the paper's Table 7:
     attn (the two attention matmuls, QK^T and AV), proj (wq, wk, wv, wo), ffn (w1, w2, w3 and the SiLU

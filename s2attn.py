@@ -68,7 +68,7 @@ def s2_attention(q, k, v, group_size, backend="sdpa", shift=True):
     check_config(group_size, backend)
     if group_size is None:
         raise ValueError("s2_attention needs a group_size in tokens; for full attention call full_attention")
-    G, (B, N, H, D) = group_size, q.shape
+    G, N, H = group_size, q.shape[1], q.shape[2]
     if backend == "naive":
         return _naive(q, k, v, s2_mask(N, H, G, device=q.device, shift=shift))
     attend = _KERNELS[backend]  # attend(q, k, v, G, first): causal attention in groups [0, first), [first, first + G), ...

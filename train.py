@@ -107,7 +107,7 @@ def parse_args(argv=None):
     args.group_size = args.group_size or max(1, args.seq_len // 4)
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     runs_here = s2attn.BACKENDS if on_cuda else ("naive", "sdpa")
-    args.backend = args.backend or ("flash" if "flash" in runs_here and args.dtype == "bfloat16" else "sdpa")
+    args.backend = args.backend or default_backend(on_cuda, args.dtype)
     if args.backend not in runs_here:
         p.error(f"--backend {args.backend} runs on CUDA only: use --backend sdpa on CPU" if not on_cuda else
                 f"--backend {args.backend} needs flash-attn (pip install flash-attn --no-build-isolation) or a torch with "
@@ -122,6 +122,11 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def default_backend(on_cuda, dtype):
+    """flash where it runs (CUDA, with flash-attn or torch's varlen kernel) and in bf16, else sdpa."""
+    return "flash" if on_cuda and "flash" in s2attn.BACKENDS and dtype == "bfloat16" else "sdpa"
 
 
 # ----------------------------------------------------------------------------- setup
@@ -174,17 +179,20 @@ def check_all(ok, message):
         raise ValueError(f"{message} (processes {', '.join(str(r) for r, o in enumerate(oks) if not o)})")
 
 
-def build_model(args, rank, world, device):
-    """The base model with LongLoRA applied and sharded over the `world` processes, each process holding
-    only its rows of every tensor: the model is built on the meta device (no memory), LongLoRA is applied
-    and FSDP2 shards it there, then each process allocates its shards on `device` and fills them from the
-    checkpoint read one tensor at a time. Host memory per process: its share, plus one tensor."""
-    margs, weights = llama.random_weights(args.model, args.seed, device) if args.init else llama.read_checkpoint(args.model)
+def build_model(source, rank, world, device, *, init=False, seed=42, dtype="bfloat16", checkpointing=True, **longlora):
+    """The base model `source` (a checkpoint folder; with init=True a params.json or a ModelArgs, random
+    weights) with LongLoRA applied (`longlora`: apply_longlora's settings) and sharded over the `world`
+    processes, each holding only its rows of every tensor: the model is built on the meta device (no
+    memory), LongLoRA is applied and FSDP2 shards it there, then each process allocates its shards on
+    `device` and fills them from the checkpoint read one tensor at a time. Host memory per process: its
+    share, plus one tensor."""
+    margs, weights = llama.random_weights(source, seed, device) if init else llama.read_checkpoint(source)
     with torch.device("meta"):
         m = llama.Transformer(margs)
-    parallelize(apply_longlora(m, args), args, device, world)
+    apply_longlora(m, seed=seed, dtype=dtype, **longlora)
+    parallelize(m, device=device, world=world, dtype=dtype, checkpointing=checkpointing)
     m.to_empty(device=device)
-    torch.manual_seed(args.seed)  # the adapters add_lora makes in one process, in its order: alike for any world size
+    torch.manual_seed(seed)  # the adapters add_lora makes in one process, in its order: alike for any world size
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, lora.LoRALinear):
@@ -206,36 +214,52 @@ def keep_rows(p, full, rank, world):
     local.copy_(full.narrow(0, start, local.shape[0]))
 
 
-def apply_longlora(m, args):
-    """LongLoRA on model `m` in place, as --seq-len, --lora-*, --trainable, --attn and --dtype say."""
-    scale = args.rope_scale or max(1, math.ceil(args.seq_len / m.args.max_seq_len))
-    if int(m.args.max_seq_len * scale) < args.seq_len:
-        raise ValueError(f"--rope-scale {scale:g} extends the model's context of {m.args.max_seq_len} tokens to {int(m.args.max_seq_len * scale)}, "
-                         f"short of --seq-len {args.seq_len}: leave --rope-scale out (then it is {math.ceil(args.seq_len / m.args.max_seq_len)})")  # fmt: skip
+def apply_longlora(m, *, seq_len, rope_scale=None, lora_rank=8, lora_alpha=16, lora_targets=("wq", "wk", "wv", "wo"),
+                   trainable=("embed", "norm"), attn="s2", group_size=None, backend="sdpa", dtype="bfloat16", seed=42):
+    """LongLoRA's three switches on model `m`, in place: Position Interpolation to reach `seq_len`
+    (by `rope_scale`, default the smallest integer factor that does), LoRA+ (adapters of `lora_rank` on
+    `lora_targets`, and the `trainable` groups), and the attention `attn` ("s2", "full" or "short") in
+    groups of `group_size` (default seq_len / 4). Frozen weights in `dtype`, trainable ones in float32."""
+    context = m.args.max_seq_len
+    scale = rope_scale or max(1, math.ceil(seq_len / context))
+    if int(context * scale) < seq_len:
+        raise ValueError(f"--rope-scale {scale:g} extends the model's context of {context} tokens to {int(context * scale)}, "
+                         f"short of --seq-len {seq_len}: leave --rope-scale out (then it is {math.ceil(seq_len / context)})")
     m.extend_context(scale)
-    torch.manual_seed(args.seed)  # the same adapters on every rank
-    if args.lora_rank:
-        lora.add_lora(m, args.lora_rank, args.lora_alpha, targets=tuple(t for t in args.lora_targets.split(",") if t))
-        lora.set_trainable(m, extra=tuple(t for t in args.trainable.split(",") if t))
-    m.set_attention(group_size=args.group_size if args.attn != "full" else None, backend=args.backend, shift=args.attn == "s2")
-    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(seed)  # the same adapters on every rank
+    if lora_rank:
+        lora.add_lora(m, lora_rank, lora_alpha, targets=tuple(lora_targets))
+        lora.set_trainable(m, extra=tuple(trainable))
+    m.set_attention(group_size=None if attn == "full" else group_size or max(1, seq_len // 4), backend=backend, shift=attn == "s2")
     for p in m.parameters():  # frozen weights in the compute dtype; trainable ones in float32 for the optimizer
-        p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+        p.data = p.data.to(torch.float32 if p.requires_grad else getattr(torch, dtype))
     return m
 
 
-def parallelize(m, args, device, world):
-    """Activation checkpointing per block, then FSDP2: each block is one unit, then the root."""
-    if not args.no_activation_checkpointing:
+def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True):
+    """Activation checkpointing per block, then FSDP2 over `world` processes: each block is one unit, then
+    the root; parameters gathered in `dtype`, gradients reduced in float32."""
+    if checkpointing:
         for block in m.layers:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    dtype = getattr(torch, args.dtype)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     mesh = init_device_mesh(device.type, (world,))
     for block in m.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(m, mesh=mesh, mp_policy=mp)
     return m
+
+
+def longlora_settings(args):
+    """apply_longlora's keyword arguments from the command line's flags."""
+    return dict(seq_len=args.seq_len, rope_scale=args.rope_scale, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                lora_targets=split_list(args.lora_targets), trainable=split_list(args.trainable), attn=args.attn,
+                group_size=args.group_size, backend=args.backend)
+
+
+def split_list(text):
+    """"wq,wk" -> ("wq", "wk"); "" -> ()."""
+    return tuple(t for t in text.split(",") if t)
 
 
 def load_data(args, vocab_size):
@@ -414,9 +438,11 @@ PEAK_BF16_TFLOPS = (
 )  # fmt: skip
 
 
-def peak_tflops(args, device):
-    if args.peak_tflops or device.type != "cuda" or args.dtype != "bfloat16":
-        return args.peak_tflops
+def peak_tflops(device, dtype, given=None):
+    """The device's peak TFLOP/s in `dtype` for the MFU: `given` (--peak-tflops), else the known bf16
+    peak of the GPU, else None (a CPU, float32, an unknown GPU)."""
+    if given or device.type != "cuda" or dtype != "bfloat16":
+        return given
     return known_peak(torch.cuda.get_device_name(device))
 
 
@@ -425,13 +451,14 @@ def known_peak(name):
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def train_flops(margs, seq_len, args):
+def train_flops(margs, seq_len, *, group_size=None, lora=True):
     """Model FLOPs of one training pass over one sequence, for MFU (the recompute of activation
     checkpointing is not counted). Backward is 2x forward where weights train (gradients of inputs and
     weights), 1x for frozen matmuls (inputs only: LoRA's base weights and head), 2x for attention (q, k, v).
-    The adapters' own rank-r matmuls are left out: under 1% at rank 8."""
-    f = llama.forward_flops(margs, seq_len, args.group_size if args.attn != "full" else None)
-    return 3 * sum(f.values()) if not args.lora_rank else 3 * f["attn"] + 2 * (f["proj"] + f["ffn"] + f["others"])
+    The adapters' own rank-r matmuls are left out: under 1% at rank 8. group_size=None: full attention;
+    lora=False: every weight trains."""
+    f = llama.forward_flops(margs, seq_len, group_size)
+    return 3 * f["attn"] + 2 * (f["proj"] + f["ffn"] + f["others"]) if lora else 3 * sum(f.values())
 
 
 def peak_memory_gb(device):
@@ -441,111 +468,55 @@ def peak_memory_gb(device):
     return (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else host), host
 
 
-def learning_rate(step, args):
-    """Linear warm-up over --warmup steps, then constant or a cosine decay to lr/10 at --steps."""
-    if step < args.warmup or args.schedule == "constant":
-        return args.lr * min(1.0, step / max(1, args.warmup))
-    done = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
+def learning_rate(step, *, lr, warmup, steps, schedule="constant"):
+    """Linear warm-up over `warmup` steps, then constant, or a cosine decay to lr/10 at `steps`."""
+    if step < warmup or schedule == "constant":
+        return lr * min(1.0, step / max(1, warmup))
+    done = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
 
 
 def train(args, rank, world, device):
+    """The run that `args` (parse_args) describes, as process `rank` of `world`."""
     out = Path(args.out)
-    # A folder with a checkpoint or an export holds a run; one with only a log.jsonl holds a run that
-    # stopped before its first checkpoint: nothing there can be resumed, so a new run replaces the log.
-    ckpt = decide(str(checkpoints(out)[-1]) if checkpoints(out) else None)
-    exported = decide(any((out / name).exists() for name in ("merged", "trainable.safetensors", "adapter")))
-    if (ckpt or exported) and not args.resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    if args.resume and not ckpt:
-        raise ValueError(f"--resume: {out} holds no checkpoint to continue from" + (" (that run saved none: --save-every 0)" if exported else "")
-                         + "; run without --resume to start from the beginning, or choose another --out")  # fmt: skip
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    check_all(out.is_dir() and (ckpt is None or Path(ckpt).is_dir()),
-              f"these processes do not see {ckpt or out}: --out must be a folder that every node shares, since every process writes and reads its checkpoints")  # fmt: skip
-    m = build_model(args, rank, world, device)
+    ckpt = open_run_folder(out, args.resume)
+    m = build_model(args.model, rank, world, device, init=args.init, seed=args.seed, dtype=args.dtype,
+                    checkpointing=not args.no_activation_checkpointing, **longlora_settings(args))
     dataset, pad_id = load_data(args, m.args.vocab_size)
-    plan = None
-    if rank == 0:  # rank 0 exports: it decides, and an error it finds stops every rank
-        try:
-            plan = export_plan(args, m, dataset)
-        except (FileNotFoundError, ValueError, ImportError) as e:
-            plan = e
-    plan = decide(plan)
-    if isinstance(plan, Exception):
-        raise plan
-    fmt, tokenizer = plan
+    fmt, tokenizer = on_rank_zero(lambda: export_plan(args, m, dataset), rank)
+    loaded = max_over_ranks(peak_memory_gb(device)[1], device)[0]  # host memory after loading, of the fullest process
     trainable = [p for p in m.parameters() if p.requires_grad]  # FSDP2's shards: the only copies there are
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
-    loaded = torch.tensor(peak_memory_gb(device)[1], device=device)
-    dist.all_reduce(loaded, op=dist.ReduceOp.MAX)  # host memory after loading, of the fullest process
     if args.optim == "adamw":
         optim = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     else:
         optim = torch.optim.SGD(trainable, lr=args.lr)
     start = load_checkpoint(Path(ckpt), m, optim, args, rank, world, device) if ckpt else 0
-    if rank == 0:
-        print(f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%); {world} process(es) on {device.type}; "
-              f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens; attention {args.attn}"
-              + (f" (G={args.group_size})" if args.attn != "full" else "") + f", {args.backend}; RoPE positions / {m.args.rope_interpolation:g}"
-              + (f"; resuming after step {start}" if start else "") + f"; {loaded.item():.2f} GB host memory per process after loading", flush=True)  # fmt: skip
-    if rank == 0 and (out / "log.jsonl").exists():  # drop the steps a killed run did after its last checkpoint
-        if not start:
-            print(f"replacing {out / 'log.jsonl'}: the run that wrote it stopped before its first checkpoint", flush=True)
-        kept = [line for line in (out / "log.jsonl").read_text().splitlines() if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start]
-        (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
-        os.replace(out / ".log.jsonl.tmp", out / "log.jsonl")
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
-    peak = peak_tflops(args, device)
+    log = open_log(out, start, describe(args, m, trainable, world, device, start, loaded)) if rank == 0 else None
+    peak = peak_tflops(device, args.dtype, args.peak_tflops)
     bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
-    per_micro, saved = args.batch_size * world, start if ckpt else None
+    saved = start if ckpt else None
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
-        lr = learning_rate(step, args)
+        lr = learning_rate(step, lr=args.lr, warmup=args.warmup, steps=args.steps, schedule=args.schedule)
         for g in optim.param_groups:
             g["lr"] = lr
-        # global sample index: (step, micro-step, rank, row); the same samples for any number of processes
-        micro = [data.collate([dataset[((step - 1) * args.grad_accum + i) * per_micro + rank * args.batch_size + b] for b in range(args.batch_size)], pad_id)
-                 for i in range(args.grad_accum)]  # fmt: skip
-        flops = sum(x.shape[0] * train_flops(m.args, x.shape[1], args) for x, _ in micro)  # this rank's
-        # Everything below stays on the device until the one read of the loss and gradient norm: no host
-        # sync inside the step, and no CPU tensor in a collective.
-        n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)), device=device)
-        micro = [(x.to(device), t.to(device)) for x, t in micro]  # copies from pageable memory wait for the GPU: all here, while it idles
-        dist.all_reduce(n_targets)
-        loss_sum = torch.zeros((), device=device)
-        for x, t in micro:
-            loss = m(x, t, loss_chunk=args.loss_chunk)  # summed over this micro-batch's targets
-            # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens
-            (loss * world / n_targets.clamp(min=1)).backward()
-            loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: on every rank
-        dist.all_reduce(loss_sum)
-        mean_loss, norm = torch.stack([loss_sum / n_targets.clamp(min=1), grad_norm.float()]).tolist()  # the step's one sync
-        if not (math.isfinite(mean_loss) and math.isfinite(norm)):  # alike on every rank: both are reduced
-            raise ValueError(f"step {step}: the loss is {mean_loss} and the gradient norm {norm}; stopped before the update, and nothing "
-                             "was saved after it. " + (f"--resume restarts from the checkpoint of step {saved}" if saved else "No checkpoint was written yet")
-                             + "; lower --lr or check the data, then --resume (or start a new --out with --dtype float32)")  # fmt: skip
+        micro = micro_batches(dataset, step, pad_id, grad_accum=args.grad_accum, batch_size=args.batch_size, rank=rank, world=world)
+        group_size = None if args.attn == "full" else args.group_size
+        flops = sum(x.shape[0] * train_flops(m.args, x.shape[1], group_size=group_size, lora=args.lora_rank > 0) for x, _ in micro)
+        loss, norm = forward_backward(m, micro, trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk)
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # alike on every rank: both are reduced
+            raise ValueError(f"step {step}: the loss is {loss} and the gradient norm {norm}; stopped before the update, and nothing was "
+                             "saved after it. " + (f"--resume restarts from the checkpoint of step {saved}" if saved else "No checkpoint was "
+                             "written yet") + "; lower --lr or check the data, then --resume (or start a new --out with --dtype float32)")
         optim.step()
         optim.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels are done: the timer measures them, not their launch
         dt = time.perf_counter() - t0
-        mem = torch.tensor(peak_memory_gb(device), device=device)
-        dist.all_reduce(mem, op=dist.ReduceOp.MAX)  # the fullest process's
+        mem = max_over_ranks(peak_memory_gb(device), device)  # the fullest process's (device, host) peaks
         if rank == 0:
-            tokens = args.grad_accum * per_micro * args.seq_len
-            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
-                   "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak if peak else None,
-                   "peak_mem_gb": mem[0].item(), "host_mem_gb": mem[1].item()}  # fmt: skip
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['peak_mem_gb']:.1f}G",
-                            **({"mfu": f"{rec['mfu']:.0%}"} if peak else {}))  # fmt: skip
-            bar.update()
+            tokens = args.grad_accum * args.batch_size * world * args.seq_len
+            write_log(log, bar, step=step, loss=loss, lr=lr, grad_norm=norm, tokens=tokens, dt=dt, flops=flops, peak=peak, mem=mem)
         if args.save_every and step % args.save_every == 0 and step < args.steps:  # outside the timed step
             save_checkpoint(out, step, m, optim, args, rank, world, device)
             saved = step
@@ -556,7 +527,119 @@ def train(args, rank, world, device):
         export(out, m, args, rank, fmt, tokenizer)
     if rank == 0:
         log.close()
-        print(f"done: {out / 'merged'}" + "".join(f", {out / n}" for n in ("adapter", "trainable.safetensors") if args.lora_rank and (out / n).exists()), flush=True)
+        done = [out / "merged"] + [out / n for n in ("adapter", "trainable.safetensors") if args.lora_rank and (out / n).exists()]
+        print("done: " + ", ".join(str(p) for p in done), flush=True)
+
+
+def open_run_folder(out, resume):
+    """The checkpoint to resume from (None: start), after checking that `out` may take this run; every
+    process must see the folder. A folder with a checkpoint or an export holds a run; one with only a
+    log.jsonl holds a run that stopped before its first checkpoint: nothing there can be resumed, so a
+    new run replaces the log."""
+    ckpt = decide(str(checkpoints(out)[-1]) if checkpoints(out) else None)
+    exported = decide(any((out / name).exists() for name in ("merged", "trainable.safetensors", "adapter")))
+    if (ckpt or exported) and not resume:
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if resume and not ckpt:
+        raise ValueError(f"--resume: {out} holds no checkpoint to continue from" + (" (that run saved none: --save-every 0)" if exported else "")
+                         + "; run without --resume to start from the beginning, or choose another --out")
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    check_all(out.is_dir() and (ckpt is None or Path(ckpt).is_dir()), f"these processes do not see {ckpt or out}: --out must be a "
+              "folder that every node shares, since every process writes and reads its checkpoints")
+    return ckpt
+
+
+def on_rank_zero(fn, rank):
+    """fn()'s result, computed on rank 0 alone and given to every rank; an error it raises (bad input)
+    is raised on every rank, so none is left waiting in a collective."""
+    result = None
+    if rank == 0:
+        try:
+            result = fn()
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            result = e
+    result = decide(result)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def micro_batches(dataset, step, pad_id, *, grad_accum, batch_size, rank, world):
+    """This process's `grad_accum` micro-batches of optimizer step `step` (from 1). The run's samples are
+    numbered in one sequence, step by step, micro-step by micro-step, process by process, row by row,
+    and sample i is dataset[i]: so a step trains on the same samples for any number of processes with
+    the same batch_size x world (1 process x 2 rows = 2 processes x 1 row), and a resumed run goes on
+    where it stopped."""
+    first = (step - 1) * grad_accum * world * batch_size  # the samples of the steps before
+    batches = []
+    for i in range(grad_accum):
+        start = first + (i * world + rank) * batch_size  # this process's rows of micro-step i
+        batches.append(data.collate([dataset[start + row] for row in range(batch_size)], pad_id))
+    return batches
+
+
+def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk):
+    """Gradients of the mean loss over every target of the step, on all processes, clipped to `clip`
+    (0: not clipped). Returns (mean loss, gradient norm) as floats: everything stays on the device until
+    that one read, so there is no host sync inside the step and no CPU tensor in a collective."""
+    n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)), device=device)
+    micro = [(x.to(device), t.to(device)) for x, t in micro]  # copies from pageable memory wait for the GPU: all here, while it idles
+    dist.all_reduce(n_targets)
+    loss_sum = torch.zeros((), device=device)
+    for x, t in micro:
+        loss = m(x, t, loss_chunk=loss_chunk)  # summed over this micro-batch's targets
+        # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens
+        (loss * world / n_targets.clamp(min=1)).backward()
+        loss_sum += loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: on every rank
+    dist.all_reduce(loss_sum)
+    loss, norm = torch.stack([loss_sum / n_targets.clamp(min=1), grad_norm.float()]).tolist()  # the step's one sync
+    return loss, norm
+
+
+def max_over_ranks(values, device):
+    """The largest of each value over all processes (a list of floats)."""
+    t = torch.tensor(values if isinstance(values, (list, tuple)) else [values], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def describe(args, m, trainable, world, device, start, loaded):
+    """The run's first line: what trains, on what, how."""
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
+    attention = f"attention {args.attn}" + (f" (G={args.group_size})" if args.attn != "full" else "") + f", {args.backend}"
+    return "; ".join([f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%)",
+                      f"{world} process(es) on {device.type}",
+                      f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens", attention,
+                      f"RoPE positions / {m.args.rope_interpolation:g}"] + ([f"resuming after step {start}"] if start else [])
+                     + [f"{loaded:.2f} GB host memory per process after loading"])
+
+
+def open_log(out, start, first_line):
+    """Print the run's first line and open log.jsonl to append, without the steps after `start` that a
+    killed run logged after its last checkpoint."""
+    print(first_line, flush=True)
+    path = out / "log.jsonl"
+    if path.exists():
+        if not start:
+            print(f"replacing {path}: the run that wrote it stopped before its first checkpoint", flush=True)
+        kept = [line for line in path.read_text().splitlines() if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start]
+        (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(out / ".log.jsonl.tmp", path)
+    return open(path, "a")
+
+
+def write_log(log, bar, *, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem):
+    """One line of log.jsonl, and the progress bar's figures."""
+    rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
+           "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak if peak else None, "peak_mem_gb": mem[0], "host_mem_gb": mem[1]}
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem[0]:.1f}G", **({"mfu": f"{rec['mfu']:.0%}"} if peak else {}))
+    bar.update()
 
 
 def main(argv=None):

@@ -106,7 +106,7 @@ def part_train(a, out):
     run_dir = out / "run"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
     cmd = launcher + ["train.py", "--model", a.model, "--data", a.data, "--out", run_dir, "--seq-len", a.seq_len, "--device", a.device,
-                      "--dtype", "bfloat16" if a.device == "cuda" else "float32", "--grad-accum", "1", "--lr", "2e-5", "--warmup", "1",
+                      "--dtype", llama.default_dtype(a.device), "--grad-accum", "1", "--lr", "2e-5", "--warmup", "1",
                       "--save-every", "2"]  # fmt: skip
     with open(out / "train.log", "a") as log:  # the first run: killed, with its workers, once its first checkpoint exists
         proc = subprocess.Popen([str(c) for c in cmd + ["--steps", a.steps]], cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -149,7 +149,7 @@ def write_report(args, res, context, factor, out):
         f"Perplexity: held-out Shakespeare (5 plays never trained on), the first {args.eval_tokens:,} tokens in non-overlapping windows, "
         "full attention.",
         "",
-        f"Base model without interpolation: " + ", ".join(f"{res['base']['ppl'][L]:.2f} at {L}" for L in res["base"]["ppl"]) + ".",
+        "Base model without interpolation: " + ", ".join(f"{res['base']['ppl'][L]:.2f} at {L}" for L in res["base"]["ppl"]) + ".",
     ]
     for title, rows in TABLES.items():
         lines += ["", f"## {title}", "", "| setting | " + " | ".join(Ls) + " | steps | tokens | wall time |", "|---" * (len(Ls) + 4) + "|"]
@@ -191,7 +191,7 @@ def write_report(args, res, context, factor, out):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ints = ev.ints
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the base model folder (scripts/smollm2.py's output)")
     p.add_argument("--tokenizer", help="its tokenizer (default: the one in --model)")
@@ -210,7 +210,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.argv = argv
     gpu = torch.cuda.is_available()
-    args.train_flags = ["--dtype", "bfloat16" if gpu else "float32"]
+    args.train_flags = ["--dtype", llama.default_dtype("cuda" if gpu else "cpu")]
     args.machine = torch.cuda.get_device_name() if gpu else f"a CPU ({os.cpu_count()} cores)"
     try:
         study(args)

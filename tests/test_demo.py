@@ -68,10 +68,9 @@ def test_demo_report_says_what_the_numbers_say():
 
 
 def test_learning_rate_schedules():
-    a = train.parse_args(["--model", "m", "--data", "d", "--out", "o", "--lr", "1e-3", "--warmup", "10", "--steps", "110"])
-    assert [train.learning_rate(s, a) for s in (1, 5, 10, 60, 110)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3, 1e-3])
-    a.schedule = "cosine"
-    assert [train.learning_rate(s, a) for s in (5, 10, 60, 110)] == pytest.approx([5e-4, 1e-3, 0.55e-3, 1e-4])
+    lr = lambda s, schedule: train.learning_rate(s, lr=1e-3, warmup=10, steps=110, schedule=schedule)  # noqa: E731
+    assert [lr(s, "constant") for s in (1, 5, 10, 60, 110)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+    assert [lr(s, "cosine") for s in (5, 10, 60, 110)] == pytest.approx([5e-4, 1e-3, 0.55e-3, 1e-4])
 
 
 def test_init_pretrains_from_a_params_file(tmp_path):
