@@ -24,6 +24,7 @@ When transformers and peft are installed, the same step runs with `LlamaForCausa
 flash-attn is installed, else sdpa) on the same shapes: what a user would pick instead. Each
 configuration runs in its own process, so its peak memory is its own and an out-of-memory ends only it.
 """
+
 import argparse
 import datetime
 import json
@@ -86,9 +87,15 @@ def bench_attention(args):
     device = args.device
     dtype = getattr(torch, args.dtype)
     H, Hkv, D = args.heads, args.kv_heads or args.heads, args.head_dim
-    print(f"\n### Attention kernels, forward + backward\n\n{machine(device)}; H={H}, Hkv={Hkv}, D={D}, {args.dtype}, B=1, "
-          f"median of {args.reps}\n")  # fmt: skip
-    print("| backend | N | G | full ms | S2 ms | S2 speed-up | full TFLOP/s | S2 TFLOP/s |\n|---|---|---|---|---|---|---|---|")
+    print(
+        f"\n### Attention kernels, forward + backward\n\n{machine(device)}; H={H}, Hkv={Hkv}, D={D}, {args.dtype}, "
+        "B=1, "
+        f"median of {args.reps}\n"
+    )
+    print(
+        "| backend | N | G | full ms | S2 ms | S2 speed-up | full TFLOP/s | S2 TFLOP/s "
+        "|\n|---|---|---|---|---|---|---|---|"
+    )
     for backend in [b for b in s2attn.BACKENDS if b != "naive" and (b != "flash" or device.type == "cuda")]:
         for N in args.lengths:
             G = args.group_size or N // 4
@@ -97,7 +104,11 @@ def bench_attention(args):
             full = time_fwd_bwd(lambda q, k, v: s2attn.full_attention(q, k, v, backend=backend), q, k, v, args.reps)
             s2 = time_fwd_bwd(lambda q, k, v: s2attn.s2_attention(q, k, v, G, backend=backend), q, k, v, args.reps)
             tf_full, tf_s2 = attn_flops(N, N, H, D) / full / 1e12, attn_flops(N, G, H, D) / s2 / 1e12
-            print(f"| {backend} | {N} | {G} | {full * 1e3:.1f} | {s2 * 1e3:.1f} | {full / s2:.2f}x | {tf_full:.3g} | {tf_s2:.3g} |", flush=True)
+            print(
+                f"| {backend} | {N} | {G} | {full * 1e3:.1f} | {s2 * 1e3:.1f} | {full / s2:.2f}x | {tf_full:.3g} | "
+                f"{tf_s2:.3g} |",
+                flush=True,
+            )
             del q, k, v
 
 
@@ -127,14 +138,27 @@ def theirs(a, dtype, device):
         impl = "flash_attention_2" if device.type == "cuda" else "sdpa"
     except ImportError:
         impl = "sdpa"
-    cfg = LlamaConfig(hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
-                      num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size, max_position_embeddings=N, rope_theta=a.rope_theta,
-                      rms_norm_eps=a.norm_eps, tie_word_embeddings=a.tie_embeddings, use_cache=False, attn_implementation=impl)  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=a.dim,
+        intermediate_size=a.hidden_dim,
+        num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        vocab_size=a.vocab_size,
+        max_position_embeddings=N,
+        rope_theta=a.rope_theta,
+        rms_norm_eps=a.norm_eps,
+        tie_word_embeddings=a.tie_embeddings,
+        use_cache=False,
+        attn_implementation=impl,
+    )
     with torch.device(device):
         m = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m.enable_input_require_grads()
-    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    m = get_peft_model(
+        m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
     for n, p in m.named_parameters():
         if "embed_tokens" in n or "norm" in n or "lora_" in n:
             p.requires_grad = True
@@ -155,7 +179,11 @@ def step_worker(cfg):
     shape, N, attn, impl, dtype = cfg["shape"], cfg["N"], cfg["attn"], cfg["impl"], cfg["dtype"]
     margs = llama.ModelArgs(**SHAPES[shape], max_seq_len=N)  # the baseline runs attn="full"
     group_size = None if attn == "full" else N // 4
-    flops, peak = train.train_flops(margs, N, group_size=group_size), train.peak_tflops(device, dtype)  # the same count for both
+    # the same count for both
+    flops, peak = (
+        train.train_flops(margs, N, group_size=group_size),
+        train.peak_tflops(device, dtype),
+    )
     try:
         if impl == "ours":
             m, loss_fn = ours(margs, N, attn, dtype, device)
@@ -179,8 +207,13 @@ def step_worker(cfg):
             sync(device)
             times.append(time.perf_counter() - t)
         t = statistics.median(times[1:])
-        cfg.update(ms=t * 1e3, tokens_per_s=N / t, tflops=flops / t / 1e12, mfu=flops / t / 1e12 / peak if peak else None,
-                   peak_gb=train.peak_memory_gb(device)[0])  # fmt: skip
+        cfg.update(
+            ms=t * 1e3,
+            tokens_per_s=N / t,
+            tflops=flops / t / 1e12,
+            mfu=flops / t / 1e12 / peak if peak else None,
+            peak_gb=train.peak_memory_gb(device)[0],
+        )
     except torch.OutOfMemoryError:
         cfg.update(oom=True)
     print("RESULT " + json.dumps(cfg), flush=True)
@@ -191,7 +224,13 @@ def run_one(cfg, timeout=1800):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RANK", None)
     try:
-        r = subprocess.run([sys.executable, __file__, "_worker", json.dumps(cfg)], capture_output=True, text=True, timeout=timeout, env=env)
+        r = subprocess.run(
+            [sys.executable, __file__, "_worker", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return {**cfg, "error": f"over {timeout} s"}
     for line in r.stdout.splitlines():
@@ -203,9 +242,17 @@ def run_one(cfg, timeout=1800):
 
 def bench_steps(args):
     have_peft = all(_installed(p) for p in ("transformers", "peft"))
-    print(f"\n### One LoRA+ training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}; batch 1; median of {args.reps} steps after one "
-          f"warm-up; S2 groups of N/4" + ("" if have_peft else "; transformers + peft not installed, so that row is missing") + "\n")  # fmt: skip
-    print("| N | implementation | attention | ms / step | tokens/s | model TFLOP/s | MFU | peak GB | S2 speed-up |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"\n### One LoRA+ training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}; batch 1; median "
+        f"of {args.reps} steps after one "
+        f"warm-up; S2 groups of N/4"
+        + ("" if have_peft else "; transformers + peft not installed, so that row is missing")
+        + "\n"
+    )
+    print(
+        "| N | implementation | attention | ms / step | tokens/s | model TFLOP/s | MFU | peak GB | S2 speed-up "
+        "|\n|---|---|---|---|---|---|---|---|---|"
+    )
     for N in args.lengths:
         cfg = dict(shape=args.shape, N=N, dtype=args.dtype, reps=args.reps, device=args.device.type)
         rows = [run_one(dict(cfg, attn=attn, impl="ours")) for attn in ("full", "s2")]
@@ -218,8 +265,14 @@ def bench_steps(args):
                 print(f"| {N} | {r['impl']} | {r['attn']} | {why} | | | | | |", flush=True)
                 continue
             mfu = f"{r['mfu']:.0%}" if r["mfu"] is not None else "n/a"
-            ratio = f"{full_ms / r['ms']:.2f}x" if r["attn"] == "s2" and r["impl"].startswith("ours") and full_ms else ""
-            print(f"| {N} | {r['impl']} | {r['attn']} | {r['ms']:.0f} | {r['tokens_per_s']:.0f} | {r['tflops']:.3g} | {mfu} | {r['peak_gb']:.1f} | {ratio} |", flush=True)
+            ratio = (
+                f"{full_ms / r['ms']:.2f}x" if r["attn"] == "s2" and r["impl"].startswith("ours") and full_ms else ""
+            )
+            print(
+                f"| {N} | {r['impl']} | {r['attn']} | {r['ms']:.0f} | {r['tokens_per_s']:.0f} | {r['tflops']:.3g} | "
+                f"{mfu} | {r['peak_gb']:.1f} | {ratio} |",
+                flush=True,
+            )
 
 
 def bench_fit(args):
@@ -233,7 +286,8 @@ def bench_fit(args):
     cfg = dict(shape=args.shape, attn="s2", impl="ours", dtype=args.dtype, reps=1, device="cuda")
     lo, hi, cut = 0, None, None  # lo fits, hi does not; cut: a length whose try the time limit stopped
     while cut is None and time.time() < deadline and (hi is None or hi - lo > args.step_tokens):
-        N = (2 * lo or args.start) if hi is None else (lo + hi) // 2 // args.step_tokens * args.step_tokens  # doubling, then bisection
+        # doubling, then bisection
+        N = (2 * lo or args.start) if hi is None else (lo + hi) // 2 // args.step_tokens * args.step_tokens
         r = run_one(dict(cfg, N=N), timeout=max(60, deadline - time.time()))
         if str(r.get("error", "")).startswith("over "):
             cut = N
@@ -241,10 +295,15 @@ def bench_fit(args):
             lo = N
         else:
             hi = N
-    found = f"{lo:,} tokens fit" + (f", {hi:,} do not (searched in steps of {args.step_tokens})" if hi is not None else "")
+    found = f"{lo:,} tokens fit" + (
+        f", {hi:,} do not (searched in steps of {args.step_tokens})" if hi is not None else ""
+    )
     stopped = f"; {cut:,} was cut off by" if cut else "; stopped at" if time.time() >= deadline else ""
     stopped += f" the {args.fit_minutes:g}-minute limit" if stopped else ""
-    print(f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}: {found}{stopped}")
+    print(
+        f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}: "
+        f"{found}{stopped}"
+    )
 
 
 def _installed(name):
@@ -263,10 +322,23 @@ def main(argv=None):
     gpu = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())  # the defaults below depend on it
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    parsers = {c: sub.add_parser(c, help=h) for c, h in (("all", "every table"), ("attn", "attention kernels"), ("step", "training steps"), ("fit", "longest step"))}
+    parsers = {
+        c: sub.add_parser(c, help=h)
+        for c, h in (
+            ("all", "every table"),
+            ("attn", "attention kernels"),
+            ("step", "training steps"),
+            ("fit", "longest step"),
+        )
+    }
     for c in ("all", "attn"):
         a = parsers[c]
-        a.add_argument("--attn-lengths", dest="attn_lengths", type=ints, default=ints("8192,16384,32768,65536,131072" if gpu else "2048,4096,8192,16384"))
+        a.add_argument(
+            "--attn-lengths",
+            dest="attn_lengths",
+            type=ints,
+            default=ints("8192,16384,32768,65536,131072" if gpu else "2048,4096,8192,16384"),
+        )
         a.add_argument("--group-size", type=int, help="S2 group size G (default N/4, the paper's)")
         a.add_argument("--heads", type=int, default=32 if gpu else 8, help="query heads")
         a.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
@@ -275,19 +347,33 @@ def main(argv=None):
         a = parsers[c]
         a.add_argument("--shape", choices=SHAPES, default="7b" if gpu else "small", help="model shape")
     for c in ("all", "step"):
-        parsers[c].add_argument("--step-lengths", dest="step_lengths", type=ints, default=ints("8192,16384,32768,65536" if gpu else "2048,4096,8192"))
+        parsers[c].add_argument(
+            "--step-lengths",
+            dest="step_lengths",
+            type=ints,
+            default=ints("8192,16384,32768,65536" if gpu else "2048,4096,8192"),
+        )
     for c in ("all", "fit"):
         parsers[c].add_argument("--start", type=int, default=32768, help="first length tried (default 32768)")
         parsers[c].add_argument("--step-tokens", type=int, default=4096, help="search resolution (default 4096)")
     for c in ("all", "fit"):
         parsers[c].add_argument("--fit-minutes", type=float, default=20, help="time limit of the search (default 20)")
     for a in parsers.values():
-        a.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto (default): cuda when a GPU is visible")
-        a.add_argument("--dtype", choices=("bfloat16", "float32"), default=llama.default_dtype("cuda" if gpu else "cpu"))
+        a.add_argument(
+            "--device",
+            choices=("auto", "cuda", "cpu"),
+            default="auto",
+            help="auto (default): cuda when a GPU is visible",
+        )
+        a.add_argument(
+            "--dtype", choices=("bfloat16", "float32"), default=llama.default_dtype("cuda" if gpu else "cpu")
+        )
         a.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median kept)")
     args = p.parse_args(argv)
     if gpu and not torch.cuda.is_available():
-        p.error("--device cuda, but this process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver); use --device cpu")
+        p.error(
+            "--device cuda, but this process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver); use --device cpu"
+        )
     args.device = torch.device("cuda" if gpu else "cpu")
     print(f"python bench.py {' '.join(argv)}")
     if args.cmd in ("all", "attn"):

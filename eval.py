@@ -17,6 +17,7 @@ the paper, following Press et al.).
              the first window scores all its predictions, every later one only its last --stride
              (exp of the mean loss over scored tokens; the Hugging Face / YaRN convention).
 """
+
 import argparse
 import json
 import math
@@ -54,8 +55,11 @@ def check_vocab(vocab_size, n, source):
     vocabulary of `vocab_size`, instead of a device-side assert on CUDA or an IndexError deep in the
     embedding on CPU."""
     if n > vocab_size:
-        raise ValueError(f"{source} uses token ids up to {n - 1}, but the model's vocabulary has {vocab_size} tokens: "
-                         "the text was tokenized for another model; tokenize it with this model's tokenizer (python data.py tokenize --tokenizer MODEL ...)")  # fmt: skip
+        raise ValueError(
+            f"{source} uses token ids up to {n - 1}, but the model's vocabulary has {vocab_size} tokens: "
+            "the text was tokenized for another model; tokenize it with this model's tokenizer (python data.py "
+            "tokenize --tokenizer MODEL ...)"
+        )
 
 
 def token_nll(m, x):
@@ -79,16 +83,21 @@ def window_nll(m, tokens, seq_len, stride, max_windows=None, batch_size=1, progr
             bar.update(len(batch))
 
 
-def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=None, batch_size=1, progress=True, by_context=False):
+def perplexity(
+    m, tokens, seq_len, stride=256, convention="paper", max_windows=None, batch_size=1, progress=True, by_context=False
+):
     """Perplexity of `m` on the token array `tokens` with windows of `seq_len` every `stride` tokens.
     by_context=True: (perplexity, perplexity_by_context's dict), both from the one pass over the windows."""
     if convention not in ("paper", "strided"):
         raise ValueError(f"convention must be 'paper' or 'strided', got {convention!r}")
     if convention == "strided" and stride > seq_len:
-        raise ValueError(f"--stride {stride} is longer than --seq-len {seq_len}: the strided convention would skip tokens")
+        raise ValueError(
+            f"--stride {stride} is longer than --seq-len {seq_len}: the strided convention would skip tokens"
+        )
     check_vocab(m.args.vocab_size, int(tokens.max()) + 1 if len(tokens) else 0, "the token file")
     window_means, total, count = [], 0.0, 0
-    by_pos = torch.zeros(seq_len - 1, dtype=torch.float64)  # summed over windows: loss of the prediction made with j + 1 tokens
+    # summed over windows: loss of the prediction made with j + 1 tokens
+    by_pos = torch.zeros(seq_len - 1, dtype=torch.float64)
     for s, row in window_nll(m, tokens, seq_len, stride, max_windows, batch_size, progress):
         window_means.append(row.mean().item())
         scored = row if s == 0 else row[-stride:]  # strided: only the tokens no earlier window scored
@@ -97,7 +106,10 @@ def perplexity(m, tokens, seq_len, stride=256, convention="paper", max_windows=N
     if not by_context:
         return ppl
     edges = [2**k for k in range(seq_len.bit_length()) if 2**k < seq_len] + [seq_len]
-    return ppl, {(lo, hi): math.exp(by_pos[lo - 1 : hi - 1].mean().item() / len(window_means)) for lo, hi in zip(edges, edges[1:])}
+    return ppl, {
+        (lo, hi): math.exp(by_pos[lo - 1 : hi - 1].mean().item() / len(window_means))
+        for lo, hi in zip(edges, edges[1:])
+    }
 
 
 def perplexity_by_context(m, tokens, seq_len, stride=256, max_windows=None, batch_size=1, progress=True):
@@ -109,7 +121,10 @@ def perplexity_by_context(m, tokens, seq_len, stride=256, max_windows=None, batc
 
 # ----------------------------------------------------------------------------- passkey retrieval
 
-TASK = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there."
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -122,7 +137,9 @@ def passkey_prompt(tok, length, depth, key):
 
     def build(n):
         before = round(depth * n)
-        text = " ".join([TASK, " ".join([FILLER] * before), NEEDLE.format(key=key), " ".join([FILLER] * (n - before)), QUESTION])
+        text = " ".join(
+            [TASK, " ".join([FILLER] * before), NEEDLE.format(key=key), " ".join([FILLER] * (n - before)), QUESTION]
+        )
         return tok.encode(re.sub(" +", " ", text), bos=True)
 
     per_filler = len(tok.encode(" " + FILLER, bos=False))
@@ -131,7 +148,9 @@ def passkey_prompt(tok, length, depth, key):
         n -= 1
     ids = build(n)
     if len(ids) > length:
-        raise ValueError(f"--lengths {length} is too short to hold the passkey prompt ({len(ids)} tokens without filler)")
+        raise ValueError(
+            f"--lengths {length} is too short to hold the passkey prompt ({len(ids)} tokens without filler)"
+        )
     return ids
 
 
@@ -158,7 +177,11 @@ def generate(m, ids, max_new_tokens, eos_id=None):
             out.append(nxt)
             if len(out) == max_new_tokens:
                 break
-            x = torch.tensor([[nxt]], device=device) if use_cache else torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
+            x = (
+                torch.tensor([[nxt]], device=device)
+                if use_cache
+                else torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
+            )
             logits = m(x, cache=cache, last_only=True)
     return out
 
@@ -236,7 +259,10 @@ def table(cmd, results, by_context=None):
         lines = [f"{'length':>8}  perplexity"]
         for L, ppl in results.items():
             lines.append(f"{L:>8}  {ppl:10.4f}")
-            lines += [f"{'':>8}    context {lo:>6}-{hi - 1:<6} {v:.4f}" for (lo, hi), v in (by_context or {}).get(L, {}).items()]
+            lines += [
+                f"{'':>8}    context {lo:>6}-{hi - 1:<6} {v:.4f}"
+                for (lo, hi), v in (by_context or {}).get(L, {}).items()
+            ]
     else:
         depths = next(iter(results.values()))
         lines = [f"{'length':>8}  " + "  ".join(f"{f'depth {d:.0%}':>10}" for d in depths)]
@@ -247,28 +273,51 @@ def table(cmd, results, by_context=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("ppl", "perplexity at several context lengths"), ("passkey", "passkey retrieval accuracy by length and depth")):
+    for name, help_ in (
+        ("ppl", "perplexity at several context lengths"),
+        ("passkey", "passkey retrieval accuracy by length and depth"),
+    ):
         s = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--model", required=True, help="a folder model.load opens (Meta, HF, or a run's merged/)")
-        s.add_argument("--trainable", help="a trainable-weights file (train.py's trainable.safetensors) to apply to --model")
+        s.add_argument(
+            "--trainable", help="a trainable-weights file (train.py's trainable.safetensors) to apply to --model"
+        )
         s.add_argument("--attn", choices=("full", "s2"), default="full", help="attention at evaluation (default full)")
-        s.add_argument("--group-size", type=int, help="S2 group size with --attn s2 (default: a quarter of each length)")
+        s.add_argument(
+            "--group-size", type=int, help="S2 group size with --attn s2 (default: a quarter of each length)"
+        )
         s.add_argument("--dtype", choices=("float32", "bfloat16"), help="default float32 on CPU, bfloat16 on CUDA")
         s.add_argument("--plot", help="write a PNG (needs matplotlib)")
         s.add_argument("--json", help="write the results as JSON")
         s.add_argument("--seed", type=int, default=0, help="seed (passkey keys and depths; default 0)")
-        s.add_argument("--beyond-context", action="store_true", help="allow lengths past the model's context (to measure how it fails there)")
+        s.add_argument(
+            "--beyond-context",
+            action="store_true",
+            help="allow lengths past the model's context (to measure how it fails there)",
+        )
     s = sub.choices["ppl"]
     s.add_argument("--data", required=True, help="token file (FILE.bin from data.py tokenize) of the evaluation text")
-    s.add_argument("--seq-len", type=ints, required=True, help="comma-separated evaluation lengths, e.g. 2048,4096,8192")
+    s.add_argument(
+        "--seq-len", type=ints, required=True, help="comma-separated evaluation lengths, e.g. 2048,4096,8192"
+    )
     s.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256, the paper's)")
-    s.add_argument("--convention", choices=("paper", "strided"), default="paper", help="which tokens are scored (see above)")
+    s.add_argument(
+        "--convention", choices=("paper", "strided"), default="paper", help="which tokens are scored (see above)"
+    )
     s.add_argument("--max-windows", type=int, help="evaluate at most this many windows per length")
     s.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    s.add_argument("--by-context", action="store_true", help="also print perplexity by how many tokens of context each prediction had")
+    s.add_argument(
+        "--by-context",
+        action="store_true",
+        help="also print perplexity by how many tokens of context each prediction had",
+    )
     s = sub.choices["passkey"]
     s.add_argument("--lengths", type=ints, required=True, help="comma-separated prompt lengths in tokens")
-    s.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths as fractions of the filler (default 0,0.25,0.5,0.75,1)")
+    s.add_argument(
+        "--depths",
+        default="0,0.25,0.5,0.75,1",
+        help="needle depths as fractions of the filler (default 0,0.25,0.5,0.75,1)",
+    )
     s.add_argument("--trials", type=int, default=10, help="random keys per length and depth (default 10)")
     s.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
     args = p.parse_args(argv)
@@ -276,7 +325,10 @@ def main(argv=None):
     if not lengths or min(lengths) < 2:
         p.error(f"--{'seq-len' if args.cmd == 'ppl' else 'lengths'} takes lengths of at least 2 tokens, e.g. 2048,4096")
     if args.group_size is not None and args.group_size < 1:
-        p.error(f"--group-size {args.group_size}: an S2-Attn group holds at least 1 token (default: a quarter of each length)")
+        p.error(
+            f"--group-size {args.group_size}: an S2-Attn group holds at least 1 token (default: a quarter of each "
+            "length)"
+        )
     try:
         vocab = llama.read_checkpoint(args.model)[0].vocab_size  # checked against the data before the weights load
         if args.cmd == "ppl":
@@ -289,19 +341,37 @@ def main(argv=None):
         m = load_model(args.model, args.trainable, args.dtype)
         m.beyond_context = args.beyond_context
         if max(lengths) > m.args.max_seq_len and not args.beyond_context:
-            raise ValueError(f"length {max(lengths)} is past the model's context of {m.args.max_seq_len} tokens: pass --beyond-context to measure it there")
+            raise ValueError(
+                f"length {max(lengths)} is past the model's context of {m.args.max_seq_len} tokens: pass "
+                "--beyond-context to measure it there"
+            )
         results, by_context = {}, {}
         for L in lengths:
-            m.set_attention(group_size=args.group_size or max(1, L // 4) if args.attn == "s2" else None)  # S2's default G depends on L
+            # S2's default G depends on L
+            m.set_attention(group_size=args.group_size or max(1, L // 4) if args.attn == "s2" else None)
             if args.cmd == "ppl":
-                got = perplexity(m, tokens, L, args.stride, args.convention, args.max_windows, args.batch_size, by_context=args.by_context)
+                got = perplexity(
+                    m,
+                    tokens,
+                    L,
+                    args.stride,
+                    args.convention,
+                    args.max_windows,
+                    args.batch_size,
+                    by_context=args.by_context,
+                )
                 results[L], by_context[L] = got if args.by_context else (got, {})
             else:
                 results.update(passkey(m, tok, [L], depths, args.trials, args.seed))
         print(table(args.cmd, results, by_context), flush=True)  # after the progress bars have closed
         title = f"{Path(args.model).name} ({args.attn} attention)"
         if args.json:
-            Path(args.json).write_text(json.dumps({str(L): v if args.cmd == "ppl" else {str(d): a for d, a in v.items()} for L, v in results.items()}, indent=2))
+            Path(args.json).write_text(
+                json.dumps(
+                    {str(L): v if args.cmd == "ppl" else {str(d): a for d, a in v.items()} for L, v in results.items()},
+                    indent=2,
+                )
+            )
         if args.plot:
             (plot_perplexity if args.cmd == "ppl" else plot_passkey)(results, args.plot, title)
     except (FileNotFoundError, ValueError, ImportError) as e:

@@ -13,6 +13,7 @@ close it; training the token embedding and every RMSNorm weight as well does (8.
 0.004% of Llama 2 7B's parameters). The output head stays frozen. A LongLoRA adapter is therefore
 useless without its embedding and norms: save_trainable keeps all three together.
 """
+
 import json
 import math
 
@@ -31,8 +32,12 @@ class LoRALinear(nn.Module):
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free Linear layers (Llama has no biases)")
         self.weight = base.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_a = nn.Parameter(
+            torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device)
+        )
+        self.lora_b = nn.Parameter(
+            torch.empty(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device)
+        )
         init_adapter(self.lora_a, self.lora_b)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -67,7 +72,9 @@ def add_lora(model, rank, alpha, targets=("wq", "wk", "wv", "wo"), dropout=0.0):
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     unknown = sorted(set(targets) - names)
     if unknown or not targets:
-        raise ValueError(f"LoRA targets {unknown or list(targets)} name no Linear layer of this model; choose from {sorted(names)}")
+        raise ValueError(
+            f"LoRA targets {unknown or list(targets)} name no Linear layer of this model; choose from {sorted(names)}"
+        )
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             parent_name, _, child = name.rpartition(".")
@@ -160,9 +167,17 @@ def load_trainable(model, path):
             return None
         return (cfg["rank"], in_f) if leaf == "lora_a" else (out_f, cfg["rank"])
 
-    problems = [f"{k}: file {tuple(t.shape)}, model {expected(k) or 'has no such parameter'}" for k, t in tensors.items() if expected(k) != tuple(t.shape)]
+    problems = [
+        f"{k}: file {tuple(t.shape)}, model {expected(k) or 'has no such parameter'}"
+        for k, t in tensors.items()
+        if expected(k) != tuple(t.shape)
+    ]
     if problems:
-        raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:8]) + "\nWas it trained from another base model?")
+        raise ValueError(
+            f"{path} does not fit this model:\n  "
+            + "\n  ".join(problems[:8])
+            + "\nWas it trained from another base model?"
+        )
     if add:
         add_lora(model, cfg["rank"], cfg["alpha"], targets=tuple(cfg["targets"]))
     for k, v in context.items():

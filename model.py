@@ -11,6 +11,7 @@ Parameter names are Meta's (tok_embeddings, layers.{i}.attention.wq, feed_forwar
 ffn_norm, norm, output), so a Meta checkpoint loads with strict=True. The model knows nothing about
 LoRA, FSDP or data; it runs on one CPU as it is.
 """
+
 import functools
 import json
 import math
@@ -61,7 +62,9 @@ class ModelArgs:
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)"
+            )
         if self.hidden_dim is None:  # Meta: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of
             hidden = int(2 * 4 * self.dim / 3)
             if self.ffn_dim_multiplier is not None:
@@ -96,7 +99,12 @@ def precompute_freqs_cis(args, N, device=None):
 
 def llama31_scale(freqs, args):
     """Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between."""
-    factor, low, high, old = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_context
+    factor, low, high, old = (
+        args.rope_scaling_factor,
+        args.rope_low_freq_factor,
+        args.rope_high_freq_factor,
+        args.rope_original_context,
+    )
     wavelen = 2 * math.pi / freqs
     smooth = (old / wavelen - low) / (high - low)
     blended = (1 - smooth) * freqs / factor + smooth * freqs
@@ -195,7 +203,9 @@ class Transformer(nn.Module):
     def __init__(self, args):
         super().__init__()
         if args.vocab_size <= 0:
-            raise ValueError("vocab_size is not set (-1 in params.json means: take it from the tokenizer or the weights)")
+            raise ValueError(
+                "vocab_size is not set (-1 in params.json means: take it from the tokenizer or the weights)"
+            )
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
@@ -210,8 +220,11 @@ class Transformer(nn.Module):
         With a KVCache, `tokens` continue the ones the cache has seen (generation)."""
         start = cache.pos if cache is not None else 0
         if start + tokens.shape[1] > self.args.max_seq_len and not self.beyond_context:
-            raise ValueError(f"{start + tokens.shape[1]} tokens are more than the model's context of {self.args.max_seq_len}: extend it "
-                             "with m.extend_context(factor), or set m.beyond_context = True to run past it anyway")  # fmt: skip
+            raise ValueError(
+                f"{start + tokens.shape[1]} tokens are more than the model's context of {self.args.max_seq_len}: "
+                "extend it "
+                "with m.extend_context(factor), or set m.beyond_context = True to run past it anyway"
+            )
         h = self.tok_embeddings(tokens)  # (B, N, dim)
         freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]
         for i, layer in enumerate(self.layers):
@@ -309,7 +322,9 @@ def random_weights(params, seed=0, device="cpu"):
     if not isinstance(params, ModelArgs):
         f = Path(params) / "params.json" if Path(params).is_dir() else Path(params)
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: init wants a params.json (dim, n_layers, n_heads, vocab_size, ...)")
+            raise FileNotFoundError(
+                f"{f} not found: init wants a params.json (dim, n_layers, n_heads, vocab_size, ...)"
+            )
         args = ModelArgs(**_args_from(_read_json(f, required=("dim", "n_layers", "n_heads", "vocab_size")), f))
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
@@ -352,22 +367,35 @@ def read_checkpoint(path):
     checking that the weights' names and shapes match the config. Nothing is read yet but the headers."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder: model.load wants a Meta checkpoint folder (params.json + consolidated.NN.pth) or a Hugging Face one (config.json + *.safetensors)")
+        raise FileNotFoundError(
+            f"{path} is not a folder: model.load wants a Meta checkpoint folder (params.json + consolidated.NN.pth) or "
+            "a Hugging Face one (config.json + *.safetensors)"
+        )
     if (path / "params.json").exists():
         args, weights = _read_meta(path)
     elif (path / "config.json").exists():
         args, weights = _read_hf(path)
     else:
-        raise FileNotFoundError(f"no checkpoint in {path}: expected params.json + consolidated.NN.pth (Meta) or config.json + *.safetensors (Hugging Face)")
+        raise FileNotFoundError(
+            f"no checkpoint in {path}: expected params.json + consolidated.NN.pth (Meta) or config.json + "
+            "*.safetensors (Hugging Face)"
+        )
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     got = weights.shapes
     problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())]
     problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())]
-    problems += [f"{k} is {tuple(got[k])}, the config says {tuple(s)}" for k, s in expected.items() if k in got and got[k] != s]
+    problems += [
+        f"{k} is {tuple(got[k])}, the config says {tuple(s)}" for k, s in expected.items() if k in got and got[k] != s
+    ]
     if problems:
         more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise ValueError(f"the weights in {path} do not match its config:\n  " + "\n  ".join(problems[:8]) + more + f"\n{args}\nCheck that the config file belongs to these weights.")
+        raise ValueError(
+            f"the weights in {path} do not match its config:\n  "
+            + "\n  ".join(problems[:8])
+            + more
+            + f"\n{args}\nCheck that the config file belongs to these weights."
+        )
     return args, weights
 
 
@@ -382,7 +410,9 @@ def load(path, dtype=None, device="cpu"):
 def _build(args, weights, dtype=None, device="cpu"):
     with torch.device("meta"):
         m = Transformer(args)
-    m.load_state_dict({k: weights[k].to(device=device, dtype=dtype or weights.dtype) for k in weights}, strict=True, assign=True)
+    m.load_state_dict(
+        {k: weights[k].to(device=device, dtype=dtype or weights.dtype) for k in weights}, strict=True, assign=True
+    )
     return m
 
 
@@ -401,7 +431,9 @@ def _read_json(f, required):
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON ({e}); restore it from the original checkpoint") from e
     if d.get("model_type", "llama") != "llama":
-        raise ValueError(f"{f}: model_type {d['model_type']!r} is not a Llama; this loader reads Llama-architecture checkpoints")
+        raise ValueError(
+            f"{f}: model_type {d['model_type']!r} is not a Llama; this loader reads Llama-architecture checkpoints"
+        )
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{f} lacks {missing}; restore it from the original checkpoint")
@@ -418,7 +450,10 @@ def _read_meta(path):
         for k in shards[0].keys() | shard.keys():
             if k not in shard or k not in shards[0] or shard[k].shape != shards[0][k].shape:
                 got = lambda s: tuple(s[k].shape) if k in s else "absent"  # noqa: E731
-                raise ValueError(f"shards of different sizes: {k} is {got(shards[0])} in {files[0].name} but {got(shard)} in {f.name}; the folder mixes checkpoints")
+                raise ValueError(
+                    f"shards of different sizes: {k} is {got(shards[0])} in {files[0].name} but {got(shard)} in "
+                    f"{f.name}; the folder mixes checkpoints"
+                )
     split = {}  # name -> the dim its shards are concatenated on (None: replicated, or a single shard)
     for k, t in shards[0].items():
         if k == "rope.freqs":  # Llama 2 files carry the RoPE table; it is recomputed
@@ -438,7 +473,11 @@ def _read_meta(path):
         if d is not None:
             shape[d] *= len(shards)
         shapes[k] = torch.Size(shape)
-    sd = Weights(shapes, lambda k: shards[0][k] if split[k] is None else torch.cat([s[k] for s in shards], dim=split[k]), shards[0]["tok_embeddings.weight"].dtype)
+    sd = Weights(
+        shapes,
+        lambda k: shards[0][k] if split[k] is None else torch.cat([s[k] for s in shards], dim=split[k]),
+        shards[0]["tok_embeddings.weight"].dtype,
+    )
     if "output.weight" not in shapes and "tok_embeddings.weight" in shapes:  # no head: it shares the embedding
         params["tie_embeddings"] = True
     if params.get("vocab_size", -1) <= 0:
@@ -455,7 +494,9 @@ def _torch_load(f):
     try:
         return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {f}: {e}\nThe file is incomplete or not a PyTorch checkpoint; download or save it again.") from e
+        raise ValueError(
+            f"cannot read {f}: {e}\nThe file is incomplete or not a PyTorch checkpoint; download or save it again."
+        ) from e
 
 
 def _hf_permute(w, n_heads, inverse):
@@ -468,11 +509,21 @@ def _hf_permute(w, n_heads, inverse):
 
 
 _LAYER_NAMES = {  # Meta -> HF, inside layers.{i}
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}  # fmt: skip
-_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def hf_name(k):
@@ -493,10 +544,18 @@ def to_hf(args, sd):
 def hf_rope(args):
     """The RoPE scaling of `args` as a Hugging Face config's `rope_scaling` (None: plain RoPE)."""
     if args.use_scaled_rope and args.rope_interpolation != 1:
-        raise ValueError("a Hugging Face config cannot express Position Interpolation on top of Llama 3.1 RoPE scaling; save with format='meta'")
+        raise ValueError(
+            "a Hugging Face config cannot express Position Interpolation on top of Llama 3.1 RoPE scaling; save with "
+            "format='meta'"
+        )
     if args.use_scaled_rope:
-        return {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": args.rope_low_freq_factor,
-                "high_freq_factor": args.rope_high_freq_factor, "original_max_position_embeddings": args.rope_original_context}  # fmt: skip
+        return {
+            "rope_type": "llama3",
+            "factor": args.rope_scaling_factor,
+            "low_freq_factor": args.rope_low_freq_factor,
+            "high_freq_factor": args.rope_high_freq_factor,
+            "original_max_position_embeddings": args.rope_original_context,
+        }
     return {"rope_type": "linear", "factor": args.rope_interpolation} if args.rope_interpolation != 1 else None
 
 
@@ -513,26 +572,42 @@ def _rename(k, to_hf):
 
 
 def _read_hf(path):
-    cfg = _read_json(path / "config.json", required=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"))
+    cfg = _read_json(
+        path / "config.json",
+        required=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
+    )
     if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}/config.json: biases or an activation other than silu are not Llama's; not supported")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if (cfg.get("head_dim") or dim // n_heads) != dim // n_heads:  # some configs write "head_dim": null
-        raise ValueError(f"{path}/config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads; not supported")
+        raise ValueError(
+            f"{path}/config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads; not supported"
+        )
     rope = cfg.get("rope_parameters") or {}  # transformers >= 5 spelling; older files: top-level keys
     scaling = cfg.get("rope_scaling") or rope
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     args = dict(
-        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads"),
-        vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), max_seq_len=cfg.get("max_position_embeddings", 4096),
+        dim=dim,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads"),
+        vocab_size=cfg["vocab_size"],
+        hidden_dim=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
-    )  # fmt: skip
+    )
     if kind == "linear":
         args["rope_interpolation"] = scaling["factor"]
     elif kind == "llama3":
-        args.update(use_scaled_rope=True, rope_scaling_factor=scaling["factor"], rope_low_freq_factor=scaling["low_freq_factor"],
-                    rope_high_freq_factor=scaling["high_freq_factor"], rope_original_context=scaling["original_max_position_embeddings"])  # fmt: skip
+        args.update(
+            use_scaled_rope=True,
+            rope_scaling_factor=scaling["factor"],
+            rope_low_freq_factor=scaling["low_freq_factor"],
+            rope_high_freq_factor=scaling["high_freq_factor"],
+            rope_original_context=scaling["original_max_position_embeddings"],
+        )
     elif kind != "default":
         raise ValueError(f"{path}/config.json: RoPE scaling {kind!r} is not supported (default, linear and llama3 are)")
     args = ModelArgs(**args)
@@ -540,9 +615,16 @@ def _read_hf(path):
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else sorted(p.name for p in path.glob("*.safetensors"))
+    )
     if not files:
-        raise FileNotFoundError(f"{path} has config.json but no *.safetensors weights (.bin checkpoints are not read; re-save them with safetensors)")
+        raise FileNotFoundError(
+            f"{path} has config.json but no *.safetensors weights (.bin checkpoints are not read; re-save them with "
+            "safetensors)"
+        )
     where, shapes, dtypes = {}, {}, {}  # Meta name -> (file, HF name), shape, stored dtype
     for name in files:
         with safe_open(path / name, framework="pt") as f:
@@ -550,7 +632,10 @@ def _read_hf(path):
                 if "rotary_emb.inv_freq" not in k:  # a buffer some old checkpoints saved
                     where[_rename(k, to_hf=False)] = (path / name, k)
                     t = f.get_slice(k)
-                    shapes[_rename(k, to_hf=False)], dtypes[_rename(k, to_hf=False)] = torch.Size(t.get_shape()), t.get_dtype()
+                    shapes[_rename(k, to_hf=False)], dtypes[_rename(k, to_hf=False)] = (
+                        torch.Size(t.get_shape()),
+                        t.get_dtype(),
+                    )
     if args.tie_embeddings:  # some tied checkpoints store the head too
         where.pop("output.weight", None)
         shapes.pop("output.weight", None)
@@ -573,7 +658,13 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 # ----------------------------------------------------------------------------- saving
 
 
-_CHECKPOINT_GLOBS = ("params.json", "consolidated.*.pth", "config.json", "*.safetensors", "model.safetensors.index.json")
+_CHECKPOINT_GLOBS = (
+    "params.json",
+    "consolidated.*.pth",
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+)
 
 
 def save(model, path, format="meta", overwrite=False, max_shard_bytes=5 * 2**30):
@@ -586,11 +677,16 @@ def save(model, path, format="meta", overwrite=False, max_shard_bytes=5 * 2**30)
     path = Path(path)
     old = sorted({p for g in _CHECKPOINT_GLOBS for p in path.glob(g)}) if path.is_dir() else []
     if old and not overwrite:
-        raise FileExistsError(f"{path} already holds a checkpoint ({old[0].name}, ...); pass overwrite=True or choose another folder")
+        raise FileExistsError(
+            f"{path} already holds a checkpoint ({old[0].name}, ...); pass overwrite=True or choose another folder"
+        )
     args = model.args
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if format == "meta":
-        files = {"consolidated.00.pth": lambda f: torch.save(sd, f), "params.json": lambda f: f.write_text(json.dumps(asdict(args), indent=2))}
+        files = {
+            "consolidated.00.pth": lambda f: torch.save(sd, f),
+            "params.json": lambda f: f.write_text(json.dumps(asdict(args), indent=2)),
+        }
     else:
         files = _hf_files(args, sd, max_shard_bytes)
     path.mkdir(parents=True, exist_ok=True)
@@ -610,12 +706,24 @@ def _hf_files(args, sd, max_shard_bytes):
     out = to_hf(args, sd)
     dtype = sd["tok_embeddings.weight"].dtype
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": scaling,
-        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
-    }  # fmt: skip
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
     shards, size = [{}], 0
     for name, t in out.items():
         nbytes = t.numel() * t.element_size()
@@ -633,5 +741,7 @@ def _hf_files(args, sd, max_shard_bytes):
         files[name] = lambda f, shard=shard: save_file(shard, f, metadata={"format": "pt"})
     weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
     total = sum(t.numel() * t.element_size() for t in out.values())
-    files["model.safetensors.index.json"] = lambda f: f.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    files["model.safetensors.index.json"] = lambda f: f.write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return files

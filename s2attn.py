@@ -31,6 +31,7 @@ is shorter). All three backends compute exactly this function, and the tests che
     flash  variable-length segments (cu_seqlens) through flash-attn's flash_attn_varlen_func, or
            PyTorch's own varlen kernel (the same FlashAttention-2 code) on CUDA without flash-attn.
 """
+
 import inspect
 import math
 
@@ -71,7 +72,8 @@ def s2_attention(q, k, v, group_size, backend="sdpa", shift=True):
     G, N, H = group_size, q.shape[1], q.shape[2]
     if backend == "naive":
         return _naive(q, k, v, s2_mask(N, H, G, device=q.device, shift=shift))
-    attend = _KERNELS[backend]  # attend(q, k, v, G, first): causal attention in groups [0, first), [first, first + G), ...
+    # attend(q, k, v, G, first): causal attention in groups [0, first), [first, first + G), ...
+    attend = _KERNELS[backend]
     if not shift:
         return attend(q, k, v, G, first=G)
     (q1, k1, v1), (q2, k2, v2) = _split_heads(q, k, v)  # heads [0, H // 2) and [H // 2, H)
@@ -89,8 +91,10 @@ def cached_attention(q, k, v):
     that k and v hold. q: (B, Nq, H, D), k, v: (B, Nk, Hkv, D) -> (B, Nq, H, D). Always full attention,
     through SDPA: decoding steps are small."""
     Nq, Nk = q.shape[1], k.shape[1]
-    mask = None if Nq == 1 else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)  # key j <= Nk - Nq + i
-    return _sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)  # (B, Nq, H, D)
+    # key j <= Nk - Nq + i
+    mask = None if Nq == 1 else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)
+    # (B, Nq, H, D)
+    return _sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
 
 
 def s2_mask(N, H, group_size, device=None, shift=True):
@@ -207,7 +211,9 @@ def check_config(group_size, backend):
     """Raise a clear error for an unknown backend, or a group size that is neither None (full attention)
     nor a positive int. Callers that store a configuration (the model) check it when it is set."""
     if backend not in ALL_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ALL_BACKENDS} (this machine runs {BACKENDS})")
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose one of {ALL_BACKENDS} (this machine runs {BACKENDS})"
+        )
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int (tokens), or None for full attention; got {group_size!r}")
 
@@ -216,7 +222,9 @@ def _check(q, k, v, backend):
     """Fail early, with a message that says what to do, instead of deep inside a kernel."""
     check_config(None, backend)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q (B, N, H, D) and k, v (B, N, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q (B, N, H, D) and k, v (B, N, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     (B, N, H, D), (Bk, Nk, Hkv, Dk) = q.shape, k.shape
     if (B, N, D) != (Bk, Nk, Dk):
         raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)} must agree on B, N and D")
@@ -224,8 +232,16 @@ def _check(q, k, v, backend):
         raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv} (grouped-query attention)")
     if backend == "flash":
         if not q.is_cuda:
-            raise ValueError(f"backend 'flash' runs on CUDA tensors only (got {q.device}); use backend='sdpa' on this device")
+            raise ValueError(
+                f"backend 'flash' runs on CUDA tensors only (got {q.device}); use backend='sdpa' on this device"
+            )
         if not _HAS_VARLEN:
-            raise ImportError("backend 'flash' needs flash-attn (pip install flash-attn) or torch >= 2.10; use backend='sdpa' meanwhile")
+            raise ImportError(
+                "backend 'flash' needs flash-attn (pip install flash-attn) or torch >= 2.10; use backend='sdpa' "
+                "meanwhile"
+            )
         if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"backend 'flash' needs float16 or bfloat16 tensors (got {q.dtype}); cast the model, or use backend='sdpa'")
+            raise ValueError(
+                f"backend 'flash' needs float16 or bfloat16 tensors (got {q.dtype}); cast the model, or use "
+                "backend='sdpa'"
+            )

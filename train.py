@@ -1,12 +1,13 @@
 """LongLoRA fine-tuning: S2-Attn at the target length, Position Interpolation, LoRA+, plain torch FSDP2.
 
-    python train.py                                                                   # the demo: LongLoRA on a CPU in minutes
-    python train.py --model DIR --data train.bin --seq-len 8192 --out runs/a          # one process, CPU or GPU
+    python train.py                                                           # the demo (demo.py), on a CPU
+    python train.py --model DIR --data train.bin --seq-len 8192 --out runs/a  # one process, CPU or GPU
     torchrun --nproc-per-node 8 train.py --model llama-2-7b --data redpajama.bin --seq-len 8192 --out runs/7b-8k
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...   # several nodes
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...  # nodes
 
 The same code runs everywhere: without torchrun it makes a one-process group, so one process and 64 go
-through the same FSDP2 path (--device: gloo on CPU; on CUDA one process per GPU, nccl). The defaults are the paper's (§4.1): AdamW
+through the same FSDP2 path (--device: gloo on CPU; on CUDA one process per GPU, nccl). The defaults are
+the paper's (§4.1): AdamW
 (0.9, 0.95), no weight decay, lr 2e-5 with 20 warm-up steps then constant, per-device batch 1 with
 8 gradient-accumulation steps (global batch 64 on 8 GPUs), 1000 steps, bf16, LoRA rank 8 / alpha 16
 on wq wk wv wo with the token embedding and every norm trainable, S2-Attn groups of a quarter of the
@@ -21,6 +22,7 @@ from the latest), and at the end, each with the tokenizer beside it:
                             with base_config.json, the RoPE scaling the base must be loaded with
     trainable.safetensors   LoRA runs: the same weights in this codebase's names (lora.load_trainable)
 """
+
 import argparse
 import datetime
 import functools
@@ -37,7 +39,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
@@ -49,55 +56,128 @@ import model as llama
 import s2attn
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
-SAME_ON_RESUME = ("model", "data", "sft", "seq_len", "attn", "group_size", "lora_rank", "lora_alpha", "lora_targets",
-                  "trainable", "rope_scale", "grad_accum", "dtype", "seed", "optim", "weight_decay", "init")  # fmt: skip
+SAME_ON_RESUME = (
+    "model",
+    "data",
+    "sft",
+    "seq_len",
+    "attn",
+    "group_size",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "trainable",
+    "rope_scale",
+    "grad_accum",
+    "dtype",
+    "seed",
+    "optim",
+    "weight_decay",
+    "init",
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("what to train")
-    a.add_argument("--model", required=True, help="base model: a Meta folder, an HF folder, or a merged/ folder of an earlier run")
-    a.add_argument("--init", action="store_true", help="pretrain from scratch: --model is only a params.json (or a folder with one), "
-                   "the weights start random (model.init); needs --lora-rank 0 and --attn full")  # fmt: skip
-    a.add_argument("--data", help="token file (FILE.bin from `python data.py tokenize`) read in windows of --seq-len tokens")
+    a.add_argument(
+        "--model", required=True, help="base model: a Meta folder, an HF folder, or a merged/ folder of an earlier run"
+    )
+    a.add_argument(
+        "--init",
+        action="store_true",
+        help="pretrain from scratch: --model is only a params.json (or a folder with one), "
+        "the weights start random (model.init); needs --lora-rank 0 and --attn full",
+    )
+    a.add_argument(
+        "--data", help="token file (FILE.bin from `python data.py tokenize`) read in windows of --seq-len tokens"
+    )
     a.add_argument("--sft", help="supervised examples instead: LongAlpaca .json/.jsonl (instruction, input, output)")
-    a.add_argument("--tokenizer", help="tokenizer for --sft, copied beside the exported model (default: the one in --model, "
-                   "else the one the --data file was tokenized with)")  # fmt: skip
+    a.add_argument(
+        "--tokenizer",
+        help="tokenizer for --sft, copied beside the exported model (default: the one in --model, "
+        "else the one the --data file was tokenized with)",
+    )
     a.add_argument("--out", required=True, help="run folder: log, checkpoints, trainable weights, merged model")
     a = p.add_argument_group("LongLoRA")
     a.add_argument("--seq-len", type=int, default=8192, help="training length in tokens (default 8192)")
-    a.add_argument("--attn", choices=("s2", "full", "short"), default="s2",
-                   help="S2-Attn (default), full attention, or short: S2's groups without the shift (the paper's Table 1 ablation)")  # fmt: skip
+    a.add_argument(
+        "--attn",
+        choices=("s2", "full", "short"),
+        default="s2",
+        help="S2-Attn (default), full attention, or short: S2's groups without the shift (paper Table 1's ablation)",
+    )
     a.add_argument("--group-size", type=int, help="S2-Attn group size in tokens (default seq-len/4, paper Table 11)")
-    a.add_argument("--backend", choices=s2attn.ALL_BACKENDS, help="attention kernel (default: flash where available and bf16, else sdpa)")
-    a.add_argument("--rope-scale", type=float, help="Position Interpolation factor applied on top of the model's own "
-                   "(default: ceil(seq-len / the model's context), e.g. 2 for Llama 2 at 8192)")  # fmt: skip
+    a.add_argument(
+        "--backend",
+        choices=s2attn.ALL_BACKENDS,
+        help="attention kernel (default: flash where available and bf16, else sdpa)",
+    )
+    a.add_argument(
+        "--rope-scale",
+        type=float,
+        help="Position Interpolation factor applied on top of the model's own "
+        "(default: ceil(seq-len / the model's context), e.g. 2 for Llama 2 at 8192)",
+    )
     a.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8); 0 = full fine-tuning")
     a.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
-    a.add_argument("--lora-targets", default="wq,wk,wv,wo", help="Linear layers that get adapters (default wq,wk,wv,wo)")
-    a.add_argument("--trainable", default="embed,norm", help="trained besides the adapters: LoRA+ is embed,norm (default); '' = plain LoRA")
+    a.add_argument(
+        "--lora-targets", default="wq,wk,wv,wo", help="Linear layers that get adapters (default wq,wk,wv,wo)"
+    )
+    a.add_argument(
+        "--trainable",
+        default="embed,norm",
+        help="trained besides the adapters: LoRA+ is embed,norm (default); '' = plain LoRA",
+    )
     a = p.add_argument_group("optimisation")
-    a.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; the paper uses 1e-5 for 70B)")
+    a.add_argument(
+        "--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; the paper uses 1e-5 for 70B)"
+    )
     a.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then --schedule (default 20)")
-    a.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                   help="after warm-up: constant (default, the paper's) or cosine decay to lr/10 at --steps (pretraining)")  # fmt: skip
+    a.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="after warm-up: constant (default, the paper's) or cosine decay to lr/10 at --steps (pretraining)",
+    )
     a.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     a.add_argument("--batch-size", type=int, default=1, help="sequences per device per micro-step (default 1)")
     a.add_argument("--grad-accum", type=int, default=8, help="micro-steps per optimizer step (default 8)")
     a.add_argument("--optim", choices=("adamw", "sgd"), default="adamw", help="AdamW(0.9, 0.95) (default) or plain SGD")
     a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     a.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1.0; 0 = off)")
-    a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (default bfloat16); trainable weights stay float32")
-    a.add_argument("--loss-chunk", type=int, default=2048, help="tokens per chunk of the output-head loss (default 2048)")
-    a.add_argument("--no-activation-checkpointing", action="store_true", help="keep every block's activations (faster, much more memory)")
-    a.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="cuda: process LOCAL_RANK drives GPU LOCAL_RANK (one process per GPU); cpu: gloo on CPU cores; "
-                   "auto (default): cuda when a GPU is visible")  # fmt: skip
-    a.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s in --dtype, for the MFU in the log "
-                   "(default: PEAK_BF16_TFLOPS, the known dense bf16 peaks of A100 to GB200; none on CPU)")  # fmt: skip
+    a.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="compute dtype (default bfloat16); trainable weights stay float32",
+    )
+    a.add_argument(
+        "--loss-chunk", type=int, default=2048, help="tokens per chunk of the output-head loss (default 2048)"
+    )
+    a.add_argument(
+        "--no-activation-checkpointing",
+        action="store_true",
+        help="keep every block's activations (faster, much more memory)",
+    )
+    a.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="cuda: process LOCAL_RANK drives GPU LOCAL_RANK (one process per GPU); cpu: gloo on CPU cores; "
+        "auto (default): cuda when a GPU is visible",
+    )
+    a.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak TFLOP/s in --dtype, for the MFU in the log "
+        "(default: PEAK_BF16_TFLOPS, the known dense bf16 peaks of A100 to GB200; none on CPU)",
+    )
     a.add_argument("--seed", type=int, default=42, help="seed of the adapters' init and of the data order (default 42)")
     a = p.add_argument_group("checkpoints and output")
-    a.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0 = only at the end)")
+    a.add_argument(
+        "--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0 = only at the end)"
+    )
     a.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     a.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     a.add_argument("--export-format", choices=("meta", "hf"), help="format of OUT/merged (default: the base model's)")
@@ -109,15 +189,21 @@ def parse_args(argv=None):
     runs_here = s2attn.BACKENDS if on_cuda else ("naive", "sdpa")
     args.backend = args.backend or default_backend(on_cuda, args.dtype)
     if args.backend not in runs_here:
-        p.error(f"--backend {args.backend} runs on CUDA only: use --backend sdpa on CPU" if not on_cuda else
-                f"--backend {args.backend} needs flash-attn (pip install flash-attn --no-build-isolation) or a torch with "
-                "torch.nn.attention.varlen; or use --backend sdpa")  # fmt: skip
+        p.error(
+            f"--backend {args.backend} runs on CUDA only: use --backend sdpa on CPU"
+            if not on_cuda
+            else f"--backend {args.backend} needs flash-attn (pip install flash-attn --no-build-isolation) "
+            "or a torch with torch.nn.attention.varlen; or use --backend sdpa"
+        )
     if (args.data is None) == (args.sft is None):
         p.error("give exactly one of --data (a token file) and --sft (supervised examples)")
     if args.init and (args.lora_rank or args.attn != "full"):
         p.error("--init pretrains a model from random weights: give it --lora-rank 0 and --attn full")
     if args.attn != "full" and args.group_size > args.seq_len:
-        p.error(f"--group-size {args.group_size} is larger than --seq-len {args.seq_len}: S2-Attn needs groups shorter than the sequence")
+        p.error(
+            f"--group-size {args.group_size} is larger than --seq-len {args.seq_len}: S2-Attn needs groups shorter "
+            "than the sequence"
+        )
     for name in ("seq_len", "steps", "batch_size", "grad_accum", "loss_chunk", "keep"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -140,7 +226,14 @@ def setup_distributed(choice="auto"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     # Ranks wait at a barrier while rank 0 alone writes the merged model: minutes for a 70B, past the
     # default 10-minute collective timeout.
     timeout = datetime.timedelta(hours=2)
@@ -148,11 +241,16 @@ def setup_distributed(choice="auto"):
         gpus, local = torch.cuda.device_count(), int(os.environ["LOCAL_RANK"])
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
         if gpus == 0:
-            raise ValueError("--device cuda, but this process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver); use --device cpu")
+            raise ValueError(
+                "--device cuda, but this process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver); use --device "
+                "cpu"
+            )
         if max(per_node, local + 1) > gpus:
-            raise ValueError(f"{per_node} processes on this node but {gpus} GPU(s) visible: run one process per GPU "
-                             f"(torchrun --nproc-per-node {gpus}; a launcher that gives each process one GPU must leave "
-                             "CUDA_VISIBLE_DEVICES listing all of the node's), or --device cpu")  # fmt: skip
+            raise ValueError(
+                f"{per_node} processes on this node but {gpus} GPU(s) visible: run one process per GPU "
+                f"(torchrun --nproc-per-node {gpus}; a launcher that gives each process one GPU must leave "
+                "CUDA_VISIBLE_DEVICES listing all of the node's), or --device cpu"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
@@ -214,8 +312,21 @@ def keep_rows(p, full, rank, world):
     local.copy_(full.narrow(0, start, local.shape[0]))
 
 
-def apply_longlora(m, *, seq_len, rope_scale=None, lora_rank=8, lora_alpha=16, lora_targets=("wq", "wk", "wv", "wo"),
-                   trainable=("embed", "norm"), attn="s2", group_size=None, backend="sdpa", dtype="bfloat16", seed=42):
+def apply_longlora(
+    m,
+    *,
+    seq_len,
+    rope_scale=None,
+    lora_rank=8,
+    lora_alpha=16,
+    lora_targets=("wq", "wk", "wv", "wo"),
+    trainable=("embed", "norm"),
+    attn="s2",
+    group_size=None,
+    backend="sdpa",
+    dtype="bfloat16",
+    seed=42,
+):
     """LongLoRA's three switches on model `m`, in place: Position Interpolation to reach `seq_len`
     (by `rope_scale`, default the smallest integer factor that does), LoRA+ (adapters of `lora_rank` on
     `lora_targets`, and the `trainable` groups), and the attention `attn` ("s2", "full" or "short") in
@@ -223,14 +334,18 @@ def apply_longlora(m, *, seq_len, rope_scale=None, lora_rank=8, lora_alpha=16, l
     context = m.args.max_seq_len
     scale = rope_scale or max(1, math.ceil(seq_len / context))
     if int(context * scale) < seq_len:
-        raise ValueError(f"--rope-scale {scale:g} extends the model's context of {context} tokens to {int(context * scale)}, "
-                         f"short of --seq-len {seq_len}: leave --rope-scale out (then it is {math.ceil(seq_len / context)})")
+        raise ValueError(
+            f"--rope-scale {scale:g} extends the model's context of {context} tokens to {int(context * scale)}, "
+            f"short of --seq-len {seq_len}: leave --rope-scale out (then it is {math.ceil(seq_len / context)})"
+        )
     m.extend_context(scale)
     torch.manual_seed(seed)  # the same adapters on every rank
     if lora_rank:
         lora.add_lora(m, lora_rank, lora_alpha, targets=tuple(lora_targets))
         lora.set_trainable(m, extra=tuple(trainable))
-    m.set_attention(group_size=None if attn == "full" else group_size or max(1, seq_len // 4), backend=backend, shift=attn == "s2")
+    m.set_attention(
+        group_size=None if attn == "full" else group_size or max(1, seq_len // 4), backend=backend, shift=attn == "s2"
+    )
     for p in m.parameters():  # frozen weights in the compute dtype; trainable ones in float32 for the optimizer
         p.data = p.data.to(torch.float32 if p.requires_grad else getattr(torch, dtype))
     return m
@@ -252,13 +367,21 @@ def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True):
 
 def longlora_settings(args):
     """apply_longlora's keyword arguments from the command line's flags."""
-    return dict(seq_len=args.seq_len, rope_scale=args.rope_scale, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                lora_targets=split_list(args.lora_targets), trainable=split_list(args.trainable), attn=args.attn,
-                group_size=args.group_size, backend=args.backend)
+    return dict(
+        seq_len=args.seq_len,
+        rope_scale=args.rope_scale,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=split_list(args.lora_targets),
+        trainable=split_list(args.trainable),
+        attn=args.attn,
+        group_size=args.group_size,
+        backend=args.backend,
+    )
 
 
 def split_list(text):
-    """"wq,wk" -> ("wq", "wk"); "" -> ()."""
+    """ "wq,wk" -> ("wq", "wk"); "" -> ()."""
     return tuple(t for t in text.split(",") if t)
 
 
@@ -266,12 +389,16 @@ def load_data(args, vocab_size):
     if args.data:
         ds = data.TokenWindows(args.data, args.seq_len, seed=args.seed)
         if ds.meta["max_id"] >= vocab_size:
-            raise ValueError(f"{args.data} holds token ids up to {ds.meta['max_id']}, but the model's vocabulary has {vocab_size}: "
-                             f"it was tokenized with another tokenizer ({ds.meta['tokenizer']})")  # fmt: skip
+            raise ValueError(
+                f"{args.data} holds token ids up to {ds.meta['max_id']}, but the model's vocabulary has {vocab_size}: "
+                f"it was tokenized with another tokenizer ({ds.meta['tokenizer']})"
+            )
         return ds, 0
     tok = data.load_tokenizer(args.tokenizer or args.model)
     if tok.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer")
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer"
+        )
     return data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed), tok.eos_id
 
 
@@ -308,22 +435,40 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     try:
         state = json.loads((ckpt / "state.json").read_text())
         saved = state["args"]
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in SAME_ON_RESUME if saved.get(k) != getattr(args, k)]
+        changed = [
+            f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
+            for k in SAME_ON_RESUME
+            if saved.get(k) != getattr(args, k)
+        ]
         if saved["batch_size"] * state["world"] != args.batch_size * world:
-            changed.append(f"sequences per micro-step (batch size x processes) {saved['batch_size'] * state['world']} -> {args.batch_size * world}")
+            changed.append(
+                f"sequences per micro-step (batch size x processes) {saved['batch_size'] * state['world']} -> "
+                f"{args.batch_size * world}"
+            )
         if changed:
-            raise ValueError(f"cannot resume {ckpt}: these settings differ from the run that wrote it: {'; '.join(changed)}")
+            raise ValueError(
+                f"cannot resume {ckpt}: these settings differ from the run that wrote it: {'; '.join(changed)}"
+            )
         model_sd, optim_sd = get_state_dict(m, optim, options=StateDictOptions(ignore_frozen_params=True))
         sd = {"model": model_sd, "optim": optim_sd}
         dcp.load(sd, checkpoint_id=str(ckpt))
-        set_state_dict(m, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        set_state_dict(
+            m,
+            optim,
+            model_state_dict=sd["model"],
+            optim_state_dict=sd["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
         rng_file = ckpt / f"rng-{rank}.pt"  # a run resumed on more processes: the new ranks take rank 0's
         rng = torch.load(rng_file if rng_file.exists() else ckpt / "rng-0.pt", weights_only=True)
     except ValueError:
         raise
     except (Exception, dcp.api.CheckpointException) as e:  # a damaged checkpoint (the latter is a BaseException)
-        cause = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]  # DCP's text holds tracebacks
-        raise ValueError(f"checkpoint {ckpt} cannot be read ({cause}); delete that folder to resume from the one before it") from e
+        # DCP's text holds tracebacks
+        cause = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
+        raise ValueError(
+            f"checkpoint {ckpt} cannot be read ({cause}); delete that folder to resume from the one before it"
+        ) from e
     torch.set_rng_state(rng["cpu"])
     cuda_rng = rng["cuda"]  # None when the run was on CPU
     if device.type == "cuda" and isinstance(cuda_rng, list):  # older files: every visible GPU's
@@ -348,10 +493,20 @@ def export_plan(args, m, dataset):
     sources = [args.tokenizer] if args.tokenizer else [args.model, getattr(dataset, "meta", {}).get("tokenizer")]
     for src in sources:
         p = Path(src or "")
-        if args.tokenizer or p.is_dir() and any((p / n).exists() for n in ("tokenizer.model", "tokenizer.json")) or p.is_file() and src != args.model:
+        if (
+            args.tokenizer
+            or p.is_dir()
+            and any((p / n).exists() for n in ("tokenizer.model", "tokenizer.json"))
+            or p.is_file()
+            and src != args.model
+        ):
             data.load_tokenizer(src)  # a missing or unreadable tokenizer: an error now, not after training
             return fmt, src
-    print(f"note: no tokenizer in {args.model} or where the token file was made; merged/ will have none (--tokenizer copies one)", flush=True)
+    print(
+        f"note: no tokenizer in {args.model} or where the token file was made; merged/ will have none (--tokenizer "
+        "copies one)",
+        flush=True,
+    )
     return fmt, None
 
 
@@ -359,7 +514,9 @@ def export(out, m, args, rank, fmt="meta", tokenizer=None):
     """trainable.safetensors and adapter/ (LoRA runs), and merged/: the base model with the training
     folded in; each with the tokenizer beside it."""
     ignore_frozen = args.lora_rank > 0
-    state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen))
+    state = get_model_state_dict(
+        m, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen)
+    )
     if rank == 0:
         base = llama.init(args.model) if args.init else llama.load(args.model)
         for k in lora.CONTEXT:
@@ -367,7 +524,9 @@ def export(out, m, args, rank, fmt="meta", tokenizer=None):
         folders = [out / "merged"]
         if ignore_frozen:
             lora.save_trainable(m, out / "trainable.safetensors", state=state)
-            if save_peft(m, out / "adapter", state, base=args.model if (Path(args.model) / "config.json").exists() else None):
+            if save_peft(
+                m, out / "adapter", state, base=args.model if (Path(args.model) / "config.json").exists() else None
+            ):
                 folders.append(out / "adapter")
             lora.merge_lora(lora.load_trainable(base, out / "trainable.safetensors"))
         else:
@@ -407,19 +566,35 @@ def save_peft(m, folder, state, base=None):
             ((name, t),) = llama.to_hf(m.args, {f"{layer}.weight": t}).items()
             tensors[f"base_model.model.{name.removesuffix('.weight')}.lora_B.weight"] = t
         else:  # a whole trained tensor: the embedding or a norm
-            names = [llama.hf_name(k)] + (["lm_head.weight"] if k == "tok_embeddings.weight" and m.args.tie_embeddings else [])
+            names = [llama.hf_name(k)] + (
+                ["lm_head.weight"] if k == "tok_embeddings.weight" and m.args.tie_embeddings else []
+            )
             for name in names:
                 tensors[f"base_model.model.{name}"] = t.clone()  # safetensors stores no shared tensors
                 modules.add(name.removesuffix(".weight").rsplit(".", 1)[-1])
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()) if base else None,
-        "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(Path(base).resolve()) if base else None,
+        "r": cfg["rank"],
+        "lora_alpha": cfg["alpha"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
         "target_modules": sorted(targets),
-        "modules_to_save": sorted(modules) or None, "inference_mode": True,
-    }  # fmt: skip
-    overrides = {"rope_parameters": {**rope, "rope_theta": m.args.rope_theta}, "max_position_embeddings": m.args.max_seq_len}
+        "modules_to_save": sorted(modules) or None,
+        "inference_mode": True,
+    }
+    overrides = {
+        "rope_parameters": {**rope, "rope_theta": m.args.rope_theta},
+        "max_position_embeddings": m.args.max_seq_len,
+    }
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in tensors.items()}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: t.contiguous() for k, t in tensors.items()},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (folder / "base_config.json").write_text(json.dumps(overrides, indent=2))
     return True
@@ -432,10 +607,18 @@ def save_peft(m, folder, state, base=None):
 # torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", ...): the first key it contains
 # wins, so every variant comes before its family's SXM entry (and GB200 before B200).
 PEAK_BF16_TFLOPS = (
-    ("H100 NVL", 835.5), ("H100 PCIe", 756.0), ("H800 PCIe", 756.0), ("H200 NVL", 835.5),
-    ("H100", 989.4), ("H800", 989.4), ("H200", 989.4),  # SXM, and GH200 (the same chip)
-    ("GB200", 2500.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
-)  # fmt: skip
+    ("H100 NVL", 835.5),
+    ("H100 PCIe", 756.0),
+    ("H800 PCIe", 756.0),
+    ("H200 NVL", 835.5),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("H200", 989.4),  # SXM, and GH200 (the same chip)
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+)
 
 
 def peak_tflops(device, dtype, given=None):
@@ -480,8 +663,17 @@ def train(args, rank, world, device):
     """The run that `args` (parse_args) describes, as process `rank` of `world`."""
     out = Path(args.out)
     ckpt = open_run_folder(out, args.resume)
-    m = build_model(args.model, rank, world, device, init=args.init, seed=args.seed, dtype=args.dtype,
-                    checkpointing=not args.no_activation_checkpointing, **longlora_settings(args))
+    m = build_model(
+        args.model,
+        rank,
+        world,
+        device,
+        init=args.init,
+        seed=args.seed,
+        dtype=args.dtype,
+        checkpointing=not args.no_activation_checkpointing,
+        **longlora_settings(args),
+    )
     dataset, pad_id = load_data(args, m.args.vocab_size)
     fmt, tokenizer = on_rank_zero(lambda: export_plan(args, m, dataset), rank)
     loaded = max_over_ranks(peak_memory_gb(device)[1], device)[0]  # host memory after loading, of the fullest process
@@ -500,14 +692,29 @@ def train(args, rank, world, device):
         lr = learning_rate(step, lr=args.lr, warmup=args.warmup, steps=args.steps, schedule=args.schedule)
         for g in optim.param_groups:
             g["lr"] = lr
-        micro = micro_batches(dataset, step, pad_id, grad_accum=args.grad_accum, batch_size=args.batch_size, rank=rank, world=world)
+        micro = micro_batches(
+            dataset, step, pad_id, grad_accum=args.grad_accum, batch_size=args.batch_size, rank=rank, world=world
+        )
         group_size = None if args.attn == "full" else args.group_size
-        flops = sum(x.shape[0] * train_flops(m.args, x.shape[1], group_size=group_size, lora=args.lora_rank > 0) for x, _ in micro)
-        loss, norm = forward_backward(m, micro, trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk)
+        flops = sum(
+            x.shape[0] * train_flops(m.args, x.shape[1], group_size=group_size, lora=args.lora_rank > 0)
+            for x, _ in micro
+        )
+        loss, norm = forward_backward(
+            m, micro, trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk
+        )
         if not (math.isfinite(loss) and math.isfinite(norm)):  # alike on every rank: both are reduced
-            raise ValueError(f"step {step}: the loss is {loss} and the gradient norm {norm}; stopped before the update, and nothing was "
-                             "saved after it. " + (f"--resume restarts from the checkpoint of step {saved}" if saved else "No checkpoint was "
-                             "written yet") + "; lower --lr or check the data, then --resume (or start a new --out with --dtype float32)")
+            raise ValueError(
+                f"step {step}: the loss is {loss} and the gradient norm {norm}; stopped before the update, and nothing "
+                "was "
+                "saved after it. "
+                + (
+                    f"--resume restarts from the checkpoint of step {saved}"
+                    if saved
+                    else "No checkpoint was written yet"
+                )
+                + "; lower --lr or check the data, then --resume (or start a new --out with --dtype float32)"
+            )
         optim.step()
         optim.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -516,7 +723,19 @@ def train(args, rank, world, device):
         mem = max_over_ranks(peak_memory_gb(device), device)  # the fullest process's (device, host) peaks
         if rank == 0:
             tokens = args.grad_accum * args.batch_size * world * args.seq_len
-            write_log(log, bar, step=step, loss=loss, lr=lr, grad_norm=norm, tokens=tokens, dt=dt, flops=flops, peak=peak, mem=mem)
+            write_log(
+                log,
+                bar,
+                step=step,
+                loss=loss,
+                lr=lr,
+                grad_norm=norm,
+                tokens=tokens,
+                dt=dt,
+                flops=flops,
+                peak=peak,
+                mem=mem,
+            )
         if args.save_every and step % args.save_every == 0 and step < args.steps:  # outside the timed step
             save_checkpoint(out, step, m, optim, args, rank, world, device)
             saved = step
@@ -527,7 +746,9 @@ def train(args, rank, world, device):
         export(out, m, args, rank, fmt, tokenizer)
     if rank == 0:
         log.close()
-        done = [out / "merged"] + [out / n for n in ("adapter", "trainable.safetensors") if args.lora_rank and (out / n).exists()]
+        done = [out / "merged"] + [
+            out / n for n in ("adapter", "trainable.safetensors") if args.lora_rank and (out / n).exists()
+        ]
         print("done: " + ", ".join(str(p) for p in done), flush=True)
 
 
@@ -541,13 +762,19 @@ def open_run_folder(out, resume):
     if (ckpt or exported) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if resume and not ckpt:
-        raise ValueError(f"--resume: {out} holds no checkpoint to continue from" + (" (that run saved none: --save-every 0)" if exported else "")
-                         + "; run without --resume to start from the beginning, or choose another --out")
+        raise ValueError(
+            f"--resume: {out} holds no checkpoint to continue from"
+            + (" (that run saved none: --save-every 0)" if exported else "")
+            + "; run without --resume to start from the beginning, or choose another --out"
+        )
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    check_all(out.is_dir() and (ckpt is None or Path(ckpt).is_dir()), f"these processes do not see {ckpt or out}: --out must be a "
-              "folder that every node shares, since every process writes and reads its checkpoints")
+    check_all(
+        out.is_dir() and (ckpt is None or Path(ckpt).is_dir()),
+        f"these processes do not see {ckpt or out}: --out must be a "
+        "folder that every node shares, since every process writes and reads its checkpoints",
+    )
     return ckpt
 
 
@@ -585,7 +812,8 @@ def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk):
     (0: not clipped). Returns (mean loss, gradient norm) as floats: everything stays on the device until
     that one read, so there is no host sync inside the step and no CPU tensor in a collective."""
     n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)), device=device)
-    micro = [(x.to(device), t.to(device)) for x, t in micro]  # copies from pageable memory wait for the GPU: all here, while it idles
+    # copies from pageable memory wait for the GPU: all here, while it idles
+    micro = [(x.to(device), t.to(device)) for x, t in micro]
     dist.all_reduce(n_targets)
     loss_sum = torch.zeros((), device=device)
     for x, t in micro:
@@ -610,12 +838,20 @@ def max_over_ranks(values, device):
 def describe(args, m, trainable, world, device, start, loaded):
     """The run's first line: what trains, on what, how."""
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
-    attention = f"attention {args.attn}" + (f" (G={args.group_size})" if args.attn != "full" else "") + f", {args.backend}"
-    return "; ".join([f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%)",
-                      f"{world} process(es) on {device.type}",
-                      f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens", attention,
-                      f"RoPE positions / {m.args.rope_interpolation:g}"] + ([f"resuming after step {start}"] if start else [])
-                     + [f"{loaded:.2f} GB host memory per process after loading"])
+    attention = (
+        f"attention {args.attn}" + (f" (G={args.group_size})" if args.attn != "full" else "") + f", {args.backend}"
+    )
+    return "; ".join(
+        [
+            f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%)",
+            f"{world} process(es) on {device.type}",
+            f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens",
+            attention,
+            f"RoPE positions / {m.args.rope_interpolation:g}",
+        ]
+        + ([f"resuming after step {start}"] if start else [])
+        + [f"{loaded:.2f} GB host memory per process after loading"]
+    )
 
 
 def open_log(out, start, first_line):
@@ -626,7 +862,11 @@ def open_log(out, start, first_line):
     if path.exists():
         if not start:
             print(f"replacing {path}: the run that wrote it stopped before its first checkpoint", flush=True)
-        kept = [line for line in path.read_text().splitlines() if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start
+        ]
         (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(out / ".log.jsonl.tmp", path)
     return open(path, "a")
@@ -634,11 +874,28 @@ def open_log(out, start, first_line):
 
 def write_log(log, bar, *, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem):
     """One line of log.jsonl, and the progress bar's figures."""
-    rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
-           "tflops": flops / dt / 1e12, "mfu": flops / dt / 1e12 / peak if peak else None, "peak_mem_gb": mem[0], "host_mem_gb": mem[1]}
+    rec = {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": tokens,
+        "tokens_per_s": tokens / dt,
+        "step_s": dt,
+        "tflops": flops / dt / 1e12,
+        "mfu": flops / dt / 1e12 / peak if peak else None,
+        "peak_mem_gb": mem[0],
+        "host_mem_gb": mem[1],
+    }
     log.write(json.dumps(rec) + "\n")
     log.flush()
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem[0]:.1f}G", **({"mfu": f"{rec['mfu']:.0%}"} if peak else {}))
+    bar.set_postfix(
+        loss=f"{loss:.4f}",
+        lr=f"{lr:.2e}",
+        tok_s=f"{tokens / dt:.0f}",
+        mem=f"{mem[0]:.1f}G",
+        **({"mfu": f"{rec['mfu']:.0%}"} if peak else {}),
+    )
     bar.update()
 
 

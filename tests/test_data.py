@@ -1,4 +1,5 @@
 """Tokenizers, token files, training windows and SFT examples."""
+
 import base64
 import json
 import subprocess
@@ -12,7 +13,11 @@ import torch
 import data
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXTS = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer", "The slings and arrows of outrageous fortune"]
+TEXTS = [
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,13 @@ def test_tokenize_never_destroys_what_exists(spm, tmp_path):
     with pytest.raises(ValueError, match=r'bad.jsonl:1 has no "text" field'):
         data.tokenize(spm, tmp_path / "out.bin", [tmp_path / "t.txt", tmp_path / "bad.jsonl"], overwrite=True)
     assert ((tmp_path / "out.bin").read_bytes(), (tmp_path / "out.json").read_text()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "out.bin", "out.json", "t.txt"]  # no temporary left
+    # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.jsonl",
+        "out.bin",
+        "out.json",
+        "t.txt",
+    ]
 
 
 def test_truncated_token_file_is_detected(spm, tmp_path):
@@ -75,15 +86,34 @@ def test_truncated_token_file_is_detected(spm, tmp_path):
 
 
 def test_cli_errors_are_one_line(spm, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "tokenize", "--tokenizer", str(spm), "--out", str(tmp_path / "o.bin"), str(tmp_path / "missing")],
-                       capture_output=True, text=True)  # fmt: skip
-    assert r.returncode != 0 and "error: input" in r.stderr and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data.py"),
+            "tokenize",
+            "--tokenizer",
+            str(spm),
+            "--out",
+            str(tmp_path / "o.bin"),
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode != 0
+        and "error: input" in r.stderr
+        and "does not exist" in r.stderr
+        and "Traceback" not in r.stderr
+    )
 
 
 def test_windows_order_depends_only_on_seed_and_index(tmp_path):
     tokens = np.arange(16 * 10 + 5, dtype=np.uint16)  # distinct ids: a window is known by its first token
     tokens.tofile(tmp_path / "t.bin")
-    (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "tokens": len(tokens), "max_id": int(tokens.max())}))
+    (tmp_path / "t.json").write_text(
+        json.dumps({"dtype": "uint16", "tokens": len(tokens), "max_id": int(tokens.max())})
+    )
     ds, same, other = (data.TokenWindows(tmp_path / "t.bin", 16, seed=s) for s in (0, 0, 1))
     assert ds.n == 10
     starts = []
@@ -108,15 +138,34 @@ def test_with_repeats_mixes_text_and_passages_said_three_times(tmp_path):
     natural, i, kinds = [], 0, []
     while i < len(ids):  # walk the chunks: text continues where it left off, or a passage is said 3 times
         if natural and ids[i] == natural[-1] + 1 or not natural and ids[i] == 1000:
-            natural += list(ids[i : i + 64]); i += 64
+            natural += list(ids[i : i + 64])
+            i += 64
             continue
-        m = next(m for m in range(8, 49) if np.array_equal(ids[i + m : i + min(3 * m, 64)], ids[i : i + min(3 * m, 64) - m]))
+        m = next(
+            m for m in range(8, 49) if np.array_equal(ids[i + m : i + min(3 * m, 64)], ids[i : i + min(3 * m, 64) - m])
+        )
         kinds.append(bool((np.diff(ids[i : i + m]) == 1).all()))  # a stretch of the text, or random tokens
         i = i + min(3 * m, 64)
     assert natural == list(range(1000, 1000 + 64 * 40))  # all of the text, in order
     assert 5 <= len(kinds) <= 25 and set(kinds) == {True, False}  # about one chunk in four, of both kinds
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "repeats", str(tmp_path / "t.bin"), "--out", str(tmp_path / "r2.bin"),
-                        "--seq-len", "64", "--every", "1", "--windows", "7"], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data.py"),
+            "repeats",
+            str(tmp_path / "t.bin"),
+            "--out",
+            str(tmp_path / "r2.bin"),
+            "--seq-len",
+            "64",
+            "--every",
+            "1",
+            "--windows",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert data.read_tokens(tmp_path / "r2.bin")[1]["tokens"] <= 7 * 64 and "tokens" in r.stdout
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -141,7 +190,9 @@ def test_sft_masks_the_prompt(spm):
 
 
 def test_collate_right_pads(spm, tmp_path):
-    (tmp_path / "sft.json").write_text(json.dumps([{"instruction": "a", "output": TEXTS[0]}, {"instruction": TEXTS[1], "output": "b"}]))
+    (tmp_path / "sft.json").write_text(
+        json.dumps([{"instruction": "a", "output": TEXTS[0]}, {"instruction": TEXTS[1], "output": "b"}])
+    )
     ds = data.SFTExamples(tmp_path / "sft.json", data.load_tokenizer(spm), seq_len=64)
     samples = [ds[0], ds[1]]
     x, y = data.collate(samples, pad_id=2)
@@ -157,7 +208,11 @@ def hf_tokenizer_folder(folder, config):
     tk = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|begin|>", "<|end|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<|begin|>", "<|end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(TEXTS * 20, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tk.save(str(folder / "tokenizer.json"))
@@ -167,7 +222,9 @@ def hf_tokenizer_folder(folder, config):
 
 
 def test_hf_tokenizer_json(tmp_path):
-    tok = data.load_tokenizer(hf_tokenizer_folder(tmp_path, {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}))
+    tok = data.load_tokenizer(
+        hf_tokenizer_folder(tmp_path, {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}})
+    )
     assert (tok.bos_id, tok.eos_id) == (1, 2)
     ids = tok.encode(TEXTS[0], eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and ids.count(1) == 1 and tok.decode(ids) == TEXTS[0]
@@ -177,9 +234,16 @@ def test_llama3_tiktoken_format(tmp_path):
     pytest.importorskip("tiktoken", reason="pip install tiktoken")
     merges = [b"th", b"the", b" t", b"to", b" to"]
     ranks = [bytes([i]) for i in range(256)] + merges
-    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks))
+    )
     tok = data.load_tokenizer(tmp_path / "tokenizer.model")
-    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (len(ranks), len(ranks) + 1, len(ranks) + 256)  # Llama 3: 128000, 128001
+    # Llama 3: 128000, 128001
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (
+        len(ranks),
+        len(ranks) + 1,
+        len(ranks) + 256,
+    )
     ids = tok.encode("to the", eos=True)
     # pre-tokens "to" and " the"; BPE merges by rank: "to" -> 259; " the" -> " ", "th" (256) -> " ", "the" (257)
     assert ids == [len(ranks), 259, 32, 257, len(ranks) + 1] and tok.decode(ids) == "to the"
@@ -191,7 +255,9 @@ def test_saved_tokenizer_opens_in_transformers_and_encodes_alike(spm, tmp_path, 
     newlines and repeated spaces included."""
     transformers = pytest.importorskip("transformers", reason="pip install transformers")
     if kind == "sentencepiece":
-        pytest.importorskip("google.protobuf", reason="AutoTokenizer reads a sentencepiece file with protobuf: pip install protobuf")
+        pytest.importorskip(
+            "google.protobuf", reason="AutoTokenizer reads a sentencepiece file with protobuf: pip install protobuf"
+        )
         src = spm
     elif kind == "tiktoken":
         pytest.importorskip("tiktoken", reason="pip install tiktoken")
@@ -199,7 +265,9 @@ def test_saved_tokenizer_opens_in_transformers_and_encodes_alike(spm, tmp_path, 
         src = tmp_path / "llama3.model"
         src.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
     else:  # copied with its tokenizer_config.json (its tokenizer.json adds no BOS: compared without)
-        src = hf_tokenizer_folder(tmp_path / "src", {"bos_token": "<|begin|>", "eos_token": "<|end|>"}) / "tokenizer.json"
+        src = (
+            hf_tokenizer_folder(tmp_path / "src", {"bos_token": "<|begin|>", "eos_token": "<|end|>"}) / "tokenizer.json"
+        )
     data.save_tokenizer(src, tmp_path / "out")
     ours, theirs = data.load_tokenizer(tmp_path / "out"), transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = "  To be, or not\n\nto be:  that is  the question. 1234 \u00e9"

@@ -1,5 +1,6 @@
 """demo.py (`python train.py` with no arguments): the shipped demo model, its data split, the demo on a reduced
 budget, and its plain-language report; plus the pretraining options that made the model."""
+
 import json
 import os
 import subprocess
@@ -42,12 +43,21 @@ def test_held_out_plays_are_never_trained_on():
 @needs_shakespeare
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
-    code = "import sys, demo, train; r, w, d = train.setup_distributed(); demo.demo(r, w, d, out=sys.argv[1], steps=2, eval_tokens=4096)"
+    code = (
+        "import sys, demo, train; r, w, d = train.setup_distributed(); "
+        "demo.demo(r, w, d, out=sys.argv[1], steps=2, eval_tokens=4096)"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "demo.json").read_text())
-    assert set(res) == {"base", "pi_only", "after", "after_s2"} and set(res["after"]) == {"128", "512"} and set(res["after_s2"]) == {"512"}
+    assert (
+        set(res) == {"base", "pi_only", "after", "after_s2"}
+        and set(res["after"]) == {"128", "512"}
+        and set(res["after_s2"]) == {"512"}
+    )
     assert all(1 < v < 2048 for row in res.values() for v in row.values())  # perplexities below the vocabulary size
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[0]["tokens"] == 8 * 512
@@ -57,14 +67,25 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
 
 
 def test_demo_report_says_what_the_numbers_say():
-    s2_better = {"base": {128: 54.2, 512: 97.5}, "pi_only": {512: 152.9}, "after": {128: 55.5, 512: 55.0}, "after_s2": {512: 53.6}}
+    s2_better = {
+        "base": {128: 54.2, 512: 97.5},
+        "pi_only": {512: 152.9},
+        "after": {128: 55.5, 512: 55.0},
+        "after_s2": {512: 53.6},
+    }
     text = demo.report(s2_better, 128, 512, 65536, 256)
     assert "tested with S2-Attn, groups of 256" in text and "53.60" in text
-    assert text.splitlines()[-2:] == ["At 512 tokens: 97.5 untouched, 152.9 with interpolated positions alone, 53.6 after LongLoRA.",
-                                      "After LongLoRA, 512-token windows score better than the original model at its own 128 tokens (54.2)."]
+    assert text.splitlines()[-2:] == [
+        "At 512 tokens: 97.5 untouched, 152.9 with interpolated positions alone, 53.6 after LongLoRA.",
+        "After LongLoRA, 512-token windows score better than the original model at its own 128 tokens (54.2).",
+    ]
     worse = {"base": {256: 52.7, 1024: 78.2}, "pi_only": {1024: 91.2}, "after": {256: 57.0, 1024: 58.0}}
     text = demo.report(worse, 256, 1024, 65536, 512)
-    assert "tested with S2-Attn" not in text and "58.0 after LongLoRA" in text and "score worse than the original model" in text
+    assert (
+        "tested with S2-Attn" not in text
+        and "58.0 after LongLoRA" in text
+        and "score worse than the original model" in text
+    )
 
 
 def test_learning_rate_schedules():
@@ -74,7 +95,15 @@ def test_learning_rate_schedules():
 
 
 def test_init_pretrains_from_a_params_file(tmp_path):
-    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 320, "multiple_of": 32, "max_seq_len": 64, "tie_embeddings": True}
+    params = {
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "vocab_size": 320,
+        "multiple_of": 32,
+        "max_seq_len": 64,
+        "tie_embeddings": True,
+    }
     (tmp_path / "params.json").write_text(json.dumps(params))
     m = model.init(tmp_path / "params.json", seed=3)
     assert torch.equal(m.layers[0].attention.wq.weight, model.init(tmp_path, seed=3).layers[0].attention.wq.weight)
@@ -84,11 +113,23 @@ def test_init_pretrains_from_a_params_file(tmp_path):
     (tmp_path / "t.txt").write_text(text)
     tok = data.train_tokenizer([tmp_path / "t.txt"], vocab_size=320, out=tmp_path / "tok")
     data.tokenize(tok, tmp_path / "t.bin", [tmp_path / "t.txt"])
-    run = lambda *flags: subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", "--model", str(tmp_path / "params.json"),  # noqa: E731
-                                         "--data", str(tmp_path / "t.bin"), "--out", str(tmp_path / "run"), "--seq-len", "64", "--attn", "full",
-                                         "--dtype", "float32", "--lr", "3e-3", "--warmup", "2", "--steps", "12", "--grad-accum", "1",
-                                         "--batch-size", "4", "--schedule", "cosine", "--save-every", "0", *flags],
-                                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    paths = [
+        "--model",
+        str(tmp_path / "params.json"),
+        "--data",
+        str(tmp_path / "t.bin"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    settings = "--seq-len 64 --attn full --dtype float32 --lr 3e-3 --warmup 2 --steps 12 --grad-accum 1 --batch-size 4"
+    settings += " --schedule cosine --save-every 0"
+
+    def run(*flags):
+        cmd = [sys.executable, str(ROOT / "train.py"), "--init", *paths, *settings.split(), *flags]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+        )
+
     r = run("--lora-rank", "8")
     assert r.returncode == 2 and "--lora-rank 0 and --attn full" in r.stderr
     r = run("--lora-rank", "0")

@@ -1,5 +1,6 @@
 """eval.py: both perplexity conventions against a brute-force computation, the passkey prompt and its
 answer parsing, generation with and without the KV cache, the command line."""
+
 import json
 import math
 import subprocess
@@ -33,12 +34,16 @@ def test_both_conventions_match_brute_force(stride):
     starts = list(range(0, len(tokens) - L + 1, stride))
     # paper: every prediction in each window, mean per window, mean over windows
     window_means = [np.mean([brute_force_nll(m, tokens, s, t) for t in range(s + 1, s + L)]) for s in starts]
-    assert ev.perplexity(m, tokens, L, stride, "paper", progress=False) == pytest.approx(math.exp(np.mean(window_means)), rel=1e-5)
+    assert ev.perplexity(m, tokens, L, stride, "paper", progress=False) == pytest.approx(
+        math.exp(np.mean(window_means)), rel=1e-5
+    )
     # strided: each token once, from the first window that scores it (the first window: all of it)
     scored = {t: s for s in reversed(starts) for t in range(max(s + 1, s + L - stride) if s else 1, s + L)}
     nll = [brute_force_nll(m, tokens, s, t) for t, s in scored.items()]
     assert sorted(scored) == list(range(1, starts[-1] + L))  # every token in reach scored exactly once
-    assert ev.perplexity(m, tokens, L, stride, "strided", progress=False) == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+    assert ev.perplexity(m, tokens, L, stride, "strided", progress=False) == pytest.approx(
+        math.exp(np.mean(nll)), rel=1e-5
+    )
 
 
 def test_perplexity_by_context_matches_brute_force():
@@ -68,14 +73,20 @@ def test_perplexity_options_and_errors():
     tokens = np.random.default_rng(0).integers(0, m.args.vocab_size, 60).astype(np.uint16)
     one = ev.perplexity(m, tokens, 16, 4, max_windows=1, progress=False)
     assert one == pytest.approx(ev.perplexity(m, tokens[:16], 16, 4, progress=False))
-    assert ev.perplexity(m, tokens, 16, 4, batch_size=3, progress=False) == pytest.approx(ev.perplexity(m, tokens, 16, 4, progress=False), rel=1e-6)
+    assert ev.perplexity(m, tokens, 16, 4, batch_size=3, progress=False) == pytest.approx(
+        ev.perplexity(m, tokens, 16, 4, progress=False), rel=1e-6
+    )
     with pytest.raises(ValueError, match="fewer than one window"):
         ev.perplexity(m, tokens, 100, progress=False)
     with pytest.raises(ValueError, match="would skip tokens"):
         ev.perplexity(m, tokens, 16, 32, "strided", progress=False)
     too_big = tokens.copy()
     too_big[7] = m.args.vocab_size + 3
-    with pytest.raises(ValueError, match=f"the token file uses token ids up to {m.args.vocab_size + 3}, but the model's vocabulary has {m.args.vocab_size} tokens"):
+    with pytest.raises(
+        ValueError,
+        match=f"the token file uses token ids up to {m.args.vocab_size + 3}, "
+        f"but the model's vocabulary has {m.args.vocab_size} tokens",
+    ):
         ev.perplexity(m, too_big, 16, 4, progress=False)
 
 
@@ -130,7 +141,9 @@ def test_generation_with_kv_cache_equals_recomputation():
 
 
 def run_eval(*args):
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 def test_cli_ppl_json_and_passkey(tmp_path, tok):
@@ -139,34 +152,83 @@ def test_cli_ppl_json_and_passkey(tmp_path, tok):
     tokens = np.random.default_rng(0).integers(0, 320, 300).astype(np.uint16)
     tokens.tofile(tmp_path / "t.bin")
     (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "tokens": 300, "max_id": int(tokens.max())}))
-    r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32,64", "--json", str(tmp_path / "p.json"))
+    r = run_eval(
+        "ppl",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(tmp_path / "t.bin"),
+        "--seq-len",
+        "32,64",
+        "--json",
+        str(tmp_path / "p.json"),
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads((tmp_path / "p.json").read_text())
-    assert list(got) == ["32", "64"] and got["64"] == pytest.approx(ev.perplexity(m, tokens, 64, progress=False), rel=1e-6)
-    r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", "--by-context")
+    assert list(got) == ["32", "64"] and got["64"] == pytest.approx(
+        ev.perplexity(m, tokens, 64, progress=False), rel=1e-6
+    )
+    r = run_eval(
+        "ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", "--by-context"
+    )
     assert r.returncode == 0, r.stderr
     by = ev.perplexity_by_context(m, tokens, 32, progress=False)
     lines = r.stdout.splitlines()  # the table alone: the progress bars are on stderr, closed before it
-    assert lines[0].split() == ["length", "perplexity"] and lines[1].split() == ["32", f"{ev.perplexity(m, tokens, 32, progress=False):.4f}"]
+    assert lines[0].split() == ["length", "perplexity"] and lines[1].split() == [
+        "32",
+        f"{ev.perplexity(m, tokens, 32, progress=False):.4f}",
+    ]
     assert [line.split()[1:] for line in lines[2:]] == [[f"{lo}-{hi - 1}", f"{v:.4f}"] for (lo, hi), v in by.items()]
-    r = run_eval("passkey", "--model", str(tmp_path / "m"), "--tokenizer", tok.name, "--lengths", "200", "--trials", "2", "--depths", "0,1", "--json", str(tmp_path / "k.json"))
+    r = run_eval(
+        "passkey",
+        "--model",
+        str(tmp_path / "m"),
+        "--tokenizer",
+        tok.name,
+        "--lengths",
+        "200",
+        "--trials",
+        "2",
+        "--depths",
+        "0,1",
+        "--json",
+        str(tmp_path / "k.json"),
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "k.json").read_text()).keys() == {"200"}
     accuracy = json.loads((tmp_path / "k.json").read_text())["200"]
-    assert [line.split() for line in r.stdout.splitlines()] == [["length", "depth", "0%", "depth", "100%"], ["200"] + [f"{a:.0%}" for a in accuracy.values()]]
+    assert [line.split() for line in r.stdout.splitlines()] == [
+        ["length", "depth", "0%", "depth", "100%"],
+        ["200"] + [f"{a:.0%}" for a in accuracy.values()],
+    ]
     r = run_eval("ppl", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32")
     assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     model.save(tiny_model(vocab_size=200), tmp_path / "small")
-    for cmd in (["ppl", "--data", str(tmp_path / "t.bin"), "--seq-len", "32"], ["passkey", "--tokenizer", tok.name, "--lengths", "200", "--trials", "1"]):
+    for cmd in (
+        ["ppl", "--data", str(tmp_path / "t.bin"), "--seq-len", "32"],
+        ["passkey", "--tokenizer", tok.name, "--lengths", "200", "--trials", "1"],
+    ):
         r = run_eval(cmd[0], "--model", str(tmp_path / "small"), *cmd[1:])
-        assert r.returncode != 0 and "but the model's vocabulary has 200 tokens" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    for flags, expect in ((["--group-size", "0", "--attn", "s2"], "--group-size 0: an S2-Attn group holds at least 1 token"),
-                          (["--seq-len", "1"], "--seq-len takes lengths of at least 2 tokens")):  # fmt: skip
-        r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", *flags)
+        assert (
+            r.returncode != 0
+            and "but the model's vocabulary has 200 tokens" in r.stderr
+            and "Traceback" not in r.stderr
+        ), r.stderr
+    for flags, expect in (
+        (["--group-size", "0", "--attn", "s2"], "--group-size 0: an S2-Attn group holds at least 1 token"),
+        (["--seq-len", "1"], "--seq-len takes lengths of at least 2 tokens"),
+    ):
+        r = run_eval(
+            "ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", *flags
+        )
         assert r.returncode == 2 and expect in r.stderr, r.stderr
     r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "300")
-    assert r.returncode == 1 and "length 300 is past the model's context of 256 tokens: pass --beyond-context" in r.stderr, r.stderr
-    r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "300", "--beyond-context")
+    assert (
+        r.returncode == 1 and "length 300 is past the model's context of 256 tokens: pass --beyond-context" in r.stderr
+    ), r.stderr
+    r = run_eval(
+        "ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "300", "--beyond-context"
+    )
     assert r.returncode == 0, r.stderr
 
 

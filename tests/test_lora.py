@@ -1,4 +1,5 @@
 """LoRA by hand: fresh adapters change nothing, merging is exact, LoRA+ trains exactly what the paper says."""
+
 import pytest
 import torch
 
@@ -61,11 +62,18 @@ def test_merged_model_saves_and_loads_as_a_plain_llama(tmp_path):
 
 
 def lora_names(m):
-    return {f"layers.{i}.attention.{w}.{ab}" for i in range(m.args.n_layers) for w in ("wq", "wk", "wv", "wo") for ab in ("lora_a", "lora_b")}
+    return {
+        f"layers.{i}.attention.{w}.{ab}"
+        for i in range(m.args.n_layers)
+        for w in ("wq", "wk", "wv", "wo")
+        for ab in ("lora_a", "lora_b")
+    }
 
 
 def norm_names(m):
-    return {f"layers.{i}.{n}.weight" for i in range(m.args.n_layers) for n in ("attention_norm", "ffn_norm")} | {"norm.weight"}
+    return {f"layers.{i}.{n}.weight" for i in range(m.args.n_layers) for n in ("attention_norm", "ffn_norm")} | {
+        "norm.weight"
+    }
 
 
 def test_lora_plus_trains_exactly_adapters_embedding_and_norms():
@@ -116,7 +124,9 @@ def test_trainable_file_from_another_model_is_refused(tmp_path):
     lora.save_trainable(m, tmp_path / "t.safetensors")
     other = tiny_model(vocab_size=50)
     before = other.tok_embeddings.weight.clone()
-    with pytest.raises(ValueError, match=r"does not fit this model:\n  tok_embeddings.weight: file \(96, 64\), model \(50, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"does not fit this model:\n  tok_embeddings.weight: file \(96, 64\), model \(50, 64\)"
+    ):
         lora.load_trainable(other, tmp_path / "t.safetensors")
     assert torch.equal(other.tok_embeddings.weight, before) and lora.lora_config(other) is None  # nothing changed
 

@@ -1,4 +1,5 @@
 """The Llama definition against transformers' LlamaForCausalLM, Meta shards, save/load round trips, errors."""
+
 import json
 import sys
 from dataclasses import replace
@@ -10,21 +11,41 @@ import model
 from common import tiny_model, tokens, write_meta_shards
 from model import ModelArgs, Transformer
 
-transformers = pytest.importorskip("transformers", reason="transformers is the independent reference: pip install -r requirements-dev.txt")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is the independent reference: pip install -r requirements-dev.txt"
+)
 
 HF_CONFIGS = {  # transformers config kwargs -> the variants of Llama a loader must get right
     "mha": {},
     "gqa": {"num_key_value_heads": 2},
     "tied": {"num_key_value_heads": 2, "tie_word_embeddings": True},
     "linear-pi": {"num_key_value_heads": 2, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
-    "llama3.1": {"num_key_value_heads": 1, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "llama3.1": {
+        "num_key_value_heads": 1,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    },
     "odd-heads": {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0},
-}  # fmt: skip
+}
 
 
 def hf_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6)
+    cfg = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+    )
     m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw}))
     with torch.no_grad():  # random norms too, so that a swapped norm shows
         for name, p in m.named_parameters():
@@ -77,13 +98,24 @@ def test_save_hf_loads_in_transformers(tmp_path, variant):
 
 
 @pytest.mark.parametrize("fmt", ["meta", "hf"])
-@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": True}, {"rope_interpolation": 2.5, "max_seq_len": 160}, {"use_scaled_rope": True, "rope_theta": 500000.0, "rope_original_context": 16}], ids=["plain", "tied", "pi", "llama3.1"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"tie_embeddings": True},
+        {"rope_interpolation": 2.5, "max_seq_len": 160},
+        {"use_scaled_rope": True, "rope_theta": 500000.0, "rope_original_context": 16},
+    ],
+    ids=["plain", "tied", "pi", "llama3.1"],
+)
 def test_save_load_round_trip_is_exact(tmp_path, fmt, kw):
     m = tiny_model(**kw)
     model.save(m, tmp_path, format=fmt)
     m2 = model.load(tmp_path)
     if fmt == "hf":  # HF stores the FFN width itself, not Meta's recipe for it
-        assert m2.args == replace(m.args, multiple_of=m2.args.multiple_of, ffn_dim_multiplier=m2.args.ffn_dim_multiplier)
+        assert m2.args == replace(
+            m.args, multiple_of=m2.args.multiple_of, ffn_dim_multiplier=m2.args.ffn_dim_multiplier
+        )
     else:
         assert m2.args == m.args
     sd, sd2 = m.state_dict(), m2.state_dict()
@@ -126,7 +158,9 @@ def test_meta_checkpoint_matches_transformers(tmp_path):
     m = model.load(tmp_path / "hf")
     m.args = replace(m.args, multiple_of=32)  # what Meta's params.json would say for this width
     write_meta_shards(m, tmp_path / "meta", n_shards=2)
-    torch.testing.assert_close(logits(model.load(tmp_path / "meta"), tokens()), logits_hf(hf, tokens()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        logits(model.load(tmp_path / "meta"), tokens()), logits_hf(hf, tokens()), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_load_with_dtype_and_bf16_storage(tmp_path):
@@ -161,7 +195,11 @@ def test_kv_cache_gives_the_logits_of_a_full_forward():
     m, tok = tiny_model(), tokens(N=20)
     cache = model.KVCache(m.args.n_layers)
     with torch.no_grad():
-        parts = [m(tok[:, :12], cache=cache)] + [m(tok[:, t : t + 1], cache=cache) for t in range(12, 17)] + [m(tok[:, 17:], cache=cache)]
+        parts = (
+            [m(tok[:, :12], cache=cache)]
+            + [m(tok[:, t : t + 1], cache=cache) for t in range(12, 17)]
+            + [m(tok[:, 17:], cache=cache)]
+        )
     assert cache.pos == 20
     torch.testing.assert_close(torch.cat(parts, dim=1), logits(m, tok), rtol=1e-5, atol=1e-5)
     m.set_attention(group_size=8)
@@ -285,10 +323,12 @@ def test_loading_one_shard_copies_nothing(tmp_path):
     m = model.load(tmp_path)
     shard = str(tmp_path / "consolidated.00.pth")
     assert {mapped_file(p) for p in m.parameters()} == {shard}
-    assert shard not in {mapped_file(p) for p in model.load(tmp_path, dtype=torch.float64).parameters()}  # the check can fail
+    # the check can fail
+    assert shard not in {mapped_file(p) for p in model.load(tmp_path, dtype=torch.float64).parameters()}
 
 
-# The paper's Table 7 (TFLOPs of one forward pass of Llama 2 7B): N -> (attn, proj, ffn, others, total), S2 (attn, total).
+# The paper's Table 7 (TFLOPs of one forward pass of Llama 2 7B):
+# N -> (attn, proj, ffn, others, total), S2 (attn, total).
 TABLE_7 = {
     8192: ((35.2, 35.2, 70.9, 2.2, 143.5), (8.8, 117.1)),
     16384: ((140.7, 70.4, 141.8, 4.3, 357.2), (35.2, 251.7)),
@@ -314,9 +354,17 @@ def test_forward_flops_counts_matmuls_of_a_tiny_model():
     args = model.ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=97, multiple_of=16)
     m = model.Transformer(args)
     N, hd = 40, args.head_dim
-    linear = sum(2 * N * mod.in_features * mod.out_features for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear))
+    linear = sum(
+        2 * N * mod.in_features * mod.out_features
+        for name, mod in m.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+    )
     f = model.forward_flops(args, N)
-    head, gate = 2 * N * args.dim * args.vocab_size, 2 * args.n_layers * N * args.hidden_dim  # gate: SiLU and the product
+    # gate: SiLU and the product
+    head, gate = (
+        2 * N * args.dim * args.vocab_size,
+        2 * args.n_layers * N * args.hidden_dim,
+    )
     assert f["proj"] + f["ffn"] - gate + head == linear  # the Linear layers: projections, FFN, output head
     assert f["attn"] == args.n_layers * args.n_heads * 4 * N * N * hd
     # S2 with a partial last group: 40 = 3 groups of 12 + 4
@@ -332,7 +380,9 @@ def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     x, t = tokens(n=2, N=24), tokens(n=2, N=24, seed=2)
     t[0, 3:9] = model.IGNORE
     per_token = m(x, t, reduction="none", loss_chunk=chunk)
-    ref = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), t.flatten(), ignore_index=model.IGNORE, reduction="none").view(t.shape)
+    ref = torch.nn.functional.cross_entropy(
+        m(x).flatten(0, 1), t.flatten(), ignore_index=model.IGNORE, reduction="none"
+    ).view(t.shape)
     torch.testing.assert_close(per_token, ref, rtol=1e-12, atol=1e-12)
     assert (per_token[0, 3:9] == 0).all()
     grads = [torch.autograd.grad(loss, list(m.parameters())) for loss in (m(x, t, loss_chunk=chunk), ref.sum())]
@@ -346,7 +396,9 @@ def test_extend_context_and_the_refusal_past_it():
     clear error unless beyond_context is set; a cache counts the tokens it has seen."""
     m = tiny_model(max_seq_len=16)
     x = tokens(n=1, N=32)
-    with pytest.raises(ValueError, match="32 tokens are more than the model's context of 16: extend it with m.extend_context"):
+    with pytest.raises(
+        ValueError, match="32 tokens are more than the model's context of 16: extend it with m.extend_context"
+    ):
         m(x)
     m.beyond_context = True
     plain = m(x)

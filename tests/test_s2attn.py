@@ -1,6 +1,7 @@
 """Every attention backend against an independent brute-force reference, and the properties that matter:
 nothing reads the future, any N, odd H, GQA. The reference below shares no code with s2attn.py: it
 lists each query's allowed keys with plain Python loops and computes attention one query at a time."""
+
 import math
 
 import pytest
@@ -50,9 +51,19 @@ def attend(q, k, v, G, backend):
 
 
 CASES = [  # (N, G, H, Hkv): multiples of G and not, N < G, odd H, GQA aligned and not with the head halves
-    (16, 8, 4, 4), (16, 4, 4, 2), (19, 8, 4, 4), (13, 4, 3, 3), (7, 16, 2, 1), (20, 6, 9, 3),
-    (24, 8, 6, 2), (11, 2, 5, 5), (9, 3, 4, 1), (8, 1, 2, 2), (12, None, 4, 2), (5, None, 3, 1),
-]  # fmt: skip
+    (16, 8, 4, 4),
+    (16, 4, 4, 2),
+    (19, 8, 4, 4),
+    (13, 4, 3, 3),
+    (7, 16, 2, 1),
+    (20, 6, 9, 3),
+    (24, 8, 6, 2),
+    (11, 2, 5, 5),
+    (9, 3, 4, 1),
+    (8, 1, 2, 2),
+    (12, None, 4, 2),
+    (5, None, 3, 1),
+]
 
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])
@@ -131,7 +142,12 @@ def test_s2_equals_full_when_one_group_covers_everything_unshifted():
 @pytest.mark.parametrize("Nq", [1, 3, 12])
 def test_cached_attention_is_the_last_rows_of_full_attention(Nq):
     q, k, v = qkv(2, 12, 6, 2)
-    torch.testing.assert_close(s2attn.cached_attention(q[:, -Nq:], k, v), full_attention(q, k, v, backend="naive")[:, -Nq:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        s2attn.cached_attention(q[:, -Nq:], k, v),
+        full_attention(q, k, v, backend="naive")[:, -Nq:],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_bad_input_errors():
@@ -165,8 +181,12 @@ def test_flash_without_cuda_says_what_to_do():
 @pytest.mark.parametrize("N,G,H,Hkv", [c for c in CASES] + [(4096, 1024, 8, 2), (3000, 1024, 9, 3)])
 def test_flash_matches_naive_cuda(N, G, H, Hkv):
     q, k, v = qkv(2, N, H, Hkv, D=64, dtype=torch.bfloat16, device="cuda")
-    torch.testing.assert_close(attend(q, k, v, G, "flash").float(), attend(q, k, v, G, "naive").float(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(attend(q, k, v, G, "sdpa").float(), attend(q, k, v, G, "naive").float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        attend(q, k, v, G, "flash").float(), attend(q, k, v, G, "naive").float(), rtol=2e-2, atol=2e-2
+    )
+    torch.testing.assert_close(
+        attend(q, k, v, G, "sdpa").float(), attend(q, k, v, G, "naive").float(), rtol=2e-2, atol=2e-2
+    )
 
 
 @needs_flash
@@ -218,7 +238,9 @@ def fake_varlen_old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_caus
 @pytest.mark.parametrize("N,G,H,Hkv", CASES)
 def test_flash_path_with_stand_in_kernels(monkeypatch, kernel, N, G, H, Hkv):
     monkeypatch.setattr(s2attn, "flash_attn_varlen_func", fake_flash_attn if kernel == "flash_attn" else None)
-    monkeypatch.setattr(s2attn, "torch_varlen_attn", {"varlen_new": fake_varlen_new, "varlen_old": fake_varlen_old}.get(kernel))
+    monkeypatch.setattr(
+        s2attn, "torch_varlen_attn", {"varlen_new": fake_varlen_new, "varlen_old": fake_varlen_old}.get(kernel)
+    )
     check = s2attn._check
     monkeypatch.setattr(s2attn, "_check", lambda q, k, v, backend: check(q, k, v, "sdpa"))  # no CUDA here
     q, k, v = qkv(2, N, H, Hkv)
@@ -260,7 +282,15 @@ def test_short_attention_without_shift(backend, N, G, H, Hkv):
     q, k, v = qkv(2, N, H, Hkv)
     # the reference with 2H heads of which the first H are unshifted; repeating k, v makes its GQA map line up
     r = H // Hkv
-    q2, k2, v2 = torch.cat([q, q], 2), k.repeat_interleave(r, 2).repeat(1, 1, 2, 1), v.repeat_interleave(r, 2).repeat(1, 1, 2, 1)
+    q2, k2, v2 = (
+        torch.cat([q, q], 2),
+        k.repeat_interleave(r, 2).repeat(1, 1, 2, 1),
+        v.repeat_interleave(r, 2).repeat(1, 1, 2, 1),
+    )
     expected = reference(q2, k2, v2, G)[:, :, :H]
-    torch.testing.assert_close(s2_attention(q, k, v, G, backend=backend, shift=False).double(), expected, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(s2_attention(q, k, v, G, backend=backend), s2_attention(q, k, v, G, backend=backend, shift=False))
+    torch.testing.assert_close(
+        s2_attention(q, k, v, G, backend=backend, shift=False).double(), expected, rtol=1e-4, atol=1e-5
+    )
+    assert not torch.allclose(
+        s2_attention(q, k, v, G, backend=backend), s2_attention(q, k, v, G, backend=backend, shift=False)
+    )

@@ -1,6 +1,7 @@
 """train.py end to end on CPU: 1 process vs 2 under torchrun (FSDP2 over gloo), kill and resume, the
 merged model, and bad input. Runs are tiny (a 2-layer model, 128-token sequences) and judged by what
 they wrote (log.jsonl, safetensors), not only by their exit code."""
+
 import json
 import os
 import signal
@@ -21,7 +22,9 @@ import train
 from common import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the a of and to in is was he that it his her with as for had you not be on at by which but from have or".split()
+WORDS = (
+    "the a of and to in is was he that it his her with as for had you not be on at by which but from have or".split()
+)
 
 
 def synthetic_text(n_words, seed):
@@ -49,11 +52,22 @@ def setup(tmp_path_factory):
 
 
 def run_train(setup, out, *flags, nproc=1, check=True):
-    common = ["--model", str(setup / "base"), "--data", str(setup / "train.bin"), "--out", str(out), "--seq-len", "128",
-              "--dtype", "float32", "--warmup", "2", "--lr", "3e-3", "--grad-accum", "2", "--save-every", "2", "--device", "cpu"]  # fmt: skip
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
+    common = ["--model", str(setup / "base"), "--data", str(setup / "train.bin"), "--out", str(out)]
+    common += "--seq-len 128 --dtype float32 --warmup 2 --lr 3e-3 --grad-accum 2 --save-every 2 --device cpu".split()
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        if nproc > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(launcher + [str(ROOT / "train.py"), *common, *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    r = subprocess.run(
+        launcher + [str(ROOT / "train.py"), *common, *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     if check:  # judge what the run wrote: gloo may abort a rank after a clean finish (see DESIGN)
         assert (out / "merged").exists(), f"run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
@@ -83,7 +97,11 @@ def test_loss_falls_and_outputs_load(setup, tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in log)
     assert [r["lr"] for r in log[:3]] == [1.5e-3, 3e-3, 3e-3]  # linear warm-up over 2 steps, then constant
     merged = model.load(out / "merged")
-    assert (merged.args.rope_interpolation, merged.args.max_seq_len) == (2.0, 128)  # ceil(128 / 64): Position Interpolation
+    # ceil(128 / 64): Position Interpolation
+    assert (merged.args.rope_interpolation, merged.args.max_seq_len) == (
+        2.0,
+        128,
+    )
     # merged == base + trainable weights
     rebuilt = lora.merge_lora(lora.load_trainable(model.load(setup / "base"), out / "trainable.safetensors"))
     tok = torch.randint(0, 320, (1, 128), generator=torch.Generator().manual_seed(0))
@@ -105,10 +123,34 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
 
 def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
-    flags = ["--model", str(setup / "base"), "--data", str(setup / "train.bin"), "--out", str(out), "--seq-len", "128", "--dtype", "float32",
-             "--grad-accum", "1", "--save-every", "1", "--keep", "2", "--device", "cpu"]  # fmt: skip
+    flags = [
+        "--model",
+        str(setup / "base"),
+        "--data",
+        str(setup / "train.bin"),
+        "--out",
+        str(out),
+        "--seq-len",
+        "128",
+        "--dtype",
+        "float32",
+        "--grad-accum",
+        "1",
+        "--save-every",
+        "1",
+        "--keep",
+        "2",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--steps", "10000"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *flags, "--steps", "10000"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "checkpoints").glob("step-*"))) < 2:
         time.sleep(0.05)
@@ -122,7 +164,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
     assert steps == list(range(1, last + 2))  # the steps done after the last checkpoint were dropped, then redone
 
 
-@pytest.mark.parametrize("case", ["missing-model", "vocab", "group", "existing-out", "existing-out-2proc", "corrupt-checkpoint", "both-data"])
+@pytest.mark.parametrize(
+    "case", ["missing-model", "vocab", "group", "existing-out", "existing-out-2proc", "corrupt-checkpoint", "both-data"]
+)
 def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
     out = tmp_path / "run"
     flags, expect, nproc = ["--steps", "2"], None, 2 if case.endswith("2proc") else 1
@@ -208,12 +252,44 @@ def test_full_fine_tuning(setup, tmp_path):
 
 
 def test_supervised_fine_tuning(setup, tmp_path):
-    examples = [{"instruction": "Say the phrase.", "input": "", "output": synthetic_text(40, seed=0)}]  # one example: its loss must fall
+    # one example: its loss must fall
+    examples = [{"instruction": "Say the phrase.", "input": "", "output": synthetic_text(40, seed=0)}]
     (tmp_path / "sft.json").write_text(json.dumps(examples))
     out = tmp_path / "run"
-    cmd = ["--model", str(setup / "base"), "--sft", str(tmp_path / "sft.json"), "--tokenizer", str(setup / "tok"), "--out", str(out),
-           "--seq-len", "64", "--dtype", "float32", "--steps", "3", "--batch-size", "2", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "1", "--device", "cpu"]  # fmt: skip
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=600)
+    cmd = [
+        "--model",
+        str(setup / "base"),
+        "--sft",
+        str(tmp_path / "sft.json"),
+        "--tokenizer",
+        str(setup / "tok"),
+        "--out",
+        str(out),
+        "--seq-len",
+        "64",
+        "--dtype",
+        "float32",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *cmd],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+        timeout=600,
+    )
     assert (out / "merged").exists(), r.stderr[-3000:]
     assert len(losses(out)) == 3 and losses(out)[-1] < losses(out)[0]
 
@@ -230,8 +306,19 @@ def test_each_process_holds_only_its_share(setup, tmp_path, mode):
     margs = model.ModelArgs(dim=1024, n_layers=8, n_heads=8, vocab_size=320, hidden_dim=4096, max_seq_len=64)
     model.save(model.init(margs).to(torch.float16), tmp_path / "base", format="hf")
     full = sum(t.numel() for t in model.read_checkpoint(tmp_path / "base")[1].shapes.values()) * 4  # bytes in float32
-    flags = ["--model", str(tmp_path / "base"), "--seq-len", "16", "--steps", "1", "--grad-accum", "1", "--save-every", "0",
-             "--no-activation-checkpointing"] + (["--trainable", "norm"] if mode == "lora" else ["--lora-rank", "0", "--attn", "full"])  # fmt: skip
+    flags = [
+        "--model",
+        str(tmp_path / "base"),
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--grad-accum",
+        "1",
+        "--save-every",
+        "0",
+        "--no-activation-checkpointing",
+    ] + (["--trainable", "norm"] if mode == "lora" else ["--lora-rank", "0", "--attn", "full"])
     gb = {}
     for n in (1, 2):
         r = run_train(setup, tmp_path / f"run{n}", *flags, nproc=n)
@@ -251,7 +338,11 @@ def test_device_choice_errors(monkeypatch):
         train.setup_distributed("cuda")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ValueError, match=r"2 processes on this node but 1 GPU\(s\) visible: run one process per GPU \(torchrun --nproc-per-node 1;.*\), or --device cpu"):
+    with pytest.raises(
+        ValueError,
+        match=r"2 processes on this node but 1 GPU\(s\) visible: run one process per GPU "
+        r"\(torchrun --nproc-per-node 1;.*\), or --device cpu",
+    ):
         train.setup_distributed("auto")
     assert not torch.distributed.is_initialized()
 
@@ -272,8 +363,21 @@ dist.destroy_process_group()
 
 def test_rank_zero_decides_and_errors_reach_every_rank(tmp_path):
     (tmp_path / "ranks.py").write_text(RANK_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(tmp_path / "ranks.py")],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(tmp_path / "ranks.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert [(tmp_path / f"rank{i}.txt").read_text() for i in (0, 1)] == ["rank 1 disagrees (processes 1)"] * 2
 
@@ -282,8 +386,14 @@ def test_non_finite_loss_stops_before_the_update(setup, tmp_path):
     """SGD at lr 1e30 blows the weights up after step 1: step 2's loss is not finite. The run stops there,
     names the step and the checkpoint to resume from, and writes no checkpoint, log line or export after."""
     out = tmp_path / "run"
-    r = run_train(setup, out, "--steps", "4", "--optim", "sgd", "--lr", "1e30", "--warmup", "0", "--save-every", "1", check=False)
-    assert r.returncode == 2 and "error: step 2: the loss is" in r.stderr and "--resume restarts from the checkpoint of step 1" in r.stderr, r.stderr[-2000:]
+    r = run_train(
+        setup, out, "--steps", "4", "--optim", "sgd", "--lr", "1e30", "--warmup", "0", "--save-every", "1", check=False
+    )
+    assert (
+        r.returncode == 2
+        and "error: step 2: the loss is" in r.stderr
+        and "--resume restarts from the checkpoint of step 1" in r.stderr
+    ), r.stderr[-2000:]
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-0000001"] and not (out / "merged").exists()
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
 
@@ -334,9 +444,20 @@ def test_right_padded_batch_equals_its_samples_alone_cuda(backend, group_size):
 
 def test_peak_table_tells_variants_apart():
     """torch.cuda.get_device_name strings: NVL and PCIe cards are not their SXM siblings, GB200 is not B200."""
-    names = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 NVL": 835.5, "NVIDIA H100 PCIe": 756.0, "NVIDIA H800": 989.4,
-             "NVIDIA H200": 989.4, "NVIDIA H200 NVL": 835.5, "NVIDIA GH200 480GB": 989.4, "NVIDIA B200": 2250.0,
-             "NVIDIA GB200": 2500.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A800-SXM4-80GB": 312.0, "Tesla V100-SXM2-16GB": None}  # fmt: skip
+    names = {
+        "NVIDIA H100 80GB HBM3": 989.4,
+        "NVIDIA H100 NVL": 835.5,
+        "NVIDIA H100 PCIe": 756.0,
+        "NVIDIA H800": 989.4,
+        "NVIDIA H200": 989.4,
+        "NVIDIA H200 NVL": 835.5,
+        "NVIDIA GH200 480GB": 989.4,
+        "NVIDIA B200": 2250.0,
+        "NVIDIA GB200": 2500.0,
+        "NVIDIA A100-SXM4-80GB": 312.0,
+        "NVIDIA A800-SXM4-80GB": 312.0,
+        "Tesla V100-SXM2-16GB": None,
+    }
     assert {n: train.known_peak(n) for n in names} == names
 
 
@@ -353,7 +474,9 @@ def peft_logits(base, adapter, x):
     """Logits of PEFT's `adapter` on the Hugging Face model `base`, loaded with the adapter's base_config.json."""
     transformers = pytest.importorskip("transformers", reason="pip install transformers")
     peft = pytest.importorskip("peft", reason="pip install peft")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **json.loads((adapter / "base_config.json").read_text()))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, **json.loads((adapter / "base_config.json").read_text())
+    )
     with torch.no_grad():
         return peft.PeftModel.from_pretrained(hf, adapter)(x).logits
 
@@ -362,11 +485,26 @@ def test_hf_run_exports_what_transformers_peft_and_eval_open(setup, tmp_path):
     """An HF base gives an HF merged/ with the tokenizer beside it, and a PEFT adapter: transformers,
     PEFT and eval.py open them with no extra flag, and all compute the merged model's logits."""
     transformers = pytest.importorskip("transformers", reason="pip install transformers")
-    pytest.importorskip("google.protobuf", reason="AutoTokenizer reads a sentencepiece file with protobuf: pip install protobuf")
+    pytest.importorskip(
+        "google.protobuf", reason="AutoTokenizer reads a sentencepiece file with protobuf: pip install protobuf"
+    )
     model.save(tiny_model(vocab_size=320, tie_embeddings=True), tmp_path / "base", format="hf")
     data.save_tokenizer(setup / "tok", tmp_path / "base")
     out = tmp_path / "run"
-    run_train(setup, out, "--model", str(tmp_path / "base"), "--steps", "3", "--lr", "3e-2", "--warmup", "0", "--save-every", "0")
+    run_train(
+        setup,
+        out,
+        "--model",
+        str(tmp_path / "base"),
+        "--steps",
+        "3",
+        "--lr",
+        "3e-2",
+        "--warmup",
+        "0",
+        "--save-every",
+        "0",
+    )
     assert (out / "merged" / "config.json").exists() and (out / "merged" / "tokenizer_config.json").exists()
     x = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
     ours = model.load(out / "merged")(x).detach()
@@ -376,9 +514,29 @@ def test_hf_run_exports_what_transformers_peft_and_eval_open(setup, tmp_path):
     torch.testing.assert_close(hf_logits(out / "merged", x), ours, rtol=0, atol=1e-4)
     torch.testing.assert_close(peft_logits(tmp_path / "base", out / "adapter", x), ours, rtol=0, atol=1e-4)
     text = synthetic_text(50, seed=9)
-    assert transformers.AutoTokenizer.from_pretrained(out / "merged")(text).input_ids == data.load_tokenizer(setup / "tok").encode(text)
-    r = subprocess.run([sys.executable, "eval.py", "passkey", "--model", str(out / "merged"), "--lengths", "256", "--trials", "1", "--depths", "0", "--beyond-context"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert transformers.AutoTokenizer.from_pretrained(out / "merged")(text).input_ids == data.load_tokenizer(
+        setup / "tok"
+    ).encode(text)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "passkey",
+            "--model",
+            str(out / "merged"),
+            "--lengths",
+            "256",
+            "--trials",
+            "1",
+            "--depths",
+            "0",
+            "--beyond-context",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.splitlines()[0].split() == ["length", "depth", "0%"], r.stderr[-2000:]
 
 
@@ -387,12 +545,22 @@ def test_meta_run_exports_meta_with_the_data_tokenizer(setup, tmp_path):
     file was made with when the model folder has none."""
     out = tmp_path / "run"
     run_train(setup, out, "--steps", "1", "--save-every", "0", "--export-format", "hf")
-    assert sorted(p.name for p in (out / "merged").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
-    assert data.load_tokenizer(out / "merged").encode("the a of") == data.load_tokenizer(setup / "tok").encode("the a of")
+    assert sorted(p.name for p in (out / "merged").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    assert data.load_tokenizer(out / "merged").encode("the a of") == data.load_tokenizer(setup / "tok").encode(
+        "the a of"
+    )
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("targets,extra", [(("wq", "wk", "wv", "wo"), ("embed", "norm")), (("wq", "w1", "w2", "w3"), ("norm",)), (("wk", "wo"), ())])
+@pytest.mark.parametrize(
+    "targets,extra",
+    [(("wq", "wk", "wv", "wo"), ("embed", "norm")), (("wq", "w1", "w2", "w3"), ("norm",)), (("wk", "wo"), ())],
+)
 def test_peft_adapter_equals_the_merged_model(tmp_path, tied, targets, extra):
     """save_peft on random adapters, embedding and norms, GQA, with and without tied embeddings and a
     context extension: PEFT on the HF base computes what merge_lora computes."""
