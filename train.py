@@ -687,34 +687,31 @@ def train(args, rank, world, device):
     peak = peak_tflops(device, args.dtype, args.peak_tflops)
     bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     saved = start if ckpt else None
+    # the step's parts, with this run's settings bound
+    batches = functools.partial(
+        micro_batches,
+        dataset,
+        pad_id=pad_id,
+        grad_accum=args.grad_accum,
+        batch_size=args.batch_size,
+        rank=rank,
+        world=world,
+    )
+    group_size = None if args.attn == "full" else args.group_size
+    flops_of = functools.partial(train_flops, m.args, group_size=group_size, lora=args.lora_rank > 0)
+    fwd_bwd = functools.partial(
+        forward_backward, m, trainable=trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk
+    )
+    tokens = args.grad_accum * args.batch_size * world * args.seq_len  # per step, all processes
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
         lr = learning_rate(step, lr=args.lr, warmup=args.warmup, steps=args.steps, schedule=args.schedule)
         for g in optim.param_groups:
             g["lr"] = lr
-        micro = micro_batches(
-            dataset, step, pad_id, grad_accum=args.grad_accum, batch_size=args.batch_size, rank=rank, world=world
-        )
-        group_size = None if args.attn == "full" else args.group_size
-        flops = sum(
-            x.shape[0] * train_flops(m.args, x.shape[1], group_size=group_size, lora=args.lora_rank > 0)
-            for x, _ in micro
-        )
-        loss, norm = forward_backward(
-            m, micro, trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk
-        )
-        if not (math.isfinite(loss) and math.isfinite(norm)):  # alike on every rank: both are reduced
-            raise ValueError(
-                f"step {step}: the loss is {loss} and the gradient norm {norm}; stopped before the update, and nothing "
-                "was "
-                "saved after it. "
-                + (
-                    f"--resume restarts from the checkpoint of step {saved}"
-                    if saved
-                    else "No checkpoint was written yet"
-                )
-                + "; lower --lr or check the data, then --resume (or start a new --out with --dtype float32)"
-            )
+        micro = batches(step)
+        flops = sum(x.shape[0] * flops_of(x.shape[1]) for x, _ in micro)  # this process's
+        loss, norm = fwd_bwd(micro)
+        check_finite(step, loss, norm, saved)
         optim.step()
         optim.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -722,20 +719,7 @@ def train(args, rank, world, device):
         dt = time.perf_counter() - t0
         mem = max_over_ranks(peak_memory_gb(device), device)  # the fullest process's (device, host) peaks
         if rank == 0:
-            tokens = args.grad_accum * args.batch_size * world * args.seq_len
-            write_log(
-                log,
-                bar,
-                step=step,
-                loss=loss,
-                lr=lr,
-                grad_norm=norm,
-                tokens=tokens,
-                dt=dt,
-                flops=flops,
-                peak=peak,
-                mem=mem,
-            )
+            write_log(log, bar, step, loss, lr, norm, tokens, dt, flops, peak, mem)
         if args.save_every and step % args.save_every == 0 and step < args.steps:  # outside the timed step
             save_checkpoint(out, step, m, optim, args, rank, world, device)
             saved = step
@@ -750,6 +734,19 @@ def train(args, rank, world, device):
             out / n for n in ("adapter", "trainable.safetensors") if args.lora_rank and (out / n).exists()
         ]
         print("done: " + ", ".join(str(p) for p in done), flush=True)
+
+
+def check_finite(step, loss, norm, saved):
+    """Stop before the update if the step's loss or gradient norm is not finite (alike on every process:
+    both are reduced over all of them); `saved` is the step of the last checkpoint, if any."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    resume = f"--resume restarts from the checkpoint of step {saved}" if saved else "No checkpoint was written yet"
+    raise ValueError(
+        f"step {step}: the loss is {loss} and the gradient norm {norm}; stopped before the update, and nothing was "
+        f"saved after it. {resume}; lower --lr or check the data, then --resume "
+        "(or start a new --out with --dtype float32)"
+    )
 
 
 def open_run_folder(out, resume):
@@ -793,7 +790,7 @@ def on_rank_zero(fn, rank):
     return result
 
 
-def micro_batches(dataset, step, pad_id, *, grad_accum, batch_size, rank, world):
+def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world):
     """This process's `grad_accum` micro-batches of optimizer step `step` (from 1). The run's samples are
     numbered in one sequence, step by step, micro-step by micro-step, process by process, row by row,
     and sample i is dataset[i]: so a step trains on the same samples for any number of processes with
@@ -872,8 +869,9 @@ def open_log(out, start, first_line):
     return open(path, "a")
 
 
-def write_log(log, bar, *, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem):
-    """One line of log.jsonl, and the progress bar's figures."""
+def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem):
+    """One line of log.jsonl, and the progress bar's figures: `tokens` and `flops` of the step, `dt` its
+    seconds, `peak` the device's TFLOP/s (None: no MFU), `mem` the (device, host) peak GB."""
     rec = {
         "step": step,
         "loss": loss,
