@@ -131,9 +131,10 @@ QUESTION = "What is the pass key? The pass key is"
 ANSWER_TOKENS = 8  # generated after the prompt: enough for a key of up to 5 digits
 
 
-def passkey_prompt(tok, length, depth, key):
-    """Token ids of the passkey prompt, at most `length` tokens: the task, filler, the needle after a
-    fraction `depth` of the filler, more filler, the question."""
+def passkey_prompt(tok, length, depth, key, answer_tokens=0):
+    """Token ids of the passkey prompt, at most `length - answer_tokens` tokens (room left for the answer):
+    the task, filler, the needle after a fraction `depth` of the filler, more filler, the question."""
+    room = length - answer_tokens
 
     def build(n):
         before = round(depth * n)
@@ -143,13 +144,14 @@ def passkey_prompt(tok, length, depth, key):
         return tok.encode(re.sub(" +", " ", text), bos=True)
 
     per_filler = len(tok.encode(" " + FILLER, bos=False))
-    n = max(0, (length - len(build(0))) // per_filler)
-    while n > 0 and len(build(n)) > length:
+    n = max(0, (room - len(build(0))) // per_filler)
+    while n > 0 and len(build(n)) > room:
         n -= 1
     ids = build(n)
-    if len(ids) > length:
+    if len(ids) > room:
         raise ValueError(
-            f"--lengths {length} is too short to hold the passkey prompt ({len(ids)} tokens without filler)"
+            f"--lengths {length} is too short to hold the passkey prompt and its answer "
+            f"({len(ids)} + {answer_tokens} tokens without filler)"
         )
     return ids
 
@@ -195,7 +197,7 @@ def passkey(m, tok, lengths, depths, trials, seed=0, progress=True):
         hits = 0
         for _ in range(trials):
             key = rng.randint(1, 50000)
-            prompt = passkey_prompt(tok, L - ANSWER_TOKENS, d, key)  # the prompt and its answer fit in L tokens
+            prompt = passkey_prompt(tok, L, d, key, ANSWER_TOKENS)  # the prompt and its answer fit in L tokens
             answer = tok.decode(generate(m, prompt, max_new_tokens=ANSWER_TOKENS, eos_id=tok.eos_id))
             hits += parse_answer(answer) == key
         results.setdefault(L, {})[d] = hits / trials
@@ -333,7 +335,8 @@ def main(argv=None):
         vocab = llama.read_checkpoint(args.model)[0].vocab_size  # checked against the data before the weights load
         if args.cmd == "ppl":
             tokens, meta = data.read_tokens(args.data)
-            check_vocab(vocab, meta.get("max_id", int(tokens.max()) if len(tokens) else -1) + 1, f"--data {args.data}")
+            max_id = meta["max_id"] if "max_id" in meta else int(tokens.max()) if len(tokens) else -1
+            check_vocab(vocab, max_id + 1, f"--data {args.data}")
         else:
             tok = data.load_tokenizer(args.tokenizer or args.model)
             check_vocab(vocab, tok.vocab_size, f"the tokenizer {tok.name}")

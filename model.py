@@ -218,6 +218,8 @@ class Transformer(nn.Module):
         With targets (B, N), the next-token loss instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed
         (reduction="sum") or per position (reduction="none", (B, N)), 0 where a target is IGNORE.
         With a KVCache, `tokens` continue the ones the cache has seen (generation)."""
+        if reduction not in ("sum", "none"):
+            raise ValueError(f"reduction={reduction!r}: 'sum' (the summed loss) or 'none' (per token)")
         start = cache.pos if cache is not None else 0
         if start + tokens.shape[1] > self.args.max_seq_len and not self.beyond_context:
             raise ValueError(

@@ -150,8 +150,9 @@ def _sdpa(q, k, v, G, first):
     n = (N + front + tail) // G  # groups per sequence
 
     def grouped(x):  # (B, N, heads, D) -> (B * n, heads, G, D)
-        zeros = lambda length: x.new_zeros(B, length, *x.shape[2:])  # noqa: E731
-        x = torch.cat([x[:, :first], zeros(front), x[:, first:], zeros(tail)], dim=1)  # (B, n * G, heads, D)
+        if front or tail:  # (no copy where the groups tile the sequence already)
+            zeros = lambda length: x.new_zeros(B, length, *x.shape[2:])  # noqa: E731
+            x = torch.cat([x[:, :first], zeros(front), x[:, first:], zeros(tail)], dim=1)  # (B, n * G, heads, D)
         return x.view(B * n, G, *x.shape[2:]).transpose(1, 2)
 
     out = _sdpa_call(grouped(q), grouped(k), grouped(v), is_causal=True)  # (B * n, Hq, G, D)

@@ -782,8 +782,12 @@ def on_rank_zero(fn, rank):
     if rank == 0:
         try:
             result = fn()
-        except (FileNotFoundError, ValueError, ImportError) as e:
-            result = e
+        except Exception as e:  # any: a corrupt tokenizer file raises tokenizers' plain Exception
+            result = (
+                e
+                if isinstance(e, (FileNotFoundError, ValueError, ImportError))
+                else ValueError(f"{type(e).__name__}: {e}")
+            )
     result = decide(result)
     if isinstance(result, Exception):
         raise result

@@ -109,6 +109,8 @@ def test_passkey_prompt(tok, depth):
     assert before == round(depth * (before + after))
     with pytest.raises(ValueError, match="too short to hold the passkey prompt"):
         ev.passkey_prompt(tok, 20, depth, key=1)
+    roomy = ev.passkey_prompt(tok, 400, depth, key=4242, answer_tokens=ev.ANSWER_TOKENS)  # the answer fits in 400 too
+    assert 400 - ev.ANSWER_TOKENS - per_filler - 2 <= len(roomy) <= 400 - ev.ANSWER_TOKENS
 
 
 def test_parse_answer():

@@ -380,6 +380,8 @@ def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     x, t = tokens(n=2, N=24), tokens(n=2, N=24, seed=2)
     t[0, 3:9] = model.IGNORE
     per_token = m(x, t, reduction="none", loss_chunk=chunk)
+    with pytest.raises(ValueError, match="'sum' .* or 'none'"):
+        m(x, t, reduction="mean")
     ref = torch.nn.functional.cross_entropy(
         m(x).flatten(0, 1), t.flatten(), ignore_index=model.IGNORE, reduction="none"
     ).view(t.shape)

@@ -202,7 +202,10 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("case", ["backend", "group-zero", "resume-nothing", "resume-no-checkpoint", "tokenizer-2proc"])
+@pytest.mark.parametrize(
+    "case",
+    ["backend", "group-zero", "resume-nothing", "resume-no-checkpoint", "tokenizer-2proc", "corrupt-tokenizer-2proc"],
+)
 def test_bad_run_folder_input_is_refused_and_keeps_files(setup, tmp_path, case):
     """Refused before the model loads (flags) or before anything is written (the run folder)."""
     out = tmp_path / "run"
@@ -218,6 +221,10 @@ def test_bad_run_folder_input_is_refused_and_keeps_files(setup, tmp_path, case):
         (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
         flags += ["--resume"]
         expect = f"--resume: {out} holds no checkpoint to continue from; run without --resume"
+    elif case == "corrupt-tokenizer-2proc":  # an unreadable file: tokenizers raises a plain Exception on rank 0
+        (tmp_path / "bad.json").write_text("{ not a tokenizer")
+        flags += ["--tokenizer", str(tmp_path / "bad.json")]
+        expect = "Exception:"
     elif case == "tokenizer-2proc":  # found by rank 0 before training; every rank stops
         flags += ["--tokenizer", str(tmp_path / "nope.model")]
         expect = "does not exist"
