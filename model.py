@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from s2attn import cached_attention, check_config, full_attention, s2_attention
+# ALL_BACKENDS, BACKENDS: set_attention's backends, and those this machine runs (train.py reads them here)
+from s2attn import ALL_BACKENDS, BACKENDS, cached_attention, check_config, full_attention, s2_attention  # noqa: F401
 
 
 @dataclass

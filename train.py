@@ -53,7 +53,6 @@ from tqdm import tqdm
 import data
 import lora
 import model as llama
-import s2attn
 
 # Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
 SAME_ON_RESUME = (
@@ -110,7 +109,7 @@ def parse_args(argv=None):
     a.add_argument("--group-size", type=int, help="S2-Attn group size in tokens (default seq-len/4, paper Table 11)")
     a.add_argument(
         "--backend",
-        choices=s2attn.ALL_BACKENDS,
+        choices=llama.ALL_BACKENDS,
         help="attention kernel (default: flash where available and bf16, else sdpa)",
     )
     a.add_argument(
@@ -186,7 +185,7 @@ def parse_args(argv=None):
         p.error(f"--group-size {args.group_size}: an S2-Attn group holds at least 1 token (default: --seq-len / 4)")
     args.group_size = args.group_size or max(1, args.seq_len // 4)
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    runs_here = s2attn.BACKENDS if on_cuda else ("naive", "sdpa")
+    runs_here = llama.BACKENDS if on_cuda else ("naive", "sdpa")
     args.backend = args.backend or default_backend(on_cuda, args.dtype)
     if args.backend not in runs_here:
         p.error(
@@ -212,7 +211,7 @@ def parse_args(argv=None):
 
 def default_backend(on_cuda, dtype):
     """flash where it runs (CUDA, with flash-attn or torch's varlen kernel) and in bf16, else sdpa."""
-    return "flash" if on_cuda and "flash" in s2attn.BACKENDS and dtype == "bfloat16" else "sdpa"
+    return "flash" if on_cuda and "flash" in llama.BACKENDS and dtype == "bfloat16" else "sdpa"
 
 
 # ----------------------------------------------------------------------------- setup
