@@ -24,6 +24,7 @@ from the latest), and at the end, each with the tokenizer beside it:
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -160,6 +161,11 @@ def parse_args(argv=None):
         help="keep every block's activations (faster, much more memory)",
     )
     a.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="keep the checkpointed block inputs in (pinned) host memory until backward (the longest context on a GPU)",
+    )
+    a.add_argument(
         "--device",
         choices=("auto", "cuda", "cpu"),
         default="auto",
@@ -198,6 +204,8 @@ def parse_args(argv=None):
         p.error("give exactly one of --data (a token file) and --sft (supervised examples)")
     if args.init and (args.lora_rank or args.attn != "full"):
         p.error("--init pretrains a model from random weights: give it --lora-rank 0 and --attn full")
+    if args.offload_activations and args.no_activation_checkpointing:
+        p.error("--offload-activations offloads the checkpointed block inputs: drop --no-activation-checkpointing")
     if args.attn != "full" and args.group_size > args.seq_len:
         p.error(
             f"--group-size {args.group_size} is larger than --seq-len {args.seq_len}: S2-Attn needs groups shorter "
@@ -276,7 +284,9 @@ def check_all(ok, message):
         raise ValueError(f"{message} (processes {', '.join(str(r) for r, o in enumerate(oks) if not o)})")
 
 
-def build_model(source, rank, world, device, *, init=False, seed=42, dtype="bfloat16", checkpointing=True, **longlora):
+def build_model(
+    source, rank, world, device, *, init=False, seed=42, dtype="bfloat16", checkpointing=True, offload=False, **longlora
+):
     """The base model `source` (a checkpoint folder; with init=True a params.json or a ModelArgs, random
     weights) with LongLoRA applied (`longlora`: apply_longlora's settings) and sharded over the `world`
     processes, each holding only its rows of every tensor: the model is built on the meta device (no
@@ -287,7 +297,7 @@ def build_model(source, rank, world, device, *, init=False, seed=42, dtype="bflo
     with torch.device("meta"):
         m = llama.Transformer(margs)
     apply_longlora(m, seed=seed, dtype=dtype, **longlora)
-    parallelize(m, device=device, world=world, dtype=dtype, checkpointing=checkpointing)
+    parallelize(m, device=device, world=world, dtype=dtype, checkpointing=checkpointing, offload=offload)
     m.to_empty(device=device)
     torch.manual_seed(seed)  # the adapters add_lora makes in one process, in its order: alike for any world size
     with torch.no_grad():
@@ -350,18 +360,28 @@ def apply_longlora(
     return m
 
 
-def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True):
+def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True, offload=False):
     """Activation checkpointing per block, then FSDP2 over `world` processes: each block is one unit, then
-    the root; parameters gathered in `dtype`, gradients reduced in float32."""
+    the root; parameters gathered in `dtype`, gradients reduced in float32. offload=True: the checkpointed
+    block inputs wait for backward in host memory (pinned on CUDA) instead of the device's."""
     if checkpointing:
         for block in m.layers:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            block.forward = functools.partial(checkpointed, block.forward, offload=offload, pin=device.type == "cuda")
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     mesh = init_device_mesh(device.type, (world,))
     for block in m.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(m, mesh=mesh, mp_policy=mp)
     return m
+
+
+def checkpointed(forward, *args, offload=False, pin=False, **kwargs):
+    """forward(*args, **kwargs) under activation checkpointing: only its inputs are kept for backward,
+    which runs it again. offload: those inputs are kept in host memory. (Non-reentrant checkpointing saves
+    its inputs through autograd's saved-tensor hooks, outside its own, so save_on_cpu takes exactly them;
+    the recompute in backward runs outside it, on the device.)"""
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def longlora_settings(args):
@@ -671,6 +691,7 @@ def train(args, rank, world, device):
         seed=args.seed,
         dtype=args.dtype,
         checkpointing=not args.no_activation_checkpointing,
+        offload=args.offload_activations,
         **longlora_settings(args),
     )
     dataset, pad_id = load_data(args, m.args.vocab_size)

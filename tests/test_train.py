@@ -243,6 +243,32 @@ def test_bad_run_folder_input_is_refused_and_keeps_files(setup, tmp_path, case):
         assert "replacing" in r.stdout and len(losses(out)) == 2
 
 
+def test_offloaded_activations_train_the_same(setup, tmp_path):
+    """--offload-activations keeps the checkpointed block inputs in host memory: the same losses and weights."""
+    run_train(setup, tmp_path / "a", "--steps", "2", "--save-every", "0")
+    run_train(setup, tmp_path / "b", "--steps", "2", "--save-every", "0", "--offload-activations")
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    a, b = load_file(tmp_path / "a" / "trainable.safetensors"), load_file(tmp_path / "b" / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    r = run_train(setup, tmp_path / "c", "--offload-activations", "--no-activation-checkpointing", check=False)
+    assert r.returncode == 2 and "drop --no-activation-checkpointing" in r.stderr
+
+
+def test_offload_takes_exactly_the_checkpointed_inputs():
+    """Under checkpointed(), the only tensor autograd saves is the block's input; with offload it goes
+    through save_on_cpu's hooks (so an outer hook sees nothing), and the gradients are unchanged."""
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    grads = []
+    for offload in (False, True):
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
+            y = train.checkpointed(lambda h: torch.relu(lin(h)) * 2, x, offload=offload)
+        assert seen == ([] if offload else [(4, 8)])
+        grads.append(torch.autograd.grad(y.sum(), [x, lin.weight]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_resume_refuses_changed_settings(setup, tmp_path):
     run_train(setup, tmp_path / "run", "--steps", "2")
     r = run_train(setup, tmp_path / "run", "--steps", "4", "--resume", "--lora-rank", "4", check=False)
