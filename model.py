@@ -145,6 +145,7 @@ class Attention(nn.Module):
         self.group_size = None  # None: full causal attention; an int: S2-Attn with groups of that many tokens
         self.backend = "sdpa"
         self.shift = True  # False: groups without the shift (the paper's Table 1 ablation)
+        self.halo = None  # context parallelism: the exchange with the neighbouring slices (s2attn._with_halo)
 
     def forward(self, x, freqs_cis, cache=None):
         B, N, _ = x.shape
@@ -163,7 +164,7 @@ class Attention(nn.Module):
         elif self.group_size is None:
             out = full_attention(q, k, v, backend=self.backend)
         else:
-            out = s2_attention(q, k, v, self.group_size, backend=self.backend, shift=self.shift)
+            out = s2_attention(q, k, v, self.group_size, backend=self.backend, shift=self.shift, halo=self.halo)
         return self.wo(out.reshape(B, N, -1))  # (B, N, H * D) -> (B, N, dim)
 
 
@@ -214,14 +215,15 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.beyond_context = False  # True: run sequences longer than args.max_seq_len (to measure what happens)
 
-    def forward(self, tokens, targets=None, *, reduction="sum", loss_chunk=2048, last_only=False, cache=None):
+    def forward(self, tokens, targets=None, *, reduction="sum", loss_chunk=2048, last_only=False, cache=None, start=0):
         """tokens (B, N) LongTensor -> logits (B, N, vocab_size); last_only: the last position's, (B, 1, vocab).
         With targets (B, N), the next-token loss instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed
         (reduction="sum") or per position (reduction="none", (B, N)), 0 where a target is IGNORE.
-        With a KVCache, `tokens` continue the ones the cache has seen (generation)."""
+        With a KVCache, `tokens` continue the ones the cache has seen (generation). start: the position
+        of tokens[:, 0] (context parallelism: this process's slice of the sequence starts there)."""
         if reduction not in ("sum", "none"):
             raise ValueError(f"reduction={reduction!r}: 'sum' (the summed loss) or 'none' (per token)")
-        start = cache.pos if cache is not None else 0
+        start = cache.pos if cache is not None else start
         if start + tokens.shape[1] > self.args.max_seq_len and not self.beyond_context:
             raise ValueError(
                 f"{start + tokens.shape[1]} tokens are more than the model's context of {self.args.max_seq_len}: "
@@ -254,14 +256,19 @@ class Transformer(nn.Module):
         self.args.max_seq_len = int(self.args.max_seq_len * factor)
         return self
 
-    def set_attention(self, group_size=None, backend=None, shift=True):
+    def set_attention(self, group_size=None, backend=None, shift=True, halo=None):
         """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend;
-        shift=False keeps every head in unshifted groups (short attention, an ablation)."""
+        shift=False keeps every head in unshifted groups (short attention, an ablation). halo: context
+        parallelism's exchange of keys and values with the neighbouring slices (s2attn._with_halo; train.py
+        makes it), for S2-Attn on a slice of each sequence that starts at forward's `start`."""
         check_config(group_size, backend or self.layers[0].attention.backend)
+        if halo is not None and group_size is None:
+            raise ValueError("a halo splits S2-Attn's groups over processes: full attention needs whole sequences")
         for layer in self.layers:
             layer.attention.group_size = group_size
             layer.attention.backend = backend or layer.attention.backend
             layer.attention.shift = shift
+            layer.attention.halo = halo
         return self
 
 

@@ -30,6 +30,11 @@ is shorter). All three backends compute exactly this function, and the tests che
            half of the heads (PyTorch's FlashAttention-2 kernel on CUDA, a fused kernel on CPU).
     flash  variable-length segments (cu_seqlens) through flash-attn's flash_attn_varlen_func, or
            PyTorch's own varlen kernel (the same FlashAttention-2 code) on CUDA without flash-attn.
+
+S2-Attn's groups are local, which is what lets one sequence be split over processes (context
+parallelism, train.py --context-parallel): with each slice starting on a group border, the unshifted
+heads need nothing from another slice, and the shifted heads only the previous slice's last G/2 keys
+and values, a "halo" (s2_attention's `halo`), where full attention would need every earlier token.
 """
 
 import inspect
@@ -61,15 +66,20 @@ def full_attention(q, k, v, backend="sdpa"):
     return _KERNELS[backend](q, k, v, G=N, first=N)  # one group: the whole sequence
 
 
-def s2_attention(q, k, v, group_size, backend="sdpa", shift=True):
+def s2_attention(q, k, v, group_size, backend="sdpa", shift=True, halo=None):
     """Shifted sparse attention with groups of `group_size` tokens (see the module docstring).
     shift=False: every head attends in the unshifted groups, the "short attention" that the paper's
-    Table 1 shows fails to carry over to full attention at inference."""
+    Table 1 shows fails to carry over to full attention at inference.
+    halo: context parallelism, where q, k, v are one slice of a longer sequence (see _with_halo)."""
     _check(q, k, v, backend)
     check_config(group_size, backend)
     if group_size is None:
         raise ValueError("s2_attention needs a group_size in tokens; for full attention call full_attention")
     G, N, H = group_size, q.shape[1], q.shape[2]
+    if halo is not None and N % G:
+        raise ValueError(f"a slice of {N} tokens: context parallelism needs slices a multiple of group_size={G} long")
+    if halo is not None and backend == "naive":
+        raise ValueError("the naive backend is the definition, on whole sequences: use sdpa or flash with a halo")
     if backend == "naive":
         return _naive(q, k, v, s2_mask(N, H, G, device=q.device, shift=shift))
     # attend(q, k, v, G, first): causal attention in groups [0, first), [first, first + G), ...
@@ -82,8 +92,30 @@ def s2_attention(q, k, v, group_size, backend="sdpa", shift=True):
     # The second half: groups shifted by half a group. The paper rolls these heads by -G/2, which wraps
     # the first half-group around to the end of the sequence, where it reads the future. We start a new
     # group at G/2 instead, [0, G/2), [G/2, 3G/2), ...: nothing wraps. (G = 1 has no half-group.)
-    out2 = attend(q2, k2, v2, G, first=G // 2 or G)  # (B, N, H - H // 2, D)
+    if halo is None or G == 1:
+        out2 = attend(q2, k2, v2, G, first=G // 2 or G)  # (B, N, H - H // 2, D)
+    else:
+        out2 = _with_halo(attend, q2, k2, v2, G, halo)
     return torch.cat([out1, out2], dim=2)  # (B, N, H, D)
+
+
+def _with_halo(attend, q, k, v, G, halo):
+    """The shifted heads' attention on one slice of a sequence split into slices over processes (context
+    parallelism): the slice starts on a group border and is a multiple of G long, so the unshifted heads
+    need nothing from outside it. The shifted heads' first group here, [0, G/2), is the end of a group
+    that began h = G - G // 2 tokens earlier, on the previous slice: halo(tail) sends this slice's last h
+    keys and values, tail (B, h, 2 Hkv, D), to the next slice, and returns the previous slice's, (B, h,
+    2 Hkv, D), or (B, 0, 2 Hkv, D) on the first slice; its backward returns their gradients. Prepended to
+    this slice's keys and values, they make the groups [0, G), [G, 2G), ... of a sequence of h + N tokens
+    (or [0, G/2), [G/2, 3G/2), ... without them). q, k, v: (B, N, heads, D) -> (B, N, Hq, D)."""
+    B, N, Hq, D = q.shape
+    h = G - G // 2
+    kv = halo(torch.cat([k[:, -h:], v[:, -h:]], dim=2))  # (B, L, 2 Hkv, D), L = h or 0 (the first slice)
+    L = kv.shape[1]
+    k_halo, v_halo = kv.chunk(2, dim=2)  # (B, L, Hkv, D) each
+    q = torch.cat([q.new_zeros(B, L, Hq, D), q], dim=1)  # the halo's tokens ask nothing: zero queries, dropped
+    out = attend(q, torch.cat([k_halo, k], dim=1), torch.cat([v_halo, v], dim=1), G, first=L + G // 2)
+    return out[:, L:]  # (B, N, Hq, D)
 
 
 def cached_attention(q, k, v):
@@ -153,7 +185,7 @@ def _sdpa(q, k, v, G, first):
         if front or tail:  # (no copy where the groups tile the sequence already)
             zeros = lambda length: x.new_zeros(B, length, *x.shape[2:])  # noqa: E731
             x = torch.cat([x[:, :first], zeros(front), x[:, first:], zeros(tail)], dim=1)  # (B, n * G, heads, D)
-        return x.view(B * n, G, *x.shape[2:]).transpose(1, 2)
+        return x.reshape(B * n, G, *x.shape[2:]).transpose(1, 2)  # (a view where it can be)
 
     out = _sdpa_call(grouped(q), grouped(k), grouped(v), is_causal=True)  # (B * n, Hq, G, D)
     out = out.transpose(1, 2).reshape(B, n * G, Hq, D)  # (B, n * G, Hq, D)

@@ -234,15 +234,20 @@ def fake_varlen_old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_caus
     return segment_attention(query, key, value, cu_seq_q, max_q)
 
 
-@pytest.mark.parametrize("kernel", ["flash_attn", "varlen_new", "varlen_old"])
-@pytest.mark.parametrize("N,G,H,Hkv", CASES)
-def test_flash_path_with_stand_in_kernels(monkeypatch, kernel, N, G, H, Hkv):
+def use_stand_in_flash(monkeypatch, kernel="flash_attn"):
+    """The flash backend on CPU, through a stand-in kernel."""
     monkeypatch.setattr(s2attn, "flash_attn_varlen_func", fake_flash_attn if kernel == "flash_attn" else None)
     monkeypatch.setattr(
         s2attn, "torch_varlen_attn", {"varlen_new": fake_varlen_new, "varlen_old": fake_varlen_old}.get(kernel)
     )
     check = s2attn._check
     monkeypatch.setattr(s2attn, "_check", lambda q, k, v, backend: check(q, k, v, "sdpa"))  # no CUDA here
+
+
+@pytest.mark.parametrize("kernel", ["flash_attn", "varlen_new", "varlen_old"])
+@pytest.mark.parametrize("N,G,H,Hkv", CASES)
+def test_flash_path_with_stand_in_kernels(monkeypatch, kernel, N, G, H, Hkv):
+    use_stand_in_flash(monkeypatch, kernel)
     q, k, v = qkv(2, N, H, Hkv)
     torch.testing.assert_close(attend(q, k, v, G, "flash").double(), reference(q, k, v, G), rtol=1e-4, atol=1e-5)
 
@@ -250,9 +255,7 @@ def test_flash_path_with_stand_in_kernels(monkeypatch, kernel, N, G, H, Hkv):
 def test_flash_path_copies_nothing_from_the_host(monkeypatch):
     """cu_seqlens is made on the tensors' device: a Python list turned into a CUDA tensor would be a
     blocking host-to-device copy in every attention call (Llama 2 7B: 128 per micro-step)."""
-    monkeypatch.setattr(s2attn, "flash_attn_varlen_func", fake_flash_attn)
-    check = s2attn._check
-    monkeypatch.setattr(s2attn, "_check", lambda q, k, v, backend: check(q, k, v, "sdpa"))
+    use_stand_in_flash(monkeypatch)
     q, k, v = qkv(2, 20, 4, 2)
     expected = attend(q, k, v, 8, "flash")
 
@@ -294,3 +297,62 @@ def test_short_attention_without_shift(backend, N, G, H, Hkv):
     assert not torch.allclose(
         s2_attention(q, k, v, G, backend=backend), s2_attention(q, k, v, G, backend=backend, shift=False)
     )
+
+
+# ----------------------------------------------------------------------------- context parallelism
+
+
+def in_slices(q, k, v, G, P, backend="sdpa", shift=True):
+    """s2_attention on P consecutive slices of the sequence, as P processes run it, with the halo carried
+    from each slice to the next in this process (train.py carries it between processes). Returns the
+    joined output and how many times the halo was asked."""
+    tails = []
+
+    def halo(tail):  # (B, h, 2 Hkv, D): this slice's; returns the previous slice's (0 tokens on the first)
+        tails.append(tail)
+        return tails[-2] if len(tails) > 1 else tail[:, :0]
+
+    outs = [
+        s2_attention(*xs, G, backend=backend, shift=shift, halo=halo) for xs in zip(*(x.chunk(P, 1) for x in (q, k, v)))
+    ]
+    return torch.cat(outs, dim=1), len(tails)
+
+
+SLICES = [  # (P, N, G, H, Hkv): groups that straddle slice borders, a slice of one group, odd G and H, GQA
+    (2, 32, 8, 4, 2),
+    (4, 48, 6, 3, 1),  # a kv head serves query heads in both halves
+    (3, 30, 5, 5, 5),
+    (4, 32, 8, 6, 3),
+    (2, 32, 16, 2, 1),
+    (2, 8, 1, 4, 4),  # G = 1: no half-group, no halo
+]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+@pytest.mark.parametrize("P,N,G,H,Hkv", SLICES)
+def test_slices_with_a_halo_equal_the_whole_sequence(monkeypatch, backend, P, N, G, H, Hkv):
+    """Outputs and the gradients of q, k and v (the halo's included: they reach the previous slice's
+    keys and values through it) equal the unsplit attention's, in float64."""
+    if backend == "flash":
+        use_stand_in_flash(monkeypatch)
+    q, k, v = qkv(2, N, H, Hkv, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, N, H, 8, dtype=torch.float64)
+    grads = []
+    for split in (False, True):
+        q.grad = k.grad = v.grad = None
+        out, asked = in_slices(q, k, v, G, P, backend) if split else (s2_attention(q, k, v, G, backend=backend), 0)
+        if split:
+            torch.testing.assert_close(out, reference(q, k, v, G), rtol=1e-10, atol=1e-10)
+            assert asked == (P if G > 1 else 0)
+        (out * w).sum().backward()
+        grads.append([x.grad.clone() for x in (q, k, v)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_halo_errors():
+    q, k, v = qkv(1, 12, 4, 4)
+    with pytest.raises(ValueError, match="multiple of group_size=8"):
+        s2_attention(q, k, v, 8, halo=lambda t: t)
+    with pytest.raises(ValueError, match="use sdpa or flash with a halo"):
+        s2_attention(q, k, v, 4, backend="naive", halo=lambda t: t)
