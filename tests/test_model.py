@@ -191,6 +191,37 @@ def test_attention_switches_at_run_time():
         m.set_attention(group_size=0)
 
 
+@pytest.mark.parametrize("P,G,heads", [(2, 8, (4, 2)), (4, 6, (3, 1))])
+def test_slices_with_a_halo_give_the_whole_sequence_loss(P, G, heads):
+    """The model run on P slices of each sequence (forward's `start`: RoPE at the slice's positions; the
+    halo carried from slice to slice in this process, layer by layer, as train.py carries it between
+    processes) gives the unsplit loss, and the same gradients, in float64."""
+    H, Hkv = heads
+    m = tiny_model(dtype=torch.float64, dim=16 * H, n_heads=H, n_kv_heads=Hkv, max_seq_len=128).train()
+    x, t = tokens(N=24 * P), tokens(N=24 * P, seed=2)
+    calls, last = [], {}  # the layers that asked, in order; layer -> the previous slice's tail
+
+    def halo(tail):
+        layer = len(calls) % m.args.n_layers
+        calls.append(layer)
+        prev, last[layer] = last.get(layer, tail[:, :0]), tail
+        return prev
+
+    grads = []
+    for split in (False, True):
+        m.zero_grad()
+        m.set_attention(group_size=G, halo=halo if split else None)
+        n = x.shape[1] // P if split else x.shape[1]
+        loss = sum(m(x[:, i : i + n], t[:, i : i + n], start=i) for i in range(0, x.shape[1], n))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="full attention needs whole sequences"):
+        m.set_attention(group_size=None, halo=halo)
+
+
 def test_kv_cache_gives_the_logits_of_a_full_forward():
     m, tok = tiny_model(), tokens(N=20)
     cache = model.KVCache(m.args.n_layers)
