@@ -452,10 +452,10 @@ class SFTExamples:
         return sft_example(self.tok, self.examples[sample_index(i, self.n, self.seed)], self.seq_len)
 
 
-def collate(samples, pad_id=0):
-    """Right-pad (inputs, targets) pairs into (B, N) tensors: padding ids are `pad_id` (never read by a
-    real token under the causal mask) and padding targets IGNORE."""
-    N = max(len(x) for x, _ in samples)
+def collate(samples, pad_id=0, length=None):
+    """Right-pad (inputs, targets) pairs into (B, N) tensors, N the longest sample's length or `length`:
+    padding ids are `pad_id` (never read by a real token under the causal mask) and padding targets IGNORE."""
+    N = length or max(len(x) for x, _ in samples)
     inputs = torch.full((len(samples), N), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), N), IGNORE, dtype=torch.long)
     for b, (x, y) in enumerate(samples):

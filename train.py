@@ -166,6 +166,14 @@ def parse_args(argv=None):
         help="keep the checkpointed block inputs in (pinned) host memory until backward (the longest context on a GPU)",
     )
     a.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="split every sequence into P slices over P processes (S2-Attn: each needs only a half-group halo "
+        "from the previous one); data parallelism over the world size / P groups (default 1)",
+    )
+    a.add_argument(
         "--device",
         choices=("auto", "cuda", "cpu"),
         default="auto",
@@ -211,7 +219,20 @@ def parse_args(argv=None):
             f"--group-size {args.group_size} is larger than --seq-len {args.seq_len}: S2-Attn needs groups shorter "
             "than the sequence"
         )
-    for name in ("seq_len", "steps", "batch_size", "grad_accum", "loss_chunk", "keep"):
+    P = args.context_parallel
+    if P > 1 and args.attn == "full":
+        p.error(
+            "--context-parallel splits S2-Attn's groups over processes; full attention needs the whole sequence in "
+            "every process: use --attn s2"
+        )
+    if P > 1 and args.backend == "naive":
+        p.error("--context-parallel runs the sdpa and flash backends (naive is the definition, on whole sequences)")
+    if P > 1 and args.seq_len % (P * args.group_size):
+        p.error(
+            f"--seq-len {args.seq_len} in --context-parallel {P} slices: each slice must be a whole number of "
+            f"--group-size {args.group_size} groups, so --seq-len must be a multiple of {P * args.group_size}"
+        )
+    for name in ("seq_len", "steps", "batch_size", "grad_accum", "loss_chunk", "keep", "context_parallel"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -285,7 +306,18 @@ def check_all(ok, message):
 
 
 def build_model(
-    source, rank, world, device, *, init=False, seed=42, dtype="bfloat16", checkpointing=True, offload=False, **longlora
+    source,
+    rank,
+    world,
+    device,
+    *,
+    init=False,
+    seed=42,
+    dtype="bfloat16",
+    checkpointing=True,
+    offload=False,
+    context_parallel=1,
+    **longlora,
 ):
     """The base model `source` (a checkpoint folder; with init=True a params.json or a ModelArgs, random
     weights) with LongLoRA applied (`longlora`: apply_longlora's settings) and sharded over the `world`
@@ -297,7 +329,15 @@ def build_model(
     with torch.device("meta"):
         m = llama.Transformer(margs)
     apply_longlora(m, seed=seed, dtype=dtype, **longlora)
-    parallelize(m, device=device, world=world, dtype=dtype, checkpointing=checkpointing, offload=offload)
+    parallelize(
+        m,
+        device=device,
+        world=world,
+        dtype=dtype,
+        checkpointing=checkpointing,
+        offload=offload,
+        context_parallel=context_parallel,
+    )
     m.to_empty(device=device)
     torch.manual_seed(seed)  # the adapters add_lora makes in one process, in its order: alike for any world size
     with torch.no_grad():
@@ -360,10 +400,14 @@ def apply_longlora(
     return m
 
 
-def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True, offload=False):
+def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True, offload=False, context_parallel=1):
     """Activation checkpointing per block, then FSDP2 over `world` processes: each block is one unit, then
     the root; parameters gathered in `dtype`, gradients reduced in float32. offload=True: the checkpointed
-    block inputs wait for backward in host memory (pinned on CUDA) instead of the device's."""
+    block inputs wait for backward in host memory (pinned on CUDA) instead of the device's.
+    context_parallel=P: each process runs S2-Attn on one of P slices of every sequence (halo_exchange)."""
+    if context_parallel > 1:
+        a = m.layers[0].attention
+        m.set_attention(a.group_size, a.backend, a.shift, halo=halo_exchange(context_group(context_parallel)))
     if checkpointing:
         for block in m.layers:
             block.forward = functools.partial(checkpointed, block.forward, offload=offload, pin=device.type == "cuda")
@@ -382,6 +426,69 @@ def checkpointed(forward, *args, offload=False, pin=False, **kwargs):
     the recompute in backward runs outside it, on the device.)"""
     with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- context parallelism
+# Every sequence is split into P contiguous slices held by P consecutive processes (a context group);
+# data parallelism runs over the world / P groups. Slices start on S2-Attn group borders, so the only
+# traffic is the halo: per layer, each process sends its last ceil(G/2) keys and values of the shifted
+# heads to the next slice's process, and in backward their gradients come back.
+
+
+def context_group(P):
+    """This process's group of P consecutive ranks, [P * (rank // P), P * (rank // P) + P)."""
+    world = dist.get_world_size()
+    if world % P:
+        raise ValueError(
+            f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P} processes "
+            "(the data-parallel groups are world / P)"
+        )
+    group, _ = dist.new_subgroups(group_size=P)  # every rank makes every group, in the same order
+    return group
+
+
+def halo_exchange(group):
+    """S2-Attn's halo for the context group `group` (s2attn._with_halo): halo(tail) sends this slice's
+    tail (B, h, ...) to the next slice's process and returns the previous slice's, or (B, 0, ...) on the
+    first slice; backward sends the gradient of what it received back, and returns the gradient of the
+    tail (zero on the last slice, whose tail went nowhere). The first and last slices take part in both
+    directions, so every process runs the same sequence of exchanges, in forward, in the recompute of
+    activation checkpointing and in backward. halo.sent counts the bytes this process has sent."""
+    ranks = dist.get_process_group_ranks(group)
+    i = ranks.index(dist.get_rank())
+    prev, nxt = (ranks[i - 1] if i > 0 else None), (ranks[i + 1] if i + 1 < len(ranks) else None)
+
+    def swap(send, to, shape, source):
+        """Send `send` to rank `to`, and receive a tensor of `shape` (and send's dtype) from rank `source`
+        (None: no such peer)."""
+        ops, got = [], None
+        if to is not None:
+            ops.append(dist.P2POp(dist.isend, send.contiguous(), to, group))
+            halo.sent += send.numel() * send.element_size()
+        if source is not None:
+            got = send.new_empty(shape)
+            ops.append(dist.P2POp(dist.irecv, got, source, group))
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        return got
+
+    class Halo(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, tail):
+            ctx.shape = tail.shape
+            got = swap(tail, nxt, tail.shape, prev)
+            return got if got is not None else tail.new_empty(tail.shape[0], 0, *tail.shape[2:])
+
+        @staticmethod
+        def backward(ctx, grad):
+            got = swap(grad, prev, ctx.shape, nxt)
+            return got if got is not None else grad.new_zeros(ctx.shape)
+
+    def halo(tail):
+        return Halo.apply(tail)
+
+    halo.sent = 0
+    return halo
 
 
 def longlora_settings(args):
@@ -459,10 +566,11 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
             for k in SAME_ON_RESUME
             if saved.get(k) != getattr(args, k)
         ]
-        if saved["batch_size"] * state["world"] != args.batch_size * world:
+        before = saved["batch_size"] * state["world"] // saved.get("context_parallel", 1)
+        if before != args.batch_size * world // args.context_parallel:
             changed.append(
-                f"sequences per micro-step (batch size x processes) {saved['batch_size'] * state['world']} -> "
-                f"{args.batch_size * world}"
+                f"sequences per micro-step (batch size x processes / context parallel) {before} -> "
+                f"{args.batch_size * world // args.context_parallel}"
             )
         if changed:
             raise ValueError(
@@ -692,6 +800,7 @@ def train(args, rank, world, device):
         dtype=args.dtype,
         checkpointing=not args.no_activation_checkpointing,
         offload=args.offload_activations,
+        context_parallel=args.context_parallel,
         **longlora_settings(args),
     )
     dataset, pad_id = load_data(args, m.args.vocab_size)
@@ -707,29 +816,42 @@ def train(args, rank, world, device):
     peak = peak_tflops(device, args.dtype, args.peak_tflops)
     bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     saved = start if ckpt else None
-    # the step's parts, with this run's settings bound
+    # the step's parts, with this run's settings bound. Context parallelism: the data-parallel group
+    # `rank // P` of `world // P` trains on the samples a process of that rank would; its P processes
+    # take the P slices of every sequence.
+    P = args.context_parallel
     batches = functools.partial(
         micro_batches,
         dataset,
         pad_id=pad_id,
         grad_accum=args.grad_accum,
         batch_size=args.batch_size,
-        rank=rank,
-        world=world,
+        rank=rank // P,
+        world=world // P,
+        part=rank % P,
+        parts=P,
+        seq_len=args.seq_len,
     )
     group_size = None if args.attn == "full" else args.group_size
     flops_of = functools.partial(train_flops, m.args, group_size=group_size, lora=args.lora_rank > 0)
     fwd_bwd = functools.partial(
-        forward_backward, m, trainable=trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk
+        forward_backward,
+        m,
+        trainable=trainable,
+        world=world,
+        device=device,
+        clip=args.clip,
+        loss_chunk=args.loss_chunk,
+        start=rank % P * args.seq_len // P,
     )
-    tokens = args.grad_accum * args.batch_size * world * args.seq_len  # per step, all processes
+    tokens = args.grad_accum * args.batch_size * world // P * args.seq_len  # per step, all processes
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
         lr = learning_rate(step, lr=args.lr, warmup=args.warmup, steps=args.steps, schedule=args.schedule)
         for g in optim.param_groups:
             g["lr"] = lr
         micro = batches(step)
-        flops = sum(x.shape[0] * flops_of(x.shape[1]) for x, _ in micro)  # this process's
+        flops = sum(x.shape[0] * flops_of(x.shape[1] * P) for x, _ in micro) / P  # this process's share
         loss, norm = fwd_bwd(micro)
         check_finite(step, loss, norm, saved)
         optim.step()
@@ -814,32 +936,39 @@ def on_rank_zero(fn, rank):
     return result
 
 
-def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world):
+def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world, part=0, parts=1, seq_len=None):
     """This process's `grad_accum` micro-batches of optimizer step `step` (from 1). The run's samples are
     numbered in one sequence, step by step, micro-step by micro-step, process by process, row by row,
     and sample i is dataset[i]: so a step trains on the same samples for any number of processes with
     the same batch_size x world (1 process x 2 rows = 2 processes x 1 row), and a resumed run goes on
-    where it stopped."""
+    where it stopped. Context parallelism (parts > 1): `rank` and `world` count data-parallel groups;
+    sequences are padded to `seq_len` and this process takes slice `part` of `parts`, the tokens
+    [part * n, (part + 1) * n) with their targets (n = seq_len / parts: a slice's last target is the
+    next slice's first token)."""
     first = (step - 1) * grad_accum * world * batch_size  # the samples of the steps before
+    n = seq_len // parts if parts > 1 else None
     batches = []
     for i in range(grad_accum):
         start = first + (i * world + rank) * batch_size  # this process's rows of micro-step i
-        batches.append(data.collate([dataset[start + row] for row in range(batch_size)], pad_id))
+        x, t = data.collate([dataset[start + row] for row in range(batch_size)], pad_id, length=seq_len if n else None)
+        batches.append((x[:, part * n : (part + 1) * n], t[:, part * n : (part + 1) * n]) if n else (x, t))
     return batches
 
 
-def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk):
+def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, start=0):
     """Gradients of the mean loss over every target of the step, on all processes, clipped to `clip`
     (0: not clipped). Returns (mean loss, gradient norm) as floats: everything stays on the device until
-    that one read, so there is no host sync inside the step and no CPU tensor in a collective."""
+    that one read, so there is no host sync inside the step and no CPU tensor in a collective. start:
+    the position of the micro-batches' first token (context parallelism: this process's slice)."""
     n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)), device=device)
     # copies from pageable memory wait for the GPU: all here, while it idles
     micro = [(x.to(device), t.to(device)) for x, t in micro]
     dist.all_reduce(n_targets)
     loss_sum = torch.zeros((), device=device)
     for x, t in micro:
-        loss = m(x, t, loss_chunk=loss_chunk)  # summed over this micro-batch's targets
-        # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens
+        loss = m(x, t, loss_chunk=loss_chunk, start=start)  # summed over this micro-batch's targets
+        # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens (with
+        # context parallelism too: each slice's gradient includes what its halo carried to the next slice)
         (loss * world / n_targets.clamp(min=1)).backward()
         loss_sum += loss.detach().float()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))
@@ -865,8 +994,15 @@ def describe(args, m, trainable, world, device, start, loaded):
     return "; ".join(
         [
             f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%)",
-            f"{world} process(es) on {device.type}",
-            f"global batch {args.batch_size * world * args.grad_accum} x {args.seq_len} tokens",
+            f"{world} process(es) on {device.type}"
+            + (
+                f" ({world // args.context_parallel} data-parallel x {args.context_parallel} context-parallel: "
+                f"slices of {args.seq_len // args.context_parallel} tokens)"
+                if args.context_parallel > 1
+                else ""
+            ),
+            f"global batch {args.batch_size * world // args.context_parallel * args.grad_accum} x {args.seq_len} "
+            "tokens",
             attention,
             f"RoPE positions / {m.args.rope_interpolation:g}",
         ]

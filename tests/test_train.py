@@ -240,6 +240,33 @@ def test_offloaded_activations_train_the_same(setup, tmp_path):
     assert r.returncode == 2 and "drop --no-activation-checkpointing" in r.stderr
 
 
+SGD = ["--steps", "2", "--optim", "sgd", "--lr", "0.5", "--save-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_process_sgd(setup, tmp_path_factory):
+    """Two SGD steps of batch 2 in one process: the run that context-parallel runs must equal."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_train(setup, out, *SGD, "--batch-size", "2")
+    return out
+
+
+@pytest.mark.parametrize("nproc,P", [(2, 2), (4, 4), (4, 2)])
+def test_context_parallel_trains_like_one_process(setup, one_process_sgd, tmp_path, nproc, P):
+    """Each sequence split into P slices over P processes (--seq-len 128, groups of 32: P = 2 gives slices of
+    two groups, P = 4 of one, and the shifted groups straddle every border), beside data parallelism over
+    nproc / P groups: the same losses and trained weights as one process with the same global batch (the
+    tiny model has GQA: 4 query heads, 2 kv heads). Plain SGD, as in test_one_and_two_processes_agree."""
+    one, out = one_process_sgd, tmp_path / "run"
+    r = run_train(setup, out, *SGD, "--batch-size", str(2 * P // nproc), "--context-parallel", str(P), nproc=nproc)
+    assert f"{nproc // P} data-parallel x {P} context-parallel: slices of {128 // P} tokens" in r.stdout
+    torch.testing.assert_close(losses(out), losses(one), rtol=1e-5, atol=1e-6)
+    a, b = load_file(one / "trainable.safetensors"), load_file(out / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
 def test_offload_takes_exactly_the_checkpointed_inputs():
     """Under checkpointed(), the only tensor autograd saves is the block's input; with offload it goes
     through save_on_cpu's hooks (so an outer hook sees nothing), and the gradients are unchanged."""
