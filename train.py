@@ -437,12 +437,6 @@ def checkpointed(forward, *args, offload=False, pin=False, **kwargs):
 
 def context_group(P):
     """This process's group of P consecutive ranks, [P * (rank // P), P * (rank // P) + P)."""
-    world = dist.get_world_size()
-    if world % P:
-        raise ValueError(
-            f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P} processes "
-            "(the data-parallel groups are world / P)"
-        )
     group, _ = dist.new_subgroups(group_size=P)  # every rank makes every group, in the same order
     return group
 
@@ -789,6 +783,11 @@ def learning_rate(step, *, lr, warmup, steps, schedule="constant"):
 def train(args, rank, world, device):
     """The run that `args` (parse_args) describes, as process `rank` of `world`."""
     out = Path(args.out)
+    if world % args.context_parallel:
+        raise ValueError(
+            f"--context-parallel {args.context_parallel} does not divide the {world} processes: run a multiple of "
+            f"{args.context_parallel} processes (data parallelism runs over world / P groups)"
+        )
     ckpt = open_run_folder(out, args.resume)
     m = build_model(
         args.model,

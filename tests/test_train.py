@@ -165,6 +165,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
 
 
 BAD_FLAGS = ["missing-model", "vocab", "group", "both-data", "backend", "group-zero", "tokenizer-2proc"]
+BAD_FLAGS += ["context-slices", "context-full", "context-world-2proc"]
 BAD_FOLDERS = ["existing-out", "existing-out-2proc", "corrupt-checkpoint", "resume-nothing", "resume-no-checkpoint"]
 
 
@@ -202,6 +203,15 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
     elif case == "group-zero":
         flags += ["--group-size", "0"]
         expect = "--group-size 0: an S2-Attn group holds at least 1 token"
+    elif case == "context-slices":
+        flags += ["--context-parallel", "3"]
+        expect = "--seq-len 128 in --context-parallel 3 slices: each slice must be a whole number of --group-size 32"
+    elif case == "context-full":
+        flags += ["--context-parallel", "2", "--attn", "full"]
+        expect = "full attention needs the whole sequence in every process: use --attn s2"
+    elif case == "context-world-2proc":
+        flags += ["--context-parallel", "4"]
+        expect = "--context-parallel 4 does not divide the 2 processes"
     elif case == "resume-nothing":  # a run that stopped before its first checkpoint left only its log
         out.mkdir()
         (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
@@ -245,20 +255,35 @@ SGD = ["--steps", "2", "--optim", "sgd", "--lr", "0.5", "--save-every", "0"]
 
 @pytest.fixture(scope="module")
 def one_process_sgd(setup, tmp_path_factory):
-    """Two SGD steps of batch 2 in one process: the run that context-parallel runs must equal."""
-    out = tmp_path_factory.mktemp("one") / "run"
-    run_train(setup, out, *SGD, "--batch-size", "2")
-    return out
+    """base -> (its --model flags, the run of two SGD steps of batch 2 in one process that context-parallel
+    runs must equal). "gqa": the setup's base, 4 query heads and 2 kv heads; "odd": 3 query heads and 1 kv
+    head, so a kv head serves both halves of the heads."""
+    runs = {}
+
+    def run(base):
+        if base not in runs:
+            folder = tmp_path_factory.mktemp(base)
+            if base == "odd":
+                model.save(tiny_model(vocab_size=320, max_seq_len=64, dim=48, n_heads=3, n_kv_heads=1), folder / "base")
+            flags = ["--model", str(folder / "base" if base == "odd" else setup / "base")]
+            run_train(setup, folder / "one", *SGD, *flags, "--batch-size", "2")
+            runs[base] = flags, folder / "one"
+        return runs[base]
+
+    return run
 
 
-@pytest.mark.parametrize("nproc,P", [(2, 2), (4, 4), (4, 2)])
-def test_context_parallel_trains_like_one_process(setup, one_process_sgd, tmp_path, nproc, P):
+@pytest.mark.parametrize("nproc,P,base", [(2, 2, "gqa"), (4, 4, "gqa"), (4, 2, "gqa"), (2, 2, "odd")])
+def test_context_parallel_trains_like_one_process(setup, one_process_sgd, tmp_path, nproc, P, base):
     """Each sequence split into P slices over P processes (--seq-len 128, groups of 32: P = 2 gives slices of
     two groups, P = 4 of one, and the shifted groups straddle every border), beside data parallelism over
-    nproc / P groups: the same losses and trained weights as one process with the same global batch (the
-    tiny model has GQA: 4 query heads, 2 kv heads). Plain SGD, as in test_one_and_two_processes_agree."""
-    one, out = one_process_sgd, tmp_path / "run"
-    r = run_train(setup, out, *SGD, "--batch-size", str(2 * P // nproc), "--context-parallel", str(P), nproc=nproc)
+    nproc / P groups: the same losses and trained weights as one process with the same global batch.
+    Plain SGD, as in test_one_and_two_processes_agree."""
+    flags, one = one_process_sgd(base)
+    out = tmp_path / "run"
+    r = run_train(
+        setup, out, *SGD, *flags, "--batch-size", str(2 * P // nproc), "--context-parallel", str(P), nproc=nproc
+    )
     assert f"{nproc // P} data-parallel x {P} context-parallel: slices of {128 // P} tokens" in r.stdout
     torch.testing.assert_close(losses(out), losses(one), rtol=1e-5, atol=1e-6)
     a, b = load_file(one / "trainable.safetensors"), load_file(out / "trainable.safetensors")
