@@ -306,6 +306,70 @@ def bench_fit(args):
     )
 
 
+# ----------------------------------------------------------------------------- memory model
+
+
+def memory_model(shape, N, *, world=1, P=1, dtype="bfloat16", backend="sdpa", offload=False, loss_chunk=2048):
+    """Predicted peak device memory, in bytes by part, of one process of a LoRA+ S2 run with train.py's
+    defaults (rank 8 on wq wk wv wo, embedding and norms trained, AdamW, groups of N / 4, batch 1,
+    activation checkpointing) over `world` processes, each sequence split over P of them; offload: the
+    checkpointed block inputs live in host memory (the "host" entry) instead. `shape`: ModelArgs or a
+    dict of its fields. docs/memory.md writes each term out."""
+    a = shape if isinstance(shape, llama.ModelArgs) else llama.ModelArgs(**shape)
+    with torch.device("meta"):
+        m = train.apply_longlora(llama.Transformer(a), seq_len=a.max_seq_len)  # LoRA+ as train.py makes it
+    trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    per_block = sum(p.numel() for p in m.layers[0].parameters())
+    e = torch.finfo(getattr(torch, dtype)).bits // 8  # bytes per element of activations and gathered weights
+    n, G, d, D = N // P, N // 4, a.dim, a.head_dim
+    head = a.vocab_size * d * (1 if a.tie_embeddings else 2)  # embedding and output head
+    parts = {
+        "weights (shards)": (frozen * e + trained * 4) / world,  # trained weights stay float32
+        "gradients + AdamW (shards)": trained * (4 + 8) / world,
+        "gathered weights": (head + 2 * per_block) * e,  # FSDP2: the root's, the block running and the next
+        "embedding gradient": a.vocab_size * d * (e + 4),  # unsharded, then float32 for the reduce-scatter
+        "block inputs": 0 if offload else a.n_layers * n * d * e,  # what activation checkpointing keeps
+        "one block's recompute": n * block_bytes_per_token(a, n, G, e, backend, halo=P > 1),
+        "its backward": n * e * (3 * a.hidden_dim + 4 * d),  # gradients in flight (an estimate)
+        "loss": n * d * e * 2 + min(loss_chunk, n) * a.vocab_size * (e + 4 + 4) + n * D // 2 * 8,
+        "halo": 2 * halo_bytes(a, 1, G, e) if P > 1 else 0,  # the tail sent and the one received
+    }
+    parts["host"] = a.n_layers * n * d * e if offload else 0
+    return parts
+
+
+def block_bytes_per_token(a, n, G, e, backend="sdpa", halo=False):
+    """Bytes per token that autograd keeps for backward inside one transformer block, in the dtype's `e`
+    bytes per element (what activation checkpointing recomputes, block by block); LoRA+ with rank 8 on wq wk
+    wv wo, trained norms, S2-Attn in groups of G over slices of n tokens. Every term is a tensor that
+    tests/test_bench.py finds saved (exactly, for sdpa on CPU)."""
+    d, f, H, D = a.dim, a.hidden_dim, a.n_heads, a.head_dim
+    half, r = H // 2, H // a.n_kv_heads
+    kv = H if half % r else a.n_kv_heads  # kv heads as saved: repeated per query head where the halves split one
+    shifted_kv = kv - half // (H // kv)
+    norms = 2 * (4 * d + 4 + e * d)  # each: the float32 input, 1/rms, the normalised output (for its weight)
+    lora = 2 * e * d + 4 * e * 8  # the inputs of wq/wk/wv (one tensor) and of wo; A's rank-8 outputs
+    qkv = e * (H + 2 * kv) * D  # q, k, v after RoPE, kept by the kernel (the unshifted half as views)
+    unshifted = (e * D + 4) * half  # its output and logsumexp
+    if backend == "sdpa":  # the shifted half is padded to whole groups, n + G tokens: copies of q, k, v, out
+        shifted = (n + G) / n * ((2 * e * D + 4) * (H - half) + 2 * e * D * shifted_kv)
+    elif halo:  # flash: q, k, v copied to prepend the halo's G - G // 2 tokens; the output, a view of n + that
+        shifted = (n + G - G // 2) / n * ((e * D * 2 + 4) * (H - half) + e * D * 2 * shifted_kv)
+    else:  # flash: views, and the output
+        shifted = (e * D + 4) * (H - half)
+    ffn = 3 * e * f  # w1's and w3's outputs, and the SiLU's
+    return norms + lora + qkv + unshifted + shifted + ffn
+
+
+def halo_bytes(a, batch, G, e):
+    """Bytes of one halo message (one layer, one direction): the last ceil(G/2) keys and values of the
+    shifted heads (repeated per query head where a kv head serves both halves) of `batch` sequences."""
+    half, r = a.n_heads // 2, a.n_heads // a.n_kv_heads
+    kv = a.n_heads - half if half % r else a.n_kv_heads - half // r
+    return batch * (G - G // 2) * 2 * kv * a.head_dim * e if G > 1 else 0
+
+
 def _installed(name):
     import importlib.util
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +56,55 @@ def test_all_tables_on_a_cpu():
     assert all(float(row[3]) > 0 and float(row[7]) > 0 and row[6].strip() == "n/a" for row in steps)
     assert steps[1][8].strip().endswith("x")  # the S2 speed-up
     assert "`fit` needs a CUDA GPU" in r.stdout
+
+
+def saved_bytes_of_one_block(shape, N, dtype, halo=False):
+    """What autograd keeps for backward in one LoRA+ S2 block (groups of N/4) at N tokens, in bytes: every
+    saved tensor's storage once, leaving out the weights (FSDP2's gathered copies, counted apart) and the
+    RoPE table (one for all blocks)."""
+    import torch
+
+    import lora
+    import model as llama
+
+    a = llama.ModelArgs(**shape, n_layers=1, vocab_size=64, max_seq_len=N)
+    m = llama.Transformer(a)
+    lora.add_lora(m, 8, 16)
+    lora.set_trainable(m, extra=("embed", "norm"))
+    m.to(dtype)  # FSDP2 computes in its param_dtype
+    last = {}
+
+    def fake_halo(tail):  # a slice that is not the first: the "previous" tail is this one's
+        return last.setdefault("tail", tail.detach().clone().requires_grad_())
+
+    m.set_attention(group_size=N // 4, halo=fake_halo if halo else None)
+    x = torch.randn(1, N, a.dim, dtype=dtype, requires_grad=True)
+    freqs = llama.precompute_freqs_cis(a, N)
+    skip = {p.untyped_storage().data_ptr() for p in m.parameters()} | {freqs.untyped_storage().data_ptr()}
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m.layers[0](x, freqs)
+    skip |= {last["tail"].untyped_storage().data_ptr()} if halo else set()  # received: in the "halo" part
+    return sum(b for ptr, b in seen.items() if ptr not in skip), a
+
+
+SHAPES = [dict(dim=256, n_heads=4, hidden_dim=704), dict(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=704)]
+SHAPES += [dict(dim=192, n_heads=3, n_kv_heads=1, hidden_dim=512), dict(dim=512, n_heads=8, hidden_dim=1376)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("halo", [False, True])
+def test_memory_model_counts_what_a_block_keeps(shape, dtype, halo):
+    """The memory model's largest term, one block's recompute, equals what autograd saves (sdpa, CPU)."""
+    import torch
+
+    N = 512
+    measured, a = saved_bytes_of_one_block(shape, N, getattr(torch, dtype), halo)
+    e = torch.finfo(getattr(torch, dtype)).bits // 8
+    assert measured == pytest.approx(N * bench.block_bytes_per_token(a, N, N // 4, e, "sdpa", halo), rel=1e-9)

@@ -292,6 +292,59 @@ def test_context_parallel_trains_like_one_process(setup, one_process_sgd, tmp_pa
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
+HALO_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import bench, model, train
+from s2attn import s2_attention
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+for P, (N, G, H, Hkv) in ((2, (32, 8, 4, 2)), (4, (48, 6, 3, 1))):
+    group = train.context_group(P)
+    halo, part = train.halo_exchange(group), rank % P
+    g = torch.Generator().manual_seed(rank // P)  # one sequence per data-parallel group
+    q, k, v = (torch.randn(2, N, h, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (H, Hkv, Hkv))
+    w = torch.randn(2, N, H, 8, generator=g, dtype=torch.float64)
+    n = N // P
+    mine = slice(part * n, (part + 1) * n)
+    out = s2_attention(q[:, mine], k[:, mine], v[:, mine], G, halo=halo)
+    (out * w[:, mine]).sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for t in grads:
+        dist.all_reduce(t, group=group)  # each process holds its slice's gradients (halo included)
+    for x in (q, k, v):
+        x.grad = None
+    whole = s2_attention(q, k, v, G)
+    (whole * w).sum().backward()
+    torch.testing.assert_close(out, whole[:, mine], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    message = bench.halo_bytes(model.ModelArgs(dim=8 * H, n_heads=H, n_kv_heads=Hkv), 2, G, 8)
+    expected = message * ((part < P - 1) + (part > 0))  # forward to the next slice, gradient to the previous
+    assert halo.sent == expected, (P, rank, halo.sent, expected)
+    print(f"rank {{rank}} P {{P}}: {{halo.sent}} bytes", flush=True)
+"""
+
+
+def test_halo_exchange_between_processes(tmp_path):
+    """train.halo_exchange over gloo, 4 processes in context groups of 2 and then of 4: each slice's
+    output, and the gradients of q, k and v summed over the group (the halo's travel back to the process
+    that sent it), equal the unsplit attention's in float64; each process sends the bytes the memory
+    model predicts (bench.halo_bytes): one message forward unless it holds the last slice, one back unless
+    it holds the first."""
+    script = tmp_path / "halo.py"
+    script.write_text(HALO_SCRIPT.format(root=str(ROOT)))
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("bytes") == 8
+
+
 def test_offload_takes_exactly_the_checkpointed_inputs():
     """Under checkpointed(), the only tensor autograd saves is the block's input; with offload it goes
     through save_on_cpu's hooks (so an outer hook sees nothing), and the gradients are unchanged."""
