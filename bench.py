@@ -115,13 +115,15 @@ def bench_attention(args):
 # ----------------------------------------------------------------------------- training steps
 
 
-def ours(margs, N, attn, dtype, device):
+def ours(margs, N, attn, dtype, device, offload=False):
     """Our LoRA+ model and its loss at N tokens, built by train.py's build_model with its defaults (rank 8,
     embedding and norms, groups of N/4): sharded (one process), random weights of the shape made on the
-    device instead of a checkpoint read from disk."""
+    device instead of a checkpoint read from disk. offload: the checkpointed block inputs in host memory."""
     train.setup_distributed(device.type)
     backend = train.default_backend(device.type == "cuda", dtype)
-    m = train.build_model(margs, 0, 1, device, init=True, dtype=dtype, seq_len=N, attn=attn, backend=backend)
+    m = train.build_model(
+        margs, 0, 1, device, init=True, dtype=dtype, offload=offload, seq_len=N, attn=attn, backend=backend
+    )
     loss = lambda x: m(x[:, :-1], x[:, 1:]) / N  # noqa: E731
     return m, loss
 
@@ -186,7 +188,7 @@ def step_worker(cfg):
     )
     try:
         if impl == "ours":
-            m, loss_fn = ours(margs, N, attn, dtype, device)
+            m, loss_fn = ours(margs, N, attn, dtype, device, offload=cfg.get("offload", False))
             cfg["impl"] = f"ours ({m.layers[0].attention.backend})"
         else:
             m, loss_fn, kernel = theirs(margs, dtype, device)
@@ -283,8 +285,8 @@ def bench_fit(args):
         print("\n`fit` needs a CUDA GPU: on a CPU the limit is the machine's RAM and the time you are willing to wait.")
         return
     deadline = time.time() + 60 * args.fit_minutes
-    cfg = dict(shape=args.shape, attn="s2", impl="ours", dtype=args.dtype, reps=1, device="cuda")
-    lo, hi, cut = 0, None, None  # lo fits, hi does not; cut: a length whose try the time limit stopped
+    cfg = dict(shape=args.shape, attn="s2", impl="ours", dtype=args.dtype, reps=1, device="cuda", offload=args.offload)
+    lo, hi, cut, peak = 0, None, None, None  # lo fits, hi does not; cut: a length whose try the time limit stopped
     while cut is None and time.time() < deadline and (hi is None or hi - lo > args.step_tokens):
         # doubling, then bisection
         N = (2 * lo or args.start) if hi is None else (lo + hi) // 2 // args.step_tokens * args.step_tokens
@@ -292,7 +294,7 @@ def bench_fit(args):
         if str(r.get("error", "")).startswith("over "):
             cut = N
         elif "ms" in r:
-            lo = N
+            lo, peak = N, r["peak_gb"]
         else:
             hi = N
     found = f"{lo:,} tokens fit" + (
@@ -300,21 +302,29 @@ def bench_fit(args):
     )
     stopped = f"; {cut:,} was cut off by" if cut else "; stopped at" if time.time() >= deadline else ""
     stopped += f" the {args.fit_minutes:g}-minute limit" if stopped else ""
+    gb = torch.cuda.get_device_properties(args.device).total_memory / 2**30
+    kw = dict(dtype=args.dtype, backend=train.default_backend(True, args.dtype), offload=args.offload)
+    model_says = f"the memory model predicts {on_device(memory_model(shape(args, lo), lo, **kw)):.1f} GB" if lo else ""
     print(
-        f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}: "
-        f"{found}{stopped}"
+        f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`{', offloaded' if args.offload else ''}\n\n"
+        f"{machine(args.device)}; {args.dtype}: {found}{stopped}"
+        + (f"; peak {peak:.1f} GB measured, {model_says}" if lo else "")
+        + f"; longest predicted to fit in {gb:.0f} GB: {longest(shape(args, 0), gb * 2**30, **kw):,} tokens"
     )
 
 
 # ----------------------------------------------------------------------------- memory model
 
 
-def memory_model(shape, N, *, world=1, P=1, dtype="bfloat16", backend="sdpa", offload=False, loss_chunk=2048):
+def memory_model(shape, N, *, world=1, P=1, groups=4, dtype="bfloat16", backend="sdpa", offload=False, loss_chunk=2048):
     """Predicted peak device memory, in bytes by part, of one process of a LoRA+ S2 run with train.py's
-    defaults (rank 8 on wq wk wv wo, embedding and norms trained, AdamW, groups of N / 4, batch 1,
-    activation checkpointing) over `world` processes, each sequence split over P of them; offload: the
-    checkpointed block inputs live in host memory (the "host" entry) instead. `shape`: ModelArgs or a
-    dict of its fields. docs/memory.md writes each term out."""
+    defaults (rank 8 on wq wk wv wo, embedding and norms trained, AdamW, batch 1, activation
+    checkpointing) with S2 groups of N / `groups` tokens, over `world` processes, each sequence split
+    over P of them (a slice holds groups / P groups, so P divides `groups`); offload: the checkpointed
+    block inputs live in host memory (the "host" entry) instead. `shape`: ModelArgs or a dict of its
+    fields. docs/memory.md writes each term out."""
+    if groups % P:
+        raise ValueError(f"groups of N/{groups} do not split over {P} processes: P must divide {groups}")
     a = shape if isinstance(shape, llama.ModelArgs) else llama.ModelArgs(**shape)
     with torch.device("meta"):
         m = train.apply_longlora(llama.Transformer(a), seq_len=a.max_seq_len)  # LoRA+ as train.py makes it
@@ -322,7 +332,7 @@ def memory_model(shape, N, *, world=1, P=1, dtype="bfloat16", backend="sdpa", of
     frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
     per_block = sum(p.numel() for p in m.layers[0].parameters())
     e = torch.finfo(getattr(torch, dtype)).bits // 8  # bytes per element of activations and gathered weights
-    n, G, d, D = N // P, N // 4, a.dim, a.head_dim
+    n, G, d, D = N // P, N // groups, a.dim, a.head_dim
     head = a.vocab_size * d * (1 if a.tie_embeddings else 2)  # embedding and output head
     parts = {
         "weights (shards)": (frozen * e + trained * 4) / world,  # trained weights stay float32
@@ -337,6 +347,52 @@ def memory_model(shape, N, *, world=1, P=1, dtype="bfloat16", backend="sdpa", of
     }
     parts["host"] = a.n_layers * n * d * e if offload else 0
     return parts
+
+
+def shape(args, N):
+    """The ModelArgs of --shape at N tokens."""
+    return llama.ModelArgs(**SHAPES[args.shape], max_seq_len=max(N, 1))
+
+
+def longest(a, budget, *, world=1, P=1, step=4096, **kw):
+    """The longest N (a multiple of `step`) whose predicted peak (memory_model, device parts) is within
+    `budget` bytes, less 10% for the CUDA context and the allocator's fragmentation."""
+
+    def fits(N):
+        return on_device(memory_model(a, N, world=world, P=P, **kw)) * 2**30 <= 0.9 * budget
+
+    lo, hi = 0, step
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def on_device(parts):
+    """The device's share of memory_model's parts, in GiB."""
+    return sum(v for k, v in parts.items() if k != "host") / 2**30
+
+
+def bench_memory(args):
+    """The memory model's parts at --seq-len, and the longest context it predicts for --gpu-gb."""
+    a, N, P = shape(args, args.seq_len), args.seq_len, args.context_parallel
+    kw = dict(world=args.world, P=P, groups=args.groups, dtype=args.dtype, backend=args.backend, offload=args.offload)
+    parts = memory_model(a, N, **kw)
+    print(
+        f"\n### Memory model: shape `{args.shape}`, LoRA+ S2, {N:,} tokens, {args.world} process(es), context "
+        f"parallel {P}, groups of N/{args.groups}, {args.dtype}, {args.backend}"
+        f"{', offload' if args.offload else ''}\n\n"
+        "| part | GB per process |\n|---|---|"
+    )
+    for k, v in parts.items():
+        print(f"| {k}{' (host memory)' if k == 'host' else ''} | {v / 2**30:.2f} |")
+    print(f"| **device total** | **{on_device(parts):.2f}** |")
+    print(
+        f"\nLongest context predicted to fit in {args.gpu_gb:g} GB per GPU: "
+        f"{longest(a, args.gpu_gb * 2**30, step=args.groups * 1024, **kw):,} tokens (90% of the memory)"
+    )
 
 
 def block_bytes_per_token(a, n, G, e, backend="sdpa", halo=False):
@@ -393,6 +449,7 @@ def main(argv=None):
             ("attn", "attention kernels"),
             ("step", "training steps"),
             ("fit", "longest step"),
+            ("memory", "the memory model's prediction"),
         )
     }
     for c in ("all", "attn"):
@@ -407,9 +464,18 @@ def main(argv=None):
         a.add_argument("--heads", type=int, default=32 if gpu else 8, help="query heads")
         a.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
         a.add_argument("--head-dim", type=int, default=128 if gpu else 64)
-    for c in ("all", "step", "fit"):
+    for c in ("all", "step", "fit", "memory"):
         a = parsers[c]
         a.add_argument("--shape", choices=SHAPES, default="7b" if gpu else "small", help="model shape")
+    for c in ("all", "fit", "memory"):
+        parsers[c].add_argument("--offload", action="store_true", help="checkpointed block inputs in host memory")
+    a = parsers["memory"]
+    a.add_argument("--seq-len", type=int, default=100_000, help="tokens per sequence (default 100000)")
+    a.add_argument("--world", type=int, default=1, help="processes (GPUs) sharding the model (default 1)")
+    a.add_argument("--context-parallel", type=int, default=1, help="processes per sequence (default 1)")
+    a.add_argument("--groups", type=int, default=4, help="S2 groups per sequence, G = N / groups (default 4)")
+    a.add_argument("--backend", choices=("sdpa", "flash"), default="flash", help="attention backend (default flash)")
+    a.add_argument("--gpu-gb", type=float, default=80, help="memory per GPU for the longest context (default 80)")
     for c in ("all", "step"):
         parsers[c].add_argument(
             "--step-lengths",
@@ -446,6 +512,8 @@ def main(argv=None):
         bench_steps(argparse.Namespace(**vars(args), lengths=args.step_lengths))
     if args.cmd in ("all", "fit"):
         bench_fit(args)
+    if args.cmd == "memory":
+        bench_memory(args)
 
 
 if __name__ == "__main__":

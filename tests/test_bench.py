@@ -108,3 +108,24 @@ def test_memory_model_counts_what_a_block_keeps(shape, dtype, halo):
     measured, a = saved_bytes_of_one_block(shape, N, getattr(torch, dtype), halo)
     e = torch.finfo(getattr(torch, dtype)).bits // 8
     assert measured == pytest.approx(N * bench.block_bytes_per_token(a, N, N // 4, e, "sdpa", halo), rel=1e-9)
+
+
+def test_memory_command_and_its_limits(capsys):
+    """`bench.py memory` prints every part and a longest context; offload moves the block inputs to the host
+    and lengthens it; a context-parallel split that cuts S2 groups is refused."""
+    bench.main(["memory", "--shape", "7b", "--dtype", "bfloat16", "--seq-len", "100000"])
+    plain = capsys.readouterr().out
+    bench.main(["memory", "--shape", "7b", "--dtype", "bfloat16", "--seq-len", "100000", "--offload"])
+    offloaded = capsys.readouterr().out
+    for part in ("weights (shards)", "block inputs", "one block's recompute", "loss", "device total"):
+        assert part in plain and part in offloaded
+
+    def longest(text):
+        return int(text.split("per GPU: ")[1].split(" tokens")[0].replace(",", ""))
+
+    assert longest(offloaded) > longest(plain) > 0
+    a = bench.shape(bench.argparse.Namespace(shape="7b"), 100_000)
+    parts = bench.memory_model(a, 100_000, offload=True)
+    assert parts["block inputs"] == 0 and parts["host"] == 32 * 100_000 * 4096 * 2
+    with pytest.raises(ValueError, match="P must divide 4"):
+        bench.memory_model(a, 100_000, world=8, P=8)
