@@ -6,7 +6,9 @@
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...  # nodes
 
 The same code runs everywhere: without torchrun it makes a one-process group, so one process and 64 go
-through the same FSDP2 path (--device: gloo on CPU; on CUDA one process per GPU, nccl). The defaults are
+through the same FSDP2 path (--device: gloo on CPU; on CUDA one process per GPU, nccl). Past one GPU's
+memory: --offload-activations (block inputs in host memory) and --context-parallel P (each sequence over
+P processes, which exchange only S2-Attn's half-group halo; docs/memory.md). The defaults are
 the paper's (§4.1): AdamW
 (0.9, 0.95), no weight decay, lr 2e-5 with 20 warm-up steps then constant, per-device batch 1 with
 8 gradient-accumulation steps (global batch 64 on 8 GPUs), 1000 steps, bf16, LoRA rank 8 / alpha 16

@@ -292,6 +292,22 @@ def test_context_parallel_trains_like_one_process(setup, one_process_sgd, tmp_pa
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
+def test_context_parallel_slices_are_the_padded_batch():
+    """Samples of different lengths (supervised examples) are padded to --seq-len, and the P processes of a
+    data-parallel group take its P consecutive slices: put back together, the batch that group would train on."""
+    ds = [(torch.arange(n), torch.arange(1, n + 1)) for n in (5, 12, 9, 16, 3, 7, 16, 1)]
+    kw = dict(pad_id=0, grad_accum=2, batch_size=2, world=2)
+    for rank in (0, 1):
+        whole = train.micro_batches(ds, 1, rank=rank, **kw)
+        parts = [train.micro_batches(ds, 1, rank=rank, part=p, parts=4, seq_len=16, **kw) for p in range(4)]
+        for i, (x, t) in enumerate(whole):
+            joined = [torch.cat([part[i][j] for part in parts], dim=1) for j in (0, 1)]
+            n = x.shape[1]
+            assert all(p[i][0].shape == (2, 4) for p in parts)
+            assert torch.equal(joined[0][:, :n], x) and torch.equal(joined[1][:, :n], t)
+            assert (joined[0][:, n:] == 0).all() and (joined[1][:, n:] == data.IGNORE).all()
+
+
 HALO_SCRIPT = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
