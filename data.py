@@ -372,41 +372,15 @@ class TokenWindows:
         return x[:-1], x[1:]
 
 
-def with_repeats(src, out, seq_len, every=4, windows=None, seed=0, overwrite=False):
-    """A pretraining file that teaches a small model to copy from its context (what makes longer context
-    worth having; large models learn it from scale). Chunk by chunk, `src`'s text in order, seq_len tokens
-    at a time, except that one chunk in `every` (drawn at random; every=1: all of them) is a passage said
-    three times: the first m tokens (seq_len / 8 <= m <= 3 seq_len / 4) of either a random stretch of
-    `src` or random tokens, repeated, cut at seq_len. Ends with the text, or, given `windows`, after that
-    many chunks (the text starting over if it runs out)."""
-    tokens, meta = read_tokens(src)
-    tokens, out, n = np.asarray(tokens), Path(out), len(tokens) - seq_len
+def write_tokens(ids, out, meta, overwrite=False):
+    """Write the token ids `ids` (a numpy array) as the token file `out` (FILE.bin, with `meta`, which
+    gains the count, as FILE.json), as `tokenize` does: refused if it exists unless `overwrite`, and put
+    in place only once complete. Returns the meta."""
+    out = Path(out)
     _check_new(out, overwrite)
-    if n < 0 or (every == 1 and windows is None):
-        raise ValueError(
-            f"{src} has fewer than {seq_len} tokens" if n < 0 else "every=1 repeats forever: give the number of windows"
-        )
-    rng, chunks, pos = np.random.default_rng(seed), [], 0
-    while (pos <= n) if windows is None else len(chunks) < windows:
-        if every == 1 or rng.integers(every) == 0:
-            m = int(rng.integers(seq_len // 8, 3 * seq_len // 4 + 1))
-            p = (
-                tokens[(s := int(rng.integers(n))) : s + seq_len]
-                if rng.integers(2)
-                else rng.integers(3, meta["vocab_size"], seq_len)
-            )
-            chunks.append(np.tile(p[:m], 3)[:seq_len])
-        else:
-            chunks.append(tokens[pos % (n + 1) : pos % (n + 1) + seq_len])
-            pos += seq_len
-    ids = np.concatenate(chunks).astype(tokens.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     ids.tofile(_tmp(out))
-    meta = {
-        **meta,
-        "tokens": len(ids),
-        "repeats": {"src": str(src), "seq_len": seq_len, "every": every, "windows": windows, "seed": seed},
-    }
+    meta = {**meta, "dtype": str(ids.dtype), "tokens": len(ids)}
     _publish(_tmp(out), out, meta)
     return meta
 
@@ -486,20 +460,9 @@ def main(argv=None):
     s.add_argument("--vocab-size", type=int, required=True, help="number of tokens")
     s.add_argument("--out", required=True, help="folder to write tokenizer.model into")
     s.add_argument("files", nargs="+", help="text files or folders to learn from, or shakespeare:train")
-    r = sub.add_parser("repeats", help="a token file with passages said three times mixed in (see with_repeats)")
-    r.add_argument("src", help="token file to draw from, FILE.bin")
-    r.add_argument("--out", required=True, help="the token file to write, FILE.bin")
-    r.add_argument("--seq-len", type=int, required=True, help="chunk length: the training --seq-len")
-    r.add_argument("--every", type=int, default=4, help="one chunk in EVERY is a repeated passage (1: all; default 4)")
-    r.add_argument("--windows", type=int, help="stop after this many chunks (required with --every 1)")
-    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing token file")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "repeats":
-            meta = with_repeats(args.src, args.out, args.seq_len, args.every, args.windows, args.seed, args.overwrite)
-            print(f"{args.out}: {meta['tokens']:,} tokens")
-        elif args.cmd == "tokenize":
+        if args.cmd == "tokenize":
             meta = tokenize(args.tokenizer, args.out, args.inputs, overwrite=args.overwrite)
             print(f"{args.out}: {meta['tokens']:,} tokens in {meta['documents']:,} documents ({meta['dtype']})")
         else:

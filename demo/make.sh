@@ -14,12 +14,12 @@ python data.py tokenize --tokenizer $W/tok --out $W/train.bin shakespeare:train
 #    random tokens). Copying appears between steps 1000 and 1200. (The shipped model's run went to step
 #    600, then on with --resume --steps 2000 and was stopped at its step-1200 checkpoint: the same
 #    batches and learning rate at every step as this command.)
-python data.py repeats $W/train.bin --out $W/copy.bin --seq-len 128 --every 1 --windows 20000 --seed 1
+python demo/repeats.py $W/train.bin --out $W/copy.bin --seq-len 128 --every 1 --windows 20000 --seed 1
 python train.py --init --model demo/params.json --data $W/copy.bin --out $W/copy --lora-rank 0 --attn full \
     --seq-len 128 --dtype float32 --lr 2e-3 --warmup 50 --steps 1200 --batch-size 32 --grad-accum 1 \
     --no-activation-checkpointing --save-every 200
 # 2. Learn the language: the text in order, one chunk in four a repeated passage.
-python data.py repeats $W/train.bin --out $W/mix.bin --seq-len 128 --every 4 --seed 0
+python demo/repeats.py $W/train.bin --out $W/mix.bin --seq-len 128 --every 4 --seed 0
 python train.py --model $W/copy/merged --data $W/mix.bin --out $W/pretrain --lora-rank 0 --attn full \
     --seq-len 128 --dtype float32 --lr 2e-3 --warmup 50 --schedule cosine --steps 1500 --batch-size 32 --grad-accum 1 \
     --no-activation-checkpointing --save-every 500

@@ -128,53 +128,6 @@ def test_windows_order_depends_only_on_seed_and_index(tmp_path):
         data.TokenWindows(tmp_path / "t.bin", len(tokens), seed=0)
 
 
-def test_with_repeats_mixes_text_and_passages_said_three_times(tmp_path):
-    text = np.arange(1000, 1000 + 64 * 40, dtype=np.uint16)  # distinct ids, so every token says where it came from
-    text.tofile(tmp_path / "t.bin")
-    (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "tokens": len(text), "vocab_size": 4096}))
-    meta = data.with_repeats(tmp_path / "t.bin", tmp_path / "r.bin", 64, every=4, seed=0)
-    ids = data.read_tokens(tmp_path / "r.bin")[0].astype(np.int64)
-    assert meta["tokens"] == len(ids) and meta["repeats"]["every"] == 4
-    natural, i, kinds = [], 0, []
-    while i < len(ids):  # walk the chunks: text continues where it left off, or a passage is said 3 times
-        if natural and ids[i] == natural[-1] + 1 or not natural and ids[i] == 1000:
-            natural += list(ids[i : i + 64])
-            i += 64
-            continue
-        m = next(
-            m for m in range(8, 49) if np.array_equal(ids[i + m : i + min(3 * m, 64)], ids[i : i + min(3 * m, 64) - m])
-        )
-        kinds.append(bool((np.diff(ids[i : i + m]) == 1).all()))  # a stretch of the text, or random tokens
-        i = i + min(3 * m, 64)
-    assert natural == list(range(1000, 1000 + 64 * 40))  # all of the text, in order
-    assert 5 <= len(kinds) <= 25 and set(kinds) == {True, False}  # about one chunk in four, of both kinds
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "data.py"),
-            "repeats",
-            str(tmp_path / "t.bin"),
-            "--out",
-            str(tmp_path / "r2.bin"),
-            "--seq-len",
-            "64",
-            "--every",
-            "1",
-            "--windows",
-            "7",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
-    assert data.read_tokens(tmp_path / "r2.bin")[1]["tokens"] <= 7 * 64 and "tokens" in r.stdout
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        data.with_repeats(tmp_path / "t.bin", tmp_path / "r.bin", 64)
-    with pytest.raises(ValueError, match="give the number of windows"):
-        data.with_repeats(tmp_path / "t.bin", tmp_path / "r3.bin", 64, every=1)
-    assert not (tmp_path / "r3.bin").exists()
-
-
 def test_sft_masks_the_prompt(spm):
     tok = data.load_tokenizer(spm)
     ex = {"instruction": TEXTS[0], "input": TEXTS[1], "output": TEXTS[2]}

@@ -1,12 +1,14 @@
 """demo.py (`python train.py` with no arguments): the shipped demo model, its data split, the demo on a reduced
 budget, and its plain-language report; plus the pretraining options that made the model."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +143,58 @@ def test_init_pretrains_from_a_params_file(tmp_path):
     assert log[-1]["loss"] < log[0]["loss"] - 1 and log[-1]["lr"] == pytest.approx(3e-4)
     assert log[0]["tflops"] > 0 and log[0]["mfu"] is None  # no known peak on a CPU
     assert model.load(tmp_path / "run" / "merged").args.dim == 64
+
+
+def load_repeats():
+    """demo/repeats.py (a script beside demo/make.sh; `demo` is demo.py's name)."""
+    spec = importlib.util.spec_from_file_location("repeats", ROOT / "demo" / "repeats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_with_repeats_mixes_text_and_passages_said_three_times(tmp_path):
+    repeats = load_repeats()
+    text = np.arange(1000, 1000 + 64 * 40, dtype=np.uint16)  # distinct ids, so every token says where it came from
+    text.tofile(tmp_path / "t.bin")
+    (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "tokens": len(text), "vocab_size": 4096}))
+    meta = repeats.with_repeats(tmp_path / "t.bin", tmp_path / "r.bin", 64, every=4, seed=0)
+    ids = data.read_tokens(tmp_path / "r.bin")[0].astype(np.int64)
+    assert meta["tokens"] == len(ids) and meta["repeats"]["every"] == 4
+    natural, i, kinds = [], 0, []
+    while i < len(ids):  # walk the chunks: text continues where it left off, or a passage is said 3 times
+        if natural and ids[i] == natural[-1] + 1 or not natural and ids[i] == 1000:
+            natural += list(ids[i : i + 64])
+            i += 64
+            continue
+        m = next(
+            m for m in range(8, 49) if np.array_equal(ids[i + m : i + min(3 * m, 64)], ids[i : i + min(3 * m, 64) - m])
+        )
+        kinds.append(bool((np.diff(ids[i : i + m]) == 1).all()))  # a stretch of the text, or random tokens
+        i = i + min(3 * m, 64)
+    assert natural == list(range(1000, 1000 + 64 * 40))  # all of the text, in order
+    assert 5 <= len(kinds) <= 25 and set(kinds) == {True, False}  # about one chunk in four, of both kinds
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "demo" / "repeats.py"),
+            str(tmp_path / "t.bin"),
+            "--out",
+            str(tmp_path / "r2.bin"),
+            "--seq-len",
+            "64",
+            "--every",
+            "1",
+            "--windows",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert data.read_tokens(tmp_path / "r2.bin")[1]["tokens"] <= 7 * 64 and "tokens" in r.stdout
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        repeats.with_repeats(tmp_path / "t.bin", tmp_path / "r.bin", 64)
+    with pytest.raises(ValueError, match="give the number of windows"):
+        repeats.with_repeats(tmp_path / "t.bin", tmp_path / "r3.bin", 64, every=1)
+    assert not (tmp_path / "r3.bin").exists()
