@@ -401,9 +401,9 @@ def block_bytes_per_token(a, n, G, e, backend="sdpa", halo=False):
     wv wo, trained norms, S2-Attn in groups of G over slices of n tokens. Every term is a tensor that
     tests/test_bench.py finds saved (exactly, for sdpa on CPU)."""
     d, f, H, D = a.dim, a.hidden_dim, a.n_heads, a.head_dim
-    half, r = H // 2, H // a.n_kv_heads
-    kv = H if half % r else a.n_kv_heads  # kv heads as saved: repeated per query head where the halves split one
-    shifted_kv = kv - half // (H // kv)
+    half = H // 2
+    unshifted_kv, shifted_kv = kv_heads_per_half(a)
+    kv = unshifted_kv + shifted_kv  # kv heads as the kernels keep them
     norms = 2 * (4 * d + 4 + e * d)  # each: the float32 input, 1/rms, the normalised output (for its weight)
     lora = 2 * e * d + 4 * e * 8  # the inputs of wq/wk/wv (one tensor) and of wo; A's rank-8 outputs
     qkv = e * (H + 2 * kv) * D  # q, k, v after RoPE, kept by the kernel (the unshifted half as views)
@@ -420,10 +420,16 @@ def block_bytes_per_token(a, n, G, e, backend="sdpa", halo=False):
 
 def halo_bytes(a, batch, G, e):
     """Bytes of one halo message (one layer, one direction): the last ceil(G/2) keys and values of the
-    shifted heads (repeated per query head where a kv head serves both halves) of `batch` sequences."""
-    half, r = a.n_heads // 2, a.n_heads // a.n_kv_heads
-    kv = a.n_heads - half if half % r else a.n_kv_heads - half // r
-    return batch * (G - G // 2) * 2 * kv * a.head_dim * e if G > 1 else 0
+    shifted heads of `batch` sequences."""
+    return batch * (G - G // 2) * 2 * kv_heads_per_half(a)[1] * a.head_dim * e if G > 1 else 0
+
+
+def kv_heads_per_half(a):
+    """(kv heads of the unshifted half, kv heads of the shifted half) as s2attn splits them: a kv head that
+    serves query heads in both halves is repeated, one per query head."""
+    q, k = (torch.empty(1, 1, heads, 1, device="meta") for heads in (a.n_heads, a.n_kv_heads))
+    (_, k1, _), (_, k2, _) = s2attn._split_heads(q, k, k)
+    return k1.shape[2], k2.shape[2]
 
 
 def _installed(name):
