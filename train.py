@@ -947,12 +947,12 @@ def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world,
     [part * n, (part + 1) * n) with their targets (n = seq_len / parts: a slice's last target is the
     next slice's first token)."""
     first = (step - 1) * grad_accum * world * batch_size  # the samples of the steps before
-    n = seq_len // parts if parts > 1 else None
     batches = []
     for i in range(grad_accum):
         start = first + (i * world + rank) * batch_size  # this process's rows of micro-step i
-        x, t = data.collate([dataset[start + row] for row in range(batch_size)], pad_id, length=seq_len if n else None)
-        batches.append((x[:, part * n : (part + 1) * n], t[:, part * n : (part + 1) * n]) if n else (x, t))
+        x, t = data.collate([dataset[start + row] for row in range(batch_size)], pad_id, seq_len if parts > 1 else None)
+        n = x.shape[1] // parts  # (parts = 1: the whole batch)
+        batches.append((x[:, part * n : (part + 1) * n], t[:, part * n : (part + 1) * n]))
     return batches
 
 
