@@ -8,12 +8,11 @@
 The same code runs everywhere: without torchrun it makes a one-process group, so one process and 64 go
 through the same FSDP2 path (--device: gloo on CPU; on CUDA one process per GPU, nccl). Past one GPU's
 memory: --offload-activations (block inputs in host memory) and --context-parallel P (each sequence over
-P processes, which exchange only S2-Attn's half-group halo; docs/memory.md). The defaults are
-the paper's (§4.1): AdamW
-(0.9, 0.95), no weight decay, lr 2e-5 with 20 warm-up steps then constant, per-device batch 1 with
-8 gradient-accumulation steps (global batch 64 on 8 GPUs), 1000 steps, bf16, LoRA rank 8 / alpha 16
-on wq wk wv wo with the token embedding and every norm trainable, S2-Attn groups of a quarter of the
-training length, RoPE positions interpolated by ceil(seq_len / the model's context).
+P processes, which exchange only S2-Attn's half-group halo; docs/memory.md). The defaults are the
+paper's (§4.1): AdamW (0.9, 0.95), no weight decay, lr 2e-5 with 20 warm-up steps then constant,
+per-device batch 1 with 8 gradient-accumulation steps (global batch 64 on 8 GPUs), 1000 steps, bf16,
+LoRA rank 8 / alpha 16 on wq wk wv wo with the token embedding and every norm trainable, S2-Attn groups
+of a quarter of the training length, RoPE positions interpolated by ceil(seq_len / the model's context).
 
 Writes to --out: log.jsonl (one line per step: loss, lr, grad norm, tokens/s, model TFLOP/s and MFU, peak memory),
 checkpoints/step-NNNNNNN/ every --save-every steps (trainable weights, optimizer, RNG; --resume continues
