@@ -11,9 +11,12 @@ a small Llama shape (`--shape small`) at 2k to 8k. CUDA: Llama 2 7B's 32 heads o
 training steps of Llama 2 7B's shape (`--shape 7b`, random bf16 weights) at 8k to 64k and beyond.
 
 `attn` times every backend this machine runs except `naive` (the definition, which materialises the
-N x N scores) and reports ms, the S2/full ratio and TFLOP/s. Attention FLOPs here count the causal
-half that the kernels compute: 2 matmuls x 2 FLOPs x (pairs / 2) x D per head, forward; forward +
-backward is 3x forward.
+N x N scores) and reports ms, the S2/full ratio and TFLOP/s. SDPA chooses its kernel by device, dtype,
+shape and torch version (on Hopper, torch >= 2.11 may prefer cuDNN's attention over FlashAttention-2),
+so each row names the kernels that ran, read off the profiler (`attention_kernels`); `--sdpa-kernels`
+adds rows with SDPA forced to one kernel (default on CUDA: SDPA's own choice, flash and cudnn).
+Attention FLOPs here count the causal half that the kernels compute: 2 matmuls x 2 FLOPs x (pairs / 2)
+x D per head, forward; forward + backward is 3x forward.
 
 `step` is train.py's step: FSDP2 (one process), activation checkpointing, chunked loss, AdamW on the
 adapters + embedding + norms, frozen weights in --dtype, S2 groups of N/4. Model FLOPs come from
@@ -21,11 +24,13 @@ adapters + embedding + norms, frozen weights in --dtype, S2 groups of N/4. Model
 backward 2x forward on trained weights, 1x on frozen ones), and MFU divides by the GPU's bf16 peak.
 When transformers and peft are installed, the same step runs with `LlamaForCausalLM` + PEFT LoRA
 (embedding and norms trainable, gradient checkpointing, its best attention: flash_attention_2 if
-flash-attn is installed, else sdpa) on the same shapes: what a user would pick instead. Each
-configuration runs in its own process, so its peak memory is its own and an out-of-memory ends only it.
+flash-attn is installed, else sdpa) on the same shapes: what a user would pick instead (`--no-peft`
+leaves it out). Each configuration runs in its own process, so its peak memory is its own and an
+out-of-memory ends only it.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -64,6 +69,45 @@ def sync(device):
 # ----------------------------------------------------------------------------- attention kernels
 
 
+# What ran, by the operator the profiler records: SDPA's kernels, torch's varlen kernel, flash-attn's.
+KERNELS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash-cpu",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_flash_attention_forward": "varlen-flash",
+    "aten::_cudnn_attention_forward": "varlen-cudnn",
+    "flash_attn::_flash_attn_varlen_forward": "flash-attn",
+}
+# SDPA forced to one kernel (torch.nn.attention.sdpa_kernel), by --sdpa-kernels name
+SDPA_KERNELS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+def attention_kernels(fn, *args):
+    """The attention kernels that fn(*args) runs (KERNELS' names, in their order), read off the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # the operators are recorded on the host
+        fn(*args)
+    ran = {e.key for e in prof.key_averages()}
+    return [name for op, name in KERNELS.items() if op in ran]
+
+
+def forced(kernel):
+    """A context in which SDPA runs only `kernel` (an SDPA_KERNELS name); None: SDPA's own choice."""
+    if kernel is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[kernel])])
+
+
 def attn_flops(N, G, H, D):
     """Forward + backward FLOPs of causal attention (S2 with groups of G), the masked half not counted."""
     pairs = (N // G) * G * G + (N % G) ** 2
@@ -89,27 +133,41 @@ def bench_attention(args):
     H, Hkv, D = args.heads, args.kv_heads or args.heads, args.head_dim
     print(
         f"\n### Attention kernels, forward + backward\n\n{machine(device)}; H={H}, Hkv={Hkv}, D={D}, {args.dtype}, "
-        "B=1, "
-        f"median of {args.reps}\n"
+        f"B=1, median of {args.reps}; kernels: what the profiler saw run (full / S2)\n"
     )
     print(
-        "| backend | N | G | full ms | S2 ms | S2 speed-up | full TFLOP/s | S2 TFLOP/s "
-        "|\n|---|---|---|---|---|---|---|---|"
+        "| backend | kernels | N | G | full ms | S2 ms | S2 speed-up | full TFLOP/s | S2 TFLOP/s "
+        "|\n|---|---|---|---|---|---|---|---|---|"
     )
-    for backend in [b for b in s2attn.BACKENDS if b != "naive" and (b != "flash" or device.type == "cuda")]:
+    rows = [(b, None) for b in s2attn.BACKENDS if b != "naive" and (b != "flash" or device.type == "cuda")]
+    rows[1:1] = [("sdpa", kernel) for kernel in args.sdpa_kernels]  # after SDPA's own choice
+    for backend, kernel in rows:
+        label = backend if kernel is None else f"sdpa ({kernel} forced)"
         for N in args.lengths:
             G = args.group_size or N // 4
             q = torch.randn(1, N, H, D, device=device, dtype=dtype, requires_grad=True)
             k, v = (torch.randn(1, N, Hkv, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-            full = time_fwd_bwd(lambda q, k, v: s2attn.full_attention(q, k, v, backend=backend), q, k, v, args.reps)
-            s2 = time_fwd_bwd(lambda q, k, v: s2attn.s2_attention(q, k, v, G, backend=backend), q, k, v, args.reps)
+            full_and_s2 = (
+                lambda q, k, v: s2attn.full_attention(q, k, v, backend=backend),
+                lambda q, k, v: s2attn.s2_attention(q, k, v, G, backend=backend),
+            )
+            try:
+                with forced(kernel):
+                    ran = [attention_kernels(lambda: f(q, k, v).sum().backward()) for f in full_and_s2]
+                    full, s2 = [time_fwd_bwd(f, q, k, v, args.reps) for f in full_and_s2]
+            except RuntimeError as e:  # a forced kernel that cannot take these inputs
+                why = str(e).strip().split(". ")[0] or type(e).__name__
+                print(f"| {label} | not available: {why} | {N} | {G} | | | | | |", flush=True)
+                continue
+            finally:
+                q = k = v = None  # freed before the next length's
+            names = " / ".join(",".join(r) or "?" for r in ran)
             tf_full, tf_s2 = attn_flops(N, N, H, D) / full / 1e12, attn_flops(N, G, H, D) / s2 / 1e12
             print(
-                f"| {backend} | {N} | {G} | {full * 1e3:.1f} | {s2 * 1e3:.1f} | {full / s2:.2f}x | {tf_full:.3g} | "
-                f"{tf_s2:.3g} |",
+                f"| {label} | {names} | {N} | {G} | {full * 1e3:.1f} | {s2 * 1e3:.1f} | {full / s2:.2f}x | "
+                f"{tf_full:.3g} | {tf_s2:.3g} |",
                 flush=True,
             )
-            del q, k, v
 
 
 # ----------------------------------------------------------------------------- training steps
@@ -243,12 +301,12 @@ def run_one(cfg, timeout=1800):
 
 
 def bench_steps(args):
-    have_peft = all(_installed(p) for p in ("transformers", "peft"))
+    have_peft = not args.no_peft and all(_installed(p) for p in ("transformers", "peft"))
     print(
         f"\n### One LoRA+ training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}; batch 1; median "
         f"of {args.reps} steps after one "
         f"warm-up; S2 groups of N/4"
-        + ("" if have_peft else "; transformers + peft not installed, so that row is missing")
+        + ("" if have_peft or args.no_peft else "; transformers + peft not installed, so that row is missing")
         + "\n"
     )
     print(
@@ -403,14 +461,20 @@ def block_bytes_per_token(a, n, G, e, backend="sdpa", halo=False):
     d, f, H, D = a.dim, a.hidden_dim, a.n_heads, a.head_dim
     half = H // 2
     unshifted_kv, shifted_kv = kv_heads_per_half(a)
-    kv = unshifted_kv + shifted_kv  # kv heads as the kernels keep them
+    # flash through a varlen kernel without GQA (torch < 2.13, no flash-attn: s2attn.flash_repeats_kv):
+    # each half's kernel keeps copies of k and v, one per query head, instead of views of the projections
+    copies = backend == "flash" and s2attn.flash_repeats_kv() and shifted_kv < H - half
+    if copies:
+        unshifted_kv, shifted_kv = half, H - half
+    kv = unshifted_kv + (0 if copies and halo else shifted_kv)  # kv heads whose k and v the next line counts
     norms = 2 * (4 * d + 4 + e * d)  # each: the float32 input, 1/rms, the normalised output (for its weight)
     lora = 2 * e * d + 4 * e * 8  # the inputs of wq/wk/wv (one tensor) and of wo; A's rank-8 outputs
-    qkv = e * (H + 2 * kv) * D  # q, k, v after RoPE, kept by the kernel (the unshifted half as views)
+    qkv = e * (H + 2 * kv) * D  # q, k, v after RoPE, kept by the kernel (views, or the copies above)
     unshifted = (e * D + 4) * half  # its output and logsumexp
     if backend == "sdpa":  # the shifted half is padded to whole groups, n + G tokens: copies of q, k, v, out
         shifted = (n + G) / n * ((2 * e * D + 4) * (H - half) + 2 * e * D * shifted_kv)
-    elif halo:  # flash: q, k, v copied to prepend the halo's G - G // 2 tokens; the output, a view of n + that
+    elif halo:  # flash: q, k, v copied to prepend the halo's G - G // 2 tokens (k, v repeated where `copies`);
+        # the output, a view of n + that
         shifted = (n + G - G // 2) / n * ((e * D * 2 + 4) * (H - half) + e * D * 2 * shifted_kv)
     else:  # flash: views, and the output
         shifted = (e * D + 4) * (H - half)
@@ -430,6 +494,15 @@ def kv_heads_per_half(a):
     q, k = (torch.empty(1, 1, heads, 1, device="meta") for heads in (a.n_heads, a.n_kv_heads))
     (_, k1, _), (_, k2, _) = s2attn._split_heads(q, k, k)
     return k1.shape[2], k2.shape[2]
+
+
+def kernel_list(text):
+    """ "flash,cudnn" -> ["flash", "cudnn"], each an SDPA_KERNELS name."""
+    names = [t for t in text.split(",") if t]
+    unknown = [n for n in names if n not in SDPA_KERNELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown SDPA kernel {unknown[0]!r}; choose from {','.join(SDPA_KERNELS)}")
+    return names
 
 
 def _installed(name):
@@ -470,6 +543,13 @@ def main(argv=None):
         a.add_argument("--heads", type=int, default=32 if gpu else 8, help="query heads")
         a.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
         a.add_argument("--head-dim", type=int, default=128 if gpu else 64)
+        a.add_argument(
+            "--sdpa-kernels",
+            type=kernel_list,
+            default=kernel_list("flash,cudnn" if gpu else ""),
+            help=f"rows with SDPA forced to these kernels, of {','.join(SDPA_KERNELS)} (default: flash,cudnn on "
+            "CUDA, none on CPU; '' for none)",
+        )
     for c in ("all", "step", "fit", "memory"):
         a = parsers[c]
         a.add_argument("--shape", choices=SHAPES, default="7b" if gpu else "small", help="model shape")
@@ -489,6 +569,7 @@ def main(argv=None):
             type=ints,
             default=ints("8192,16384,32768,65536" if gpu else "2048,4096,8192"),
         )
+        parsers[c].add_argument("--no-peft", action="store_true", help="leave out the transformers + PEFT rows")
     for c in ("all", "fit"):
         parsers[c].add_argument("--start", type=int, default=32768, help="first length tried (default 32768)")
         parsers[c].add_argument("--step-tokens", type=int, default=4096, help="search resolution (default 4096)")

@@ -27,9 +27,12 @@ is shorter). All three backends compute exactly this function, and the tests che
 
     naive  the definition: an explicit (H, N, N) mask, scores and softmax in float32. O(N^2) memory.
     sdpa   groups folded into the batch dimension, one causal scaled_dot_product_attention call per
-           half of the heads (PyTorch's FlashAttention-2 kernel on CUDA, a fused kernel on CPU).
+           half of the heads. SDPA picks the kernel: on CPU a fused flash-style one; on CUDA in bf16
+           FlashAttention-2, except that torch >= 2.11 with cuDNN >= 9.15 on Hopper prefers cuDNN's
+           attention (`python bench.py attn` names the kernel each row ran).
     flash  variable-length segments (cu_seqlens) through flash-attn's flash_attn_varlen_func, or
-           PyTorch's own varlen kernel (the same FlashAttention-2 code) on CUDA without flash-attn.
+           PyTorch's own varlen kernel (the same FlashAttention-2 code) on CUDA without flash-attn;
+           torch < 2.13's takes no GQA, so there k and v are repeated per query head (flash_repeats_kv).
 
 S2-Attn's groups are local, which is what lets one sequence be split over processes (context
 parallelism, train.py --context-parallel): with each slice starting on a group border, the unshifted
@@ -225,16 +228,28 @@ def _flash(q, k, v, G, first):
 
 
 def _torch_varlen(q, k, v, cu, max_len):
-    """torch.nn.attention.varlen.varlen_attn, whose signature changed across releases."""
+    """torch.nn.attention.varlen.varlen_attn, whose signature changed across releases: 2.10 takes
+    is_causal; 2.11 takes window_size, (-1, 0) being causal, and no GQA; 2.13 adds enable_gqa."""
     params = inspect.signature(torch_varlen_attn).parameters
     kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}  # (-1, 0): causal
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
+        if flash_repeats_kv():
             r = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (B * N, Hq, D)
+        else:
+            kw["enable_gqa"] = True
     return torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def flash_repeats_kv():
+    """True where the flash backend copies k and v once per query head under GQA (and the kernel keeps
+    those copies for backward): torch's own varlen kernel before 2.13, which has no enable_gqa, runs
+    without flash-attn."""
+    return (
+        flash_attn_varlen_func is None
+        and torch_varlen_attn is not None
+        and "enable_gqa" not in inspect.signature(torch_varlen_attn).parameters
+    )
 
 
 _KERNELS = {"sdpa": _sdpa, "flash": _flash}

@@ -48,8 +48,9 @@ def find_gguf():
     return path
 
 
-def read_gguf(path):
-    """(ModelArgs, state dict in Meta's names, float32) from a Llama GGUF file."""
+def read_gguf(path, weights=True):
+    """(ModelArgs, state dict in Meta's names, float32) from a Llama GGUF file; weights=False: the state
+    dict's shapes only (nothing dequantised)."""
     try:
         from gguf import GGUFReader
         from gguf.quants import dequantize
@@ -61,11 +62,8 @@ def read_gguf(path):
         raise ValueError(f"{path}: architecture {meta.get('general.architecture')!r}, not llama")
     sd = {}
     for t in r.tensors:
-        w = (
-            torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
-            .float()
-            .reshape([int(n) for n in reversed(t.shape.tolist())])
-        )
+        shape = [int(n) for n in reversed(t.shape.tolist())]
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float().reshape(shape) if weights else shape
         if t.name == "token_embd.weight":
             sd["tok_embeddings.weight"] = w
         elif t.name == "output_norm.weight":
@@ -75,12 +73,13 @@ def read_gguf(path):
         else:
             _, i, kind, _ = t.name.split(".")
             sd[f"layers.{i}.{NAMES[kind]}.weight"] = w
+    embedding = sd["tok_embeddings.weight"]
     args = llama.ModelArgs(
         dim=meta["llama.embedding_length"],
         n_layers=meta["llama.block_count"],
         n_heads=meta["llama.attention.head_count"],
         n_kv_heads=meta["llama.attention.head_count_kv"],
-        vocab_size=sd["tok_embeddings.weight"].shape[0],
+        vocab_size=embedding.shape[0] if weights else embedding[0],
         hidden_dim=meta["llama.feed_forward_length"],
         norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
         rope_theta=meta["llama.rope.freq_base"],
@@ -90,19 +89,32 @@ def read_gguf(path):
     return args, sd
 
 
+def save_tokenizer(gguf_path, out):
+    """The GGUF's tokenizer as tokenizer.json + tokenizer_config.json in `out`, rebuilt by transformers
+    from the GGUF's vocabulary and merges. BOS and EOS are set from the GGUF's own ids: transformers'
+    converter chose them differently across releases (5.17 wrote <|im_start|> as EOS, 5.24 <|im_end|>)."""
+    try:
+        from gguf import GGUFReader
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError(
+            "the tokenizer is rebuilt from the GGUF vocabulary by transformers: pip install gguf transformers"
+        ) from e
+    fields = GGUFReader(str(gguf_path)).fields
+    tok = AutoTokenizer.from_pretrained(str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name)
+    bos, eos = (int(fields[f"tokenizer.ggml.{k}_token_id"].contents()) for k in ("bos", "eos"))
+    tok.bos_token, tok.eos_token = tok.convert_ids_to_tokens(bos), tok.convert_ids_to_tokens(eos)
+    tok.save_pretrained(out)
+    return tok
+
+
 def convert(gguf_path, out):
     args, sd = read_gguf(gguf_path)
     with torch.device("meta"):
         m = llama.Transformer(args)
     m.load_state_dict(sd, strict=True, assign=True)
     llama.save(m, out, format="hf")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as e:
-        raise ImportError(
-            "the tokenizer is rebuilt from the GGUF vocabulary by transformers: pip install transformers"
-        ) from e
-    AutoTokenizer.from_pretrained(str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name).save_pretrained(out)
+    save_tokenizer(gguf_path, out)
     return m
 
 

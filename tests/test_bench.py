@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_s2attn import use_stand_in_flash
 
 import bench
+import s2attn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,6 +19,13 @@ def test_attention_flops_count_the_causal_half():
     assert bench.attn_flops(1024, 1024, 1, 64) == 3 * 4 * (1024 * 1024 / 2) * 64
     assert bench.attn_flops(1024, 256, 8, 64) == bench.attn_flops(1024, 1024, 8, 64) / 4
     assert bench.attn_flops(1000, 256, 1, 64) == 3 * 4 * ((3 * 256 * 256 + 232 * 232) / 2) * 64
+
+
+def table(text, heading):
+    """The rows of the table under the `### heading...` line of bench.py's output, as lists of cells."""
+    section = text.split(f"### {heading}", 1)[1].split("\n### ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in row] for row in rows[1:]]  # without the header
 
 
 def test_all_tables_on_a_cpu():
@@ -33,6 +42,8 @@ def test_all_tables_on_a_cpu():
             "128",
             "--reps",
             "1",
+            "--sdpa-kernels",
+            "flash,cudnn",
         ],
         capture_output=True,
         text=True,
@@ -40,28 +51,37 @@ def test_all_tables_on_a_cpu():
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [
-        line.split("|")[1:-1]
-        for line in r.stdout.splitlines()
-        if line.startswith("| ") and not line.startswith("| backend") and not line.startswith("| N ")
-    ]
-    attn = [row for row in rows if len(row) == 8]
-    assert [row[0].strip() for row in attn] == ["sdpa"] and float(attn[0][3]) > 0 and attn[0][5].strip().endswith("x")
-    steps = [row for row in rows if len(row) == 9]
+    attn = table(r.stdout, "Attention kernels")
+    assert [row[0] for row in attn] == ["sdpa", "sdpa (flash forced)", "sdpa (cudnn forced)"]
+    # what ran, full / S2: the CPU's fused kernel, also when forced to flash; cuDNN is CUDA-only
+    assert attn[0][1] == attn[1][1] == "flash-cpu / flash-cpu" and attn[2][1].startswith("not available")
+    assert float(attn[0][4]) > 0 and attn[0][6].endswith("x")
+    steps = table(r.stdout, "One LoRA+ training step")
     with_peft = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
-    assert [(row[1].strip(), row[2].strip()) for row in steps] == [("ours (sdpa)", "full"), ("ours (sdpa)", "s2")] + (
+    assert [(row[1], row[2]) for row in steps] == [("ours (sdpa)", "full"), ("ours (sdpa)", "s2")] + (
         [("transformers + PEFT (sdpa)", "full")] if with_peft else []
     )
     # ms, peak GB; no MFU on CPU
-    assert all(float(row[3]) > 0 and float(row[7]) > 0 and row[6].strip() == "n/a" for row in steps)
-    assert steps[1][8].strip().endswith("x")  # the S2 speed-up
+    assert all(float(row[3]) > 0 and float(row[7]) > 0 and row[6] == "n/a" for row in steps)
+    assert steps[1][8].endswith("x")  # the S2 speed-up
     assert "`fit` needs a CUDA GPU" in r.stdout
 
 
-def saved_bytes_of_one_block(shape, N, dtype, halo=False):
+def test_attention_kernels_names_what_ran():
+    import torch
+
+    q = torch.randn(1, 64, 4, 16)
+    assert bench.attention_kernels(lambda: s2attn.full_attention(q, q, q, backend="sdpa")) == ["flash-cpu"]
+    with bench.forced("math"):
+        assert bench.attention_kernels(lambda: s2attn.s2_attention(q, q, q, 16, backend="sdpa")) == ["math"]
+    assert bench.attention_kernels(lambda: s2attn.full_attention(q, q, q, backend="naive")) == []
+
+
+def saved_bytes_of_one_block(shape, N, dtype, halo=False, backend="sdpa"):
     """What autograd keeps for backward in one LoRA+ S2 block (groups of N/4) at N tokens, in bytes: every
-    saved tensor's storage once, leaving out the weights (FSDP2's gathered copies, counted apart) and the
-    RoPE table (one for all blocks)."""
+    saved tensor's storage once, leaving out the weights (FSDP2's gathered copies, counted apart), the
+    RoPE table (one for all blocks) and integer tensors (cu_seqlens and RNG states: bytes per call, not
+    per token)."""
     import torch
 
     import lora
@@ -77,14 +97,15 @@ def saved_bytes_of_one_block(shape, N, dtype, halo=False):
     def fake_halo(tail):  # a slice that is not the first: the "previous" tail is this one's
         return last.setdefault("tail", tail.detach().clone().requires_grad_())
 
-    m.set_attention(group_size=N // 4, halo=fake_halo if halo else None)
+    m.set_attention(group_size=N // 4, backend=backend, halo=fake_halo if halo else None)
     x = torch.randn(1, N, a.dim, dtype=dtype, requires_grad=True)
     freqs = llama.precompute_freqs_cis(a, N)
     skip = {p.untyped_storage().data_ptr() for p in m.parameters()} | {freqs.untyped_storage().data_ptr()}
     seen = {}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.is_floating_point():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -108,6 +129,20 @@ def test_memory_model_counts_what_a_block_keeps(shape, dtype, halo):
     measured, a = saved_bytes_of_one_block(shape, N, getattr(torch, dtype), halo)
     e = torch.finfo(getattr(torch, dtype)).bits // 8
     assert measured == pytest.approx(N * bench.block_bytes_per_token(a, N, N // 4, e, "sdpa", halo), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel", ["flash_attn", "varlen_213", "varlen_211"])
+@pytest.mark.parametrize("halo", [False, True])
+def test_memory_model_counts_what_the_flash_path_keeps(monkeypatch, shape, kernel, halo):
+    """The same for the flash backend, through stand-ins that keep what the real kernels keep: with torch
+    2.11's varlen kernel (no GQA) each half keeps its own k and v repeated per query head."""
+    import torch
+
+    use_stand_in_flash(monkeypatch, kernel)
+    N = 512
+    measured, a = saved_bytes_of_one_block(shape, N, torch.bfloat16, halo, backend="flash")
+    assert measured == pytest.approx(N * bench.block_bytes_per_token(a, N, N // 4, 2, "flash", halo), rel=1e-9)
 
 
 def test_memory_command_and_its_limits(capsys):
