@@ -69,15 +69,16 @@ def sync(device):
 # ----------------------------------------------------------------------------- attention kernels
 
 
-# What ran, by the operator the profiler records: SDPA's kernels, torch's varlen kernel, flash-attn's.
+# What ran, by the operator the profiler records: SDPA's kernels, torch's varlen kernel, flash-attn's. (Not
+# the inner aten::_flash_attention_forward or _cudnn_attention_forward: SDPA's flash and cuDNN kernels call
+# them too. torch's varlen_attn runs FlashAttention-2 in 2.11 and 2.13.)
 KERNELS = {
     "aten::_scaled_dot_product_flash_attention": "flash",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "flash-cpu",
     "aten::_scaled_dot_product_cudnn_attention": "cudnn",
     "aten::_scaled_dot_product_efficient_attention": "efficient",
     "aten::_scaled_dot_product_attention_math": "math",
-    "aten::_flash_attention_forward": "varlen-flash",
-    "aten::_cudnn_attention_forward": "varlen-cudnn",
+    "torch_attn::_varlen_attn": "varlen",
     "flash_attn::_flash_attn_varlen_forward": "flash-attn",
 }
 # SDPA forced to one kernel (torch.nn.attention.sdpa_kernel), by --sdpa-kernels name

@@ -57,7 +57,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KIT_FILES = ("tokenizer", "train.bin", "test.bin", "params.json")
-NODE_NEEDS = ("torch", "numpy", "safetensors", "sentencepiece", "tqdm", "tokenizers", "transformers", "peft", "pytest")
+NODE_NEEDS = ("torch", "numpy", "safetensors", "tqdm", "tokenizers", "transformers", "peft")  # pytest: cuda-tests
 # Sizes: on a GPU the issue's; on a CPU a toy that runs the same code in seconds. "need" is about how long
 # each part takes there (per length for bench and step): a part is started only if that much is left.
 SIZES = {
@@ -239,7 +239,11 @@ class Skipped(Exception):
 
 
 class Failed(Exception):
-    pass
+    """A part that failed; `figures`: what it measured before (reported with the reason)."""
+
+    def __init__(self, reason, **figures):
+        super().__init__(reason)
+        self.figures = figures
 
 
 def last_line(output):
@@ -298,6 +302,8 @@ class Check:
 
 
 def part_cuda_tests(c):
+    if not c.node["pytest"]:
+        raise Failed("pytest is not installed here: carry its wheel (and pluggy's, iniconfig's)")
     code, output = c.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests"], "tests", "cuda-tests"
     )
@@ -386,17 +392,29 @@ def part_bench(c):
     a = c.size["attn"]
     cmd = [sys.executable, "bench.py", "attn", "--device", c.device, "--heads", a["heads"], "--head-dim", a["head_dim"]]
     cmd += ["--sdpa-kernels", a["sdpa_kernels"], "--reps", 3]
-    return by_length(c, "bench", cmd, "--attn-lengths", a["lengths"])
+    # a row is timed (its full ms a number), or a forced SDPA kernel that cannot take the inputs
+    return by_length(
+        c, "bench", cmd, "--attn-lengths", a["lengths"], lambda cells: is_number(cells[4]) or "forced" in cells[0]
+    )
 
 
 def part_step(c):
     s = c.size["step"]
     cmd = [sys.executable, "bench.py", "step", "--device", c.device, "--shape", s["shape"], "--reps", 1, "--no-peft"]
-    return by_length(c, "step", cmd, "--step-lengths", s["lengths"])
+    return by_length(c, "step", cmd, "--step-lengths", s["lengths"], lambda cells: is_number(cells[3]))
 
 
-def by_length(c, part, cmd, flag, lengths):
-    """bench.py `cmd` once per length, as long as the budget allows: the rows of its table."""
+def is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def by_length(c, part, cmd, flag, lengths, row_ok):
+    """bench.py `cmd` once per length, as long as the budget allows: the rows of its table. A row that
+    row_ok(its cells) refuses (bench.py prints an error or an out-of-memory as a row) fails the part."""
     rows, skipped = [], []
     for i, N in enumerate(lengths):
         try:
@@ -411,7 +429,10 @@ def by_length(c, part, cmd, flag, lengths):
         if code != 0:
             raise Failed(f"bench.py at {N} tokens: {last_line(output)}")
         table = [line for line in output.splitlines() if line.startswith("|")]
+        bad = [row for row in table[2:] if not row_ok([cell.strip() for cell in row.split("|")[1:-1]])]
         rows += table if not rows else table[2:]  # one header
+        if bad or not table[2:]:
+            raise Failed(f"bench.py at {N} tokens: {bad[0] if bad else 'no rows'}", table=rows)
     got = {"table": rows}
     if skipped:
         got["skipped for the budget"] = skipped
@@ -440,6 +461,7 @@ def worker_node(device):
 
     missing = [name for name in NODE_NEEDS if importlib.util.find_spec(name) is None]
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "missing": missing}
+    info["pytest"] = importlib.util.find_spec("pytest") is not None
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but torch sees no GPU (check the driver and CUDA_VISIBLE_DEVICES)")
@@ -621,11 +643,10 @@ def run_kit(a):
             c.results[name] = {"status": "pass", **part(c)}
         except Skipped as e:
             c.results[name] = {"status": "skipped", "reason": str(e)}
+        except Failed as e:
+            c.results[name] = {"status": "fail", "reason": str(e), **e.figures}
         except Exception as e:  # a failed part is reported, and the next ones still run
-            c.results[name] = {
-                "status": "fail",
-                "reason": f"{type(e).__name__}: {e}" if not isinstance(e, Failed) else str(e),
-            }
+            c.results[name] = {"status": "fail", "reason": f"{type(e).__name__}: {e}"}
         c.results[name]["seconds"] = round(time.time() - t, 1)
         r = c.results[name]
         print(f"{name}: {r['status']} ({r['seconds']} s){': ' + r['reason'] if 'reason' in r else ''}", flush=True)

@@ -57,6 +57,14 @@ def node(tmp_path):
     return {**env, "OMP_NUM_THREADS": "1"}, seen
 
 
+def run_check(kit, out, budget, env):
+    """gpu_check.py --kit at toy size: (the finished process, its wall-clock seconds)."""
+    t = time.time()
+    cmd = CHECK + ["--kit", str(kit), "--out", str(out), "--device", "cpu", "--budget", str(budget)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=budget + 60)
+    return r, time.time() - t
+
+
 @needs_pack
 def test_the_kit_runs_every_part_on_a_simulated_node(kit, tmp_path):
     files = {p.relative_to(kit).as_posix() for p in kit.rglob("*") if p.is_file()}
@@ -68,16 +76,7 @@ def test_the_kit_runs_every_part_on_a_simulated_node(kit, tmp_path):
     assert subprocess.run([sys.executable, "-c", "import gguf"], env=env, capture_output=True).returncode != 0
 
     out, budget = tmp_path / "out", 240
-    t = time.time()
-    r = subprocess.run(
-        CHECK + ["--kit", str(kit), "--out", str(out), "--device", "cpu", "--budget", str(budget)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=budget + 60,
-    )
-    took = time.time() - t
+    r, took = run_check(kit, out, budget, env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     parts = summary["parts"]
@@ -114,16 +113,8 @@ def test_the_kit_runs_every_part_on_a_simulated_node(kit, tmp_path):
 def test_a_small_budget_skips_parts_and_says_so(kit, tmp_path):
     env, _ = node(tmp_path)
     out, budget = tmp_path / "out", 15
-    t = time.time()
-    r = subprocess.run(
-        CHECK + ["--kit", str(kit), "--out", str(out), "--device", "cpu", "--budget", str(budget)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
-    assert time.time() - t <= budget + 10 and r.returncode == 0, r.stderr[-3000:]
+    r, took = run_check(kit, out, budget, env)
+    assert took <= budget + 10 and r.returncode == 0, r.stderr[-3000:]
     parts = json.loads((out / "summary.json").read_text())["parts"]
     assert parts["train"]["status"] == "skipped" and "budget" in parts["train"]["reason"]
     assert parts["export"]["status"] == "skipped" and "needs train" in parts["export"]["reason"]
@@ -152,3 +143,41 @@ def test_a_damaged_kit_or_a_used_folder_is_refused(kit, tmp_path):
         text=True,
     )
     assert r.returncode != 0 and "not a kit" in r.stderr
+
+
+def test_a_bench_row_that_failed_fails_its_part():
+    """bench.py prints an error or an out-of-memory as a row and exits 0: the part reads the rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    header = "| backend | kernels | N | G | full ms | S2 ms | S2 speed-up | full TFLOP/s | S2 TFLOP/s |\n|---|"
+    rows = {
+        "timed": "| sdpa | cudnn / cudnn | 256 | 64 | 2.1 | 1.0 | 2.1x | 1 | 1 |",
+        "forced": "| sdpa (cudnn forced) | not available: No available kernel | 256 | 64 | | | | | |",
+        "broken": "| flash | not available: CUDA error | 256 | 64 | | | | | |",
+    }
+
+    class Check:
+        size = gpu_check.SIZES["cpu"]
+        device = "cpu"
+
+        def __init__(self, *lines, head=header):
+            self.output = "\n".join([head] + [rows.get(line, line) for line in lines])
+
+        def left(self):
+            return 100
+
+        def run(self, cmd, log, part):
+            return 0, self.output
+
+    assert len(gpu_check.part_bench(Check("timed", "forced"))["table"]) == 4
+    with pytest.raises(gpu_check.Failed, match="CUDA error") as e:
+        gpu_check.part_bench(Check("timed", "broken"))
+    assert e.value.figures["table"][2] == rows["timed"]
+    step = (
+        "| N | implementation | attention | ms / step | tokens/s | model TFLOP/s | MFU | peak GB | S2 speed-up |\n|---|"
+    )
+    with pytest.raises(gpu_check.Failed, match="out of memory"):
+        gpu_check.part_step(Check("| 256 | ours (flash) | full | out of memory | | | | | |", head=step))
