@@ -1,4 +1,4 @@
-"""Llama in one file: the model, RoPE with context scaling, and Meta / Hugging Face checkpoints.
+"""Llama in one file: the model, RoPE with context scaling, and Meta's checkpoints (Hugging Face's via hf.py).
 
     import model
     m = model.load("llama-2-7b/")           # Meta folder (params.json + consolidated.NN.pth) or HF folder
@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import hf
 
 # ALL_BACKENDS, BACKENDS: set_attention's backends, and those this machine runs (train.py reads them here)
 from s2attn import ALL_BACKENDS, BACKENDS, cached_attention, check_config, full_attention, s2_attention  # noqa: F401
@@ -509,160 +511,11 @@ def _torch_load(f):
         ) from e
 
 
-def _hf_permute(w, n_heads, inverse):
-    """HF stores wq/wk rows reordered for rotate_half RoPE: per head, the even dimensions first, then the
-    odd. inverse=True goes back to Meta's interleaved pairs. A missing un-permute fails silently."""
-    rows, cols = w.shape
-    if inverse:
-        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-_LAYER_NAMES = {  # Meta -> HF, inside layers.{i}
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-
-def hf_name(k):
-    """The Hugging Face name of the Meta-named parameter `k`."""
-    return _rename(k, to_hf=True)
-
-
-def to_hf(args, sd):
-    """A Meta-named state dict in Hugging Face's names and layout: wq/wk rows permuted for rotate_half RoPE."""
-    out = {}
-    for k, t in sd.items():
-        if k.endswith(("wq.weight", "wk.weight")):
-            t = _hf_permute(t, args.n_heads if "wq" in k else args.n_kv_heads, inverse=False)
-        out[hf_name(k)] = t.contiguous()
-    return out
-
-
-def hf_rope(args):
-    """The RoPE scaling of `args` as a Hugging Face config's `rope_scaling` (None: plain RoPE)."""
-    if args.use_scaled_rope and args.rope_interpolation != 1:
-        raise ValueError(
-            "a Hugging Face config cannot express Position Interpolation on top of Llama 3.1 RoPE scaling; save with "
-            "format='meta'"
-        )
-    if args.use_scaled_rope:
-        return {
-            "rope_type": "llama3",
-            "factor": args.rope_scaling_factor,
-            "low_freq_factor": args.rope_low_freq_factor,
-            "high_freq_factor": args.rope_high_freq_factor,
-            "original_max_position_embeddings": args.rope_original_context,
-        }
-    return {"rope_type": "linear", "factor": args.rope_interpolation} if args.rope_interpolation != 1 else None
-
-
-def _rename(k, to_hf):
-    """Meta <-> HF names: layers.{i}.attention.wq.weight <-> model.layers.{i}.self_attn.q_proj.weight."""
-    top, layer = _TOP_NAMES, _LAYER_NAMES
-    if not to_hf:
-        top, layer = {v: k for k, v in top.items()}, {v: k for k, v in layer.items()}
-    if k in top or not k.removeprefix("model.").startswith("layers."):
-        return top.get(k, k)  # an unknown name passes through, for load's check to report
-    _, i, rest = k.removeprefix("model.").split(".", 2)
-    mod, _, leaf = rest.rpartition(".")
-    return f"{'model.' if to_hf else ''}layers.{i}.{layer.get(mod, mod)}.{leaf}"
-
-
 def _read_hf(path):
-    cfg = _read_json(
-        path / "config.json",
-        required=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
-    )
-    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}/config.json: biases or an activation other than silu are not Llama's; not supported")
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if (cfg.get("head_dim") or dim // n_heads) != dim // n_heads:  # some configs write "head_dim": null
-        raise ValueError(
-            f"{path}/config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads; not supported"
-        )
-    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 spelling; older files: top-level keys
-    scaling = cfg.get("rope_scaling") or rope
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    args = dict(
-        dim=dim,
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads"),
-        vocab_size=cfg["vocab_size"],
-        hidden_dim=cfg["intermediate_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        max_seq_len=cfg.get("max_position_embeddings", 4096),
-        tie_embeddings=cfg.get("tie_word_embeddings", False),
-    )
-    if kind == "linear":
-        args["rope_interpolation"] = scaling["factor"]
-    elif kind == "llama3":
-        args.update(
-            use_scaled_rope=True,
-            rope_scaling_factor=scaling["factor"],
-            rope_low_freq_factor=scaling["low_freq_factor"],
-            rope_high_freq_factor=scaling["high_freq_factor"],
-            rope_original_context=scaling["original_max_position_embeddings"],
-        )
-    elif kind != "default":
-        raise ValueError(f"{path}/config.json: RoPE scaling {kind!r} is not supported (default, linear and llama3 are)")
-    args = ModelArgs(**args)
-
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.exists()
-        else sorted(p.name for p in path.glob("*.safetensors"))
-    )
-    if not files:
-        raise FileNotFoundError(
-            f"{path} has config.json but no *.safetensors weights (.bin checkpoints are not read; re-save them with "
-            "safetensors)"
-        )
-    where, shapes, dtypes = {}, {}, {}  # Meta name -> (file, HF name), shape, stored dtype
-    for name in files:
-        with safe_open(path / name, framework="pt") as f:
-            for k in f.keys():
-                if "rotary_emb.inv_freq" not in k:  # a buffer some old checkpoints saved
-                    where[_rename(k, to_hf=False)] = (path / name, k)
-                    t = f.get_slice(k)
-                    shapes[_rename(k, to_hf=False)], dtypes[_rename(k, to_hf=False)] = (
-                        torch.Size(t.get_shape()),
-                        t.get_dtype(),
-                    )
-    if args.tie_embeddings:  # some tied checkpoints store the head too
-        where.pop("output.weight", None)
-        shapes.pop("output.weight", None)
-    heads = {"wq": args.n_heads, "wk": args.n_kv_heads}
-
-    def read(k):
-        file, hf_name = where[k]
-        with safe_open(file, framework="pt") as f:
-            t = f.get_tensor(hf_name)
-        w = k.split(".")[-2]
-        return _hf_permute(t, heads[w], inverse=True) if w in heads and k.startswith("layers.") else t
-
-    dtype = _SAFETENSORS_DTYPES.get(dtypes.get("tok_embeddings.weight"), torch.float32)
+    f = path / "config.json"
+    args = ModelArgs(**hf.args_fields(_read_json(f, required=hf.REQUIRED), f))
+    shapes, read, dtype = hf.read_weights(path, args)
     return args, Weights(shapes, read, dtype)
-
-
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- saving
@@ -698,7 +551,7 @@ def save(model, path, format="meta", overwrite=False, max_shard_bytes=5 * 2**30)
             "params.json": lambda f: f.write_text(json.dumps(asdict(args), indent=2)),
         }
     else:
-        files = _hf_files(args, sd, max_shard_bytes)
+        files = hf.files(args, sd, max_shard_bytes)
     path.mkdir(parents=True, exist_ok=True)
     for name, write in files.items():
         tmp = path / f".{name}.tmp"
@@ -707,51 +560,3 @@ def save(model, path, format="meta", overwrite=False, max_shard_bytes=5 * 2**30)
     for p in old:
         if p.name not in files:
             p.unlink()
-
-
-def _hf_files(args, sd, max_shard_bytes):
-    from safetensors.torch import save_file
-
-    scaling = hf_rope(args)
-    out = to_hf(args, sd)
-    dtype = sd["tok_embeddings.weight"].dtype
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": scaling,
-        "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    shards, size = [{}], 0
-    for name, t in out.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    files = {"config.json": lambda f: f.write_text(json.dumps(config, indent=2))}
-    if len(shards) == 1:
-        files["model.safetensors"] = lambda f: save_file(shards[0], f, metadata={"format": "pt"})
-        return files
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        files[name] = lambda f, shard=shard: save_file(shard, f, metadata={"format": "pt"})
-    weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-    total = sum(t.numel() * t.element_size() for t in out.values())
-    files["model.safetensors.index.json"] = lambda f: f.write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
-    return files

@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
+import hf
 import lora
 import model as llama
 
@@ -608,7 +609,7 @@ def export_plan(args, m, dataset):
     fmt = args.export_format or ("hf" if (Path(args.model) / "config.json").exists() else "meta")
     if fmt == "hf" or args.lora_rank:  # the PEFT adapter needs a Hugging Face config for the base too
         try:
-            llama.hf_rope(m.args)
+            hf.rope(m.args)
         except ValueError as e:
             if fmt == "hf":
                 raise ValueError(f"{e}: pass --export-format meta") from None
@@ -647,9 +648,8 @@ def export(out, m, args, rank, fmt="meta", tokenizer=None):
         folders = [out / "merged"]
         if ignore_frozen:
             lora.save_trainable(m, out / "trainable.safetensors", state=state)
-            if save_peft(
-                m, out / "adapter", state, base=args.model if (Path(args.model) / "config.json").exists() else None
-            ):
+            hf_base = args.model if (Path(args.model) / "config.json").exists() else None
+            if hf.save_peft(m.args, lora.lora_config(m), state, out / "adapter", base=hf_base):
                 folders.append(out / "adapter")
             lora.merge_lora(lora.load_trainable(base, out / "trainable.safetensors"))
         else:
@@ -658,69 +658,6 @@ def export(out, m, args, rank, fmt="meta", tokenizer=None):
         for folder in folders if tokenizer else []:
             data.save_tokenizer(tokenizer, folder)
     dist.barrier()
-
-
-def save_peft(m, folder, state, base=None):
-    """The trained weights as a PEFT LoRA adapter for the Hugging Face version of the base model:
-    adapter_config.json + adapter_model.safetensors in transformers' names, and base_config.json, the
-    settings the base must be loaded with (its new RoPE scaling and context length):
-
-        base = AutoModelForCausalLM.from_pretrained(BASE, **json.load(open("adapter/base_config.json")))
-        model = PeftModel.from_pretrained(base, "adapter")
-
-    B's rows are its layer's output rows, so wq's and wk's are permuted as the weights are for HF's
-    RoPE layout (A's rows are the rank). The embedding and norms travel in `modules_to_save`, and with
-    tied embeddings the output head too (PEFT would otherwise keep the base's). Returns False, writing
-    nothing, where a Hugging Face config cannot express the model's RoPE scaling."""
-    from safetensors.torch import save_file
-
-    try:
-        rope = llama.hf_rope(m.args) or {"rope_type": "default"}
-    except ValueError:
-        return False
-    cfg, tensors, targets, modules = lora.lora_config(m), {}, set(), set()
-    for k, t in state.items():
-        layer, _, leaf = k.rpartition(".")
-        if leaf == "lora_a":
-            name = llama.hf_name(f"{layer}.weight").removesuffix(".weight")
-            tensors[f"base_model.model.{name}.lora_A.weight"] = t
-            targets.add(name.rsplit(".", 1)[-1])
-        elif leaf == "lora_b":
-            ((name, t),) = llama.to_hf(m.args, {f"{layer}.weight": t}).items()
-            tensors[f"base_model.model.{name.removesuffix('.weight')}.lora_B.weight"] = t
-        else:  # a whole trained tensor: the embedding or a norm
-            names = [llama.hf_name(k)] + (
-                ["lm_head.weight"] if k == "tok_embeddings.weight" and m.args.tie_embeddings else []
-            )
-            for name in names:
-                tensors[f"base_model.model.{name}"] = t.clone()  # safetensors stores no shared tensors
-                modules.add(name.removesuffix(".weight").rsplit(".", 1)[-1])
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(Path(base).resolve()) if base else None,
-        "r": cfg["rank"],
-        "lora_alpha": cfg["alpha"],
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "target_modules": sorted(targets),
-        "modules_to_save": sorted(modules) or None,
-        "inference_mode": True,
-    }
-    overrides = {
-        "rope_parameters": {**rope, "rope_theta": m.args.rope_theta},
-        "max_position_embeddings": m.args.max_seq_len,
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: t.contiguous() for k, t in tensors.items()},
-        str(folder / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "base_config.json").write_text(json.dumps(overrides, indent=2))
-    return True
 
 
 # ----------------------------------------------------------------------------- training

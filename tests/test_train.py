@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import hf
 import lora
 import model
 import s2attn
@@ -714,7 +715,8 @@ def test_peft_adapter_equals_the_merged_model(tmp_path, tied, targets, extra):
         for p in m.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
-    assert train.save_peft(m, tmp_path / "adapter", {k: p.detach() for k, p in m.named_parameters() if p.requires_grad})
+    state = {k: p.detach() for k, p in m.named_parameters() if p.requires_grad}
+    assert hf.save_peft(m.args, lora.lora_config(m), state, tmp_path / "adapter")
     x = torch.randint(0, m.args.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
     merged = lora.merge_lora(m)(x).detach()
     torch.testing.assert_close(peft_logits(tmp_path / "base", tmp_path / "adapter", x), merged, rtol=0, atol=1e-4)
