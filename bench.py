@@ -42,7 +42,8 @@ import time
 
 import torch
 
-import model as llama
+import model
+import parallel
 import s2attn
 import train
 from eval import ints
@@ -178,8 +179,8 @@ def ours(margs, N, attn, dtype, device, offload=False):
     """Our LoRA+ model and its loss at N tokens, built by train.py's build_model with its defaults (rank 8,
     embedding and norms, groups of N/4): sharded (one process), random weights of the shape made on the
     device instead of a checkpoint read from disk. offload: the checkpointed block inputs in host memory."""
-    train.setup_distributed(device.type)
-    backend = train.default_backend(device.type == "cuda", dtype)
+    parallel.setup_distributed(device.type)
+    backend = parallel.default_backend(device.type == "cuda", dtype)
     m = train.build_model(
         margs, 0, 1, device, init=True, dtype=dtype, offload=offload, seq_len=N, attn=attn, backend=backend
     )
@@ -238,12 +239,12 @@ def step_worker(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
     shape, N, attn, impl, dtype = cfg["shape"], cfg["N"], cfg["attn"], cfg["impl"], cfg["dtype"]
-    margs = llama.ModelArgs(**SHAPES[shape], max_seq_len=N)  # the baseline runs attn="full"
+    margs = model.ModelArgs(**SHAPES[shape], max_seq_len=N)  # the baseline runs attn="full"
     group_size = None if attn == "full" else N // 4
     # the same count for both
     flops, peak = (
         train.train_flops(margs, N, group_size=group_size),
-        train.peak_tflops(device, dtype),
+        parallel.peak_tflops(device, dtype),
     )
     try:
         if impl == "ours":
@@ -273,7 +274,7 @@ def step_worker(cfg):
             tokens_per_s=N / t,
             tflops=flops / t / 1e12,
             mfu=flops / t / 1e12 / peak if peak else None,
-            peak_gb=train.peak_memory_gb(device)[0],
+            peak_gb=parallel.peak_memory_gb(device)[0],
         )
     except torch.OutOfMemoryError:
         cfg.update(oom=True)
@@ -362,7 +363,7 @@ def bench_fit(args):
     stopped = f"; {cut:,} was cut off by" if cut else "; stopped at" if time.time() >= deadline else ""
     stopped += f" the {args.fit_minutes:g}-minute limit" if stopped else ""
     gb = torch.cuda.get_device_properties(args.device).total_memory / 2**30
-    kw = dict(dtype=args.dtype, backend=train.default_backend(True, args.dtype), offload=args.offload)
+    kw = dict(dtype=args.dtype, backend=parallel.default_backend(True, args.dtype), offload=args.offload)
     model_says = f"the memory model predicts {on_device(memory_model(shape(args, lo), lo, **kw)):.1f} GB" if lo else ""
     print(
         f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`{', offloaded' if args.offload else ''}\n\n"
@@ -384,9 +385,9 @@ def memory_model(shape, N, *, world=1, P=1, groups=4, dtype="bfloat16", backend=
     fields. docs/memory.md writes each term out."""
     if groups % P:
         raise ValueError(f"groups of N/{groups} do not split over {P} processes: P must divide {groups}")
-    a = shape if isinstance(shape, llama.ModelArgs) else llama.ModelArgs(**shape)
+    a = shape if isinstance(shape, model.ModelArgs) else model.ModelArgs(**shape)
     with torch.device("meta"):
-        m = train.apply_longlora(llama.Transformer(a), seq_len=a.max_seq_len)  # LoRA+ as train.py makes it
+        m = train.apply_longlora(model.Transformer(a), seq_len=a.max_seq_len)  # LoRA+ as train.py makes it
     trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
     per_block = sum(p.numel() for p in m.layers[0].parameters())
@@ -410,7 +411,7 @@ def memory_model(shape, N, *, world=1, P=1, groups=4, dtype="bfloat16", backend=
 
 def shape(args, N):
     """The ModelArgs of --shape at N tokens."""
-    return llama.ModelArgs(**SHAPES[args.shape], max_seq_len=max(N, 1))
+    return model.ModelArgs(**SHAPES[args.shape], max_seq_len=max(N, 1))
 
 
 def longest(a, budget, *, world=1, P=1, step=4096, **kw):
@@ -512,14 +513,8 @@ def _installed(name):
     return importlib.util.find_spec(name) is not None
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_worker"]:
-        return step_worker(json.loads(argv[1]))
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    choice = pre.parse_known_args(argv)[0].device
-    gpu = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())  # the defaults below depend on it
+def parser(gpu):
+    """bench.py's command line; its defaults depend on whether it runs on a GPU (`gpu`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     parsers = {
@@ -584,9 +579,21 @@ def main(argv=None):
             help="auto (default): cuda when a GPU is visible",
         )
         a.add_argument(
-            "--dtype", choices=("bfloat16", "float32"), default=llama.default_dtype("cuda" if gpu else "cpu")
+            "--dtype", choices=("bfloat16", "float32"), default=model.default_dtype("cuda" if gpu else "cpu")
         )
         a.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median kept)")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        return step_worker(json.loads(argv[1]))
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    choice = pre.parse_known_args(argv)[0].device
+    gpu = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())  # the defaults below depend on it
+    p = parser(gpu)
     args = p.parse_args(argv)
     if gpu and not torch.cuda.is_available():
         p.error(

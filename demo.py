@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 import data
 import eval as ev
-import model as llama
+import model
+import parallel
 import train
 
 DEMO = Path(__file__).resolve().parent / "demo"  # model/ and tokenizer.model, made by demo/make.sh
@@ -31,7 +32,7 @@ def demo(
 ):
     """Run the demo into `out` (default runs/demo-<time>/); returns the perplexities it prints."""
     out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    old = llama.read_checkpoint(DEMO / "model")[0].max_seq_len
+    old = model.read_checkpoint(DEMO / "model")[0].max_seq_len
     new = 4 * old
     G = group_size or new // 2
     if rank == 0:
@@ -51,7 +52,7 @@ def demo(
         base.beyond_context = True  # measured at 4x its context: that is the problem LongLoRA solves
         results["base"] = {old: ppl(base, old), new: ppl(base, new)}
         results["pi_only"] = {new: ppl(base.extend_context(4), new)}
-    dtype = llama.default_dtype(device)
+    dtype = model.default_dtype(device)
     paths = ["--model", str(DEMO / "model"), "--data", str(out / "data" / "train.bin"), "--out", str(out)]
     settings = f"--seq-len {new} --attn {attn} --group-size {G} --lr {lr} --warmup 10 --steps {steps}"
     settings += (
@@ -99,7 +100,7 @@ def report(r, old, new, n_tokens, group_size):
 
 
 def main():
-    rank, world, device = train.setup_distributed()
+    rank, world, device = parallel.setup_distributed()
     try:
         demo(rank, world, device)
     finally:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import data
 import lora
-import model as llama
+import model
 
 # ----------------------------------------------------------------------------- models
 
@@ -40,8 +40,8 @@ import model as llama
 def load_model(path, trainable=None, dtype=None, device=None):
     """A model for evaluation: `path` (+ a trainable-weights file), in eval mode, on `device`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, dtype or llama.default_dtype(device))
-    m = llama.load(path, dtype=dtype)
+    dtype = getattr(torch, dtype or model.default_dtype(device))
+    m = model.load(path, dtype=dtype)
     if trainable:
         lora.merge_lora(lora.load_trainable(m, trainable))
     return m.to(device).eval()
@@ -64,7 +64,7 @@ def check_vocab(vocab_size, n, source):
 
 def token_nll(m, x):
     """Negative log-likelihood of each next token: x (B, L) -> (B, L - 1)."""
-    targets = F.pad(x[:, 1:], (0, 1), value=llama.IGNORE)  # position i predicts token i + 1; the last predicts nothing
+    targets = F.pad(x[:, 1:], (0, 1), value=model.IGNORE)  # position i predicts token i + 1; the last predicts nothing
     return m(x, targets, reduction="none", loss_chunk=1024)[:, :-1]
 
 
@@ -168,7 +168,7 @@ def generate(m, ids, max_new_tokens, eos_id=None):
     device = next(m.parameters()).device
     x = torch.tensor([ids], device=device)
     use_cache = all(layer.attention.group_size is None for layer in m.layers)
-    cache = llama.KVCache(len(m.layers)) if use_cache else None
+    cache = model.KVCache(len(m.layers)) if use_cache else None
     out = []
     with torch.no_grad():
         logits = m(x, cache=cache, last_only=True)  # the next token's logits: (1, 1, vocab), not (1, N, vocab)
@@ -272,7 +272,8 @@ def table(cmd, results, by_context=None):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parser():
+    """eval.py's command line: the subcommands ppl and passkey and their flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in (
@@ -322,6 +323,11 @@ def main(argv=None):
     )
     s.add_argument("--trials", type=int, default=10, help="random keys per length and depth (default 10)")
     s.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     lengths = args.seq_len if args.cmd == "ppl" else args.lengths
     if not lengths or min(lengths) < 2:
@@ -332,15 +338,15 @@ def main(argv=None):
             "length)"
         )
     try:
-        vocab = llama.read_checkpoint(args.model)[0].vocab_size  # checked against the data before the weights load
+        vocab = model.read_checkpoint(args.model)[0].vocab_size  # checked against the data before the weights load
         if args.cmd == "ppl":
             tokens, meta = data.read_tokens(args.data)
             max_id = meta["max_id"] if "max_id" in meta else int(tokens.max()) if len(tokens) else -1
             check_vocab(vocab, max_id + 1, f"--data {args.data}")
         else:
-            tok = data.load_tokenizer(args.tokenizer or args.model)
-            check_vocab(vocab, tok.vocab_size, f"the tokenizer {tok.name}")
-            depths = [float(d) for d in args.depths.split(",")]
+            tokens = data.load_tokenizer(args.tokenizer or args.model)
+            check_vocab(vocab, tokens.vocab_size, f"the tokenizer {tokens.name}")
+            args.depths = [float(d) for d in args.depths.split(",")]
         m = load_model(args.model, args.trainable, args.dtype)
         m.beyond_context = args.beyond_context
         if max(lengths) > m.args.max_seq_len and not args.beyond_context:
@@ -348,37 +354,43 @@ def main(argv=None):
                 f"length {max(lengths)} is past the model's context of {m.args.max_seq_len} tokens: pass "
                 "--beyond-context to measure it there"
             )
-        results, by_context = {}, {}
-        for L in lengths:
-            # S2's default G depends on L
-            m.set_attention(group_size=args.group_size or max(1, L // 4) if args.attn == "s2" else None)
-            if args.cmd == "ppl":
-                got = perplexity(
-                    m,
-                    tokens,
-                    L,
-                    args.stride,
-                    args.convention,
-                    args.max_windows,
-                    args.batch_size,
-                    by_context=args.by_context,
-                )
-                results[L], by_context[L] = got if args.by_context else (got, {})
-            else:
-                results.update(passkey(m, tok, [L], depths, args.trials, args.seed))
+        results, by_context = evaluate(m, args, lengths, tokens)
         print(table(args.cmd, results, by_context), flush=True)  # after the progress bars have closed
-        title = f"{Path(args.model).name} ({args.attn} attention)"
         if args.json:
-            Path(args.json).write_text(
-                json.dumps(
-                    {str(L): v if args.cmd == "ppl" else {str(d): a for d, a in v.items()} for L, v in results.items()},
-                    indent=2,
-                )
-            )
+            as_json = {
+                str(L): v if args.cmd == "ppl" else {str(d): a for d, a in v.items()} for L, v in results.items()
+            }
+            Path(args.json).write_text(json.dumps(as_json, indent=2))
         if args.plot:
+            title = f"{Path(args.model).name} ({args.attn} attention)"
             (plot_perplexity if args.cmd == "ppl" else plot_passkey)(results, args.plot, title)
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
+
+
+def evaluate(m, args, lengths, source):
+    """`args.cmd` at each length: ({length: perplexity}, {length: by-context buckets}) for ppl, whose
+    `source` is the token array; ({length: {depth: accuracy}}, {}) for passkey, whose `source` is the
+    tokenizer."""
+    results, by_context = {}, {}
+    for L in lengths:
+        # S2's default G depends on L
+        m.set_attention(group_size=args.group_size or max(1, L // 4) if args.attn == "s2" else None)
+        if args.cmd == "ppl":
+            got = perplexity(
+                m,
+                source,
+                L,
+                args.stride,
+                args.convention,
+                args.max_windows,
+                args.batch_size,
+                by_context=args.by_context,
+            )
+            results[L], by_context[L] = got if args.by_context else (got, {})
+        else:
+            results.update(passkey(m, source, [L], args.depths, args.trials, args.seed))
+    return results, by_context
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ q/k row permutation of HF's RoPE layout, RoPE scaling, safetensors in and out, a
     hf.to_hf(args, state_dict)                                             # Meta's names -> HF's, q/k permuted
 
 It imports nothing of this codebase: `args` is any object with ModelArgs' fields, state dicts map names to
-tensors. model.load and model.save call it for HF folders; train.py's export writes the adapter with it.
+tensors. model.load and model.save call it for HF folders; checkpoint.py's export writes the adapter with it.
 """
 
 import json
@@ -102,6 +102,13 @@ def rope(args):
 
 def args_fields(cfg, source):
     """ModelArgs' fields from a Llama's config.json `cfg` (read from `source`, named in errors)."""
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError(
+            f"{source}: model_type {cfg['model_type']!r} is not a Llama; this loader reads Llama checkpoints"
+        )
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"{source} lacks {missing}; restore it from the original checkpoint")
     if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: biases or an activation other than silu are not Llama's; not supported")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]

@@ -102,12 +102,8 @@ def precompute_freqs_cis(args, N, device=None):
 
 def llama31_scale(freqs, args):
     """Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between."""
-    factor, low, high, old = (
-        args.rope_scaling_factor,
-        args.rope_low_freq_factor,
-        args.rope_high_freq_factor,
-        args.rope_original_context,
-    )
+    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    old = args.rope_original_context
     wavelen = 2 * math.pi / freqs
     smooth = (old / wavelen - low) / (high - low)
     blended = (1 - smooth) * freqs / factor + smooth * freqs
@@ -229,8 +225,7 @@ class Transformer(nn.Module):
         if start + tokens.shape[1] > self.args.max_seq_len and not self.beyond_context:
             raise ValueError(
                 f"{start + tokens.shape[1]} tokens are more than the model's context of {self.args.max_seq_len}: "
-                "extend it "
-                "with m.extend_context(factor), or set m.beyond_context = True to run past it anyway"
+                "extend it with m.extend_context(factor), or set m.beyond_context = True to run past it anyway"
             )
         h = self.tok_embeddings(tokens)  # (B, N, dim)
         freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]
@@ -261,7 +256,7 @@ class Transformer(nn.Module):
     def set_attention(self, group_size=None, backend=None, shift=True, halo=None):
         """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend;
         shift=False keeps every head in unshifted groups (short attention, an ablation). halo: context
-        parallelism's exchange of keys and values with the neighbouring slices (s2attn._with_halo; train.py
+        parallelism's exchange of keys and values with the neighbouring slices (s2attn._with_halo; parallel.py
         makes it), for S2-Attn on a slice of each sequence that starts at forward's `start`."""
         check_config(group_size, backend or self.layers[0].attention.backend)
         if halo is not None and group_size is None:
@@ -357,8 +352,8 @@ def random_weights(params, seed=0, device="cpu"):
 class Weights(Mapping):
     """name -> tensor of a checkpoint, each read only when asked for (Meta's names and layout, full size,
     stored dtype); `shapes` and `dtype` (the embedding's) without reading anything. model.load reads it one
-    tensor at a time; train.py has each process keep only its rows of each tensor, so no process ever holds
-    the whole model."""
+    tensor at a time; parallel.materialize has each process keep only its rows of each tensor, so no process
+    ever holds the whole model."""
 
     def __init__(self, shapes, read, dtype):
         self.shapes, self._read, self.dtype = shapes, read, dtype
@@ -402,11 +397,10 @@ def read_checkpoint(path):
     ]
     if problems:
         more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        listed = "\n  ".join(problems[:8])
         raise ValueError(
-            f"the weights in {path} do not match its config:\n  "
-            + "\n  ".join(problems[:8])
-            + more
-            + f"\n{args}\nCheck that the config file belongs to these weights."
+            f"the weights in {path} do not match its config:\n  {listed}{more}\n{args}\nCheck that the "
+            "config file belongs to these weights."
         )
     return args, weights
 
@@ -442,10 +436,6 @@ def _read_json(f, required):
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON ({e}); restore it from the original checkpoint") from e
-    if d.get("model_type", "llama") != "llama":
-        raise ValueError(
-            f"{f}: model_type {d['model_type']!r} is not a Llama; this loader reads Llama-architecture checkpoints"
-        )
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{f} lacks {missing}; restore it from the original checkpoint")
@@ -480,7 +470,7 @@ def _read_meta(path):
         else:
             raise ValueError(f"{k} in {path}: unknown parameter, cannot merge shards")
     shapes = {}
-    for k, d in split.items():
+    for k, d in split.items():  # the whole tensor: its shards side by side along the split dim
         shape = list(shards[0][k].shape)
         if d is not None:
             shape[d] *= len(shards)
@@ -513,7 +503,7 @@ def _torch_load(f):
 
 def _read_hf(path):
     f = path / "config.json"
-    args = ModelArgs(**hf.args_fields(_read_json(f, required=hf.REQUIRED), f))
+    args = ModelArgs(**hf.args_fields(_read_json(f, required=()), f))
     shapes, read, dtype = hf.read_weights(path, args)
     return args, Weights(shapes, read, dtype)
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
-import model as llama  # noqa: E402
+import model  # noqa: E402
 
 
 def runs(N):
@@ -80,9 +80,9 @@ def prepare(args, out):
     if args.context:  # a base that claims a shorter trained context: PI then scales from it
         base = out / "base"
         if not (base / "params.json").exists():
-            m = llama.load(args.model)
+            m = model.load(args.model)
             m.args.max_seq_len = args.context
-            llama.save(m, base)
+            model.save(m, base)
         return base
     return Path(args.model)
 
@@ -122,7 +122,7 @@ def study(args):
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = prepare(args, out)
-    context = llama.load(base).args.max_seq_len
+    context = model.load(base).args.max_seq_len
     if args.seq_len <= context:
         raise ValueError(
             f"--seq-len {args.seq_len} does not extend the model's context {context}; use --context to pretend a "
@@ -271,7 +271,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.argv = argv
     gpu = torch.cuda.is_available()
-    args.train_flags = ["--dtype", llama.default_dtype("cuda" if gpu else "cpu")]
+    args.train_flags = ["--dtype", model.default_dtype("cuda" if gpu else "cpu")]
     args.machine = torch.cuda.get_device_name() if gpu else f"a CPU ({os.cpu_count()} cores)"
     try:
         study(args)

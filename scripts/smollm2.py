@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import model as llama  # noqa: E402
+import model  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMES = {
@@ -74,7 +74,7 @@ def read_gguf(path, weights=True):
             _, i, kind, _ = t.name.split(".")
             sd[f"layers.{i}.{NAMES[kind]}.weight"] = w
     embedding = sd["tok_embeddings.weight"]
-    args = llama.ModelArgs(
+    args = model.ModelArgs(
         dim=meta["llama.embedding_length"],
         n_layers=meta["llama.block_count"],
         n_heads=meta["llama.attention.head_count"],
@@ -111,9 +111,9 @@ def save_tokenizer(gguf_path, out):
 def convert(gguf_path, out):
     args, sd = read_gguf(gguf_path)
     with torch.device("meta"):
-        m = llama.Transformer(args)
+        m = model.Transformer(args)
     m.load_state_dict(sd, strict=True, assign=True)
-    llama.save(m, out, format="hf")
+    model.save(m, out, format="hf")
     save_tokenizer(gguf_path, out)
     return m
 

@@ -85,10 +85,10 @@ def saved_bytes_of_one_block(shape, N, dtype, halo=False, backend="sdpa"):
     import torch
 
     import lora
-    import model as llama
+    import model
 
-    a = llama.ModelArgs(**shape, n_layers=1, vocab_size=64, max_seq_len=N)
-    m = llama.Transformer(a)
+    a = model.ModelArgs(**shape, n_layers=1, vocab_size=64, max_seq_len=N)
+    m = model.Transformer(a)
     lora.add_lora(m, 8, 16)
     lora.set_trainable(m, extra=("embed", "norm"))
     m.to(dtype)  # FSDP2 computes in its param_dtype
@@ -99,7 +99,7 @@ def saved_bytes_of_one_block(shape, N, dtype, halo=False, backend="sdpa"):
 
     m.set_attention(group_size=N // 4, backend=backend, halo=fake_halo if halo else None)
     x = torch.randn(1, N, a.dim, dtype=dtype, requires_grad=True)
-    freqs = llama.precompute_freqs_cis(a, N)
+    freqs = model.precompute_freqs_cis(a, N)
     skip = {p.untyped_storage().data_ptr() for p in m.parameters()} | {freqs.untyped_storage().data_ptr()}
     seen = {}
 

@@ -49,7 +49,7 @@ def test_held_out_plays_are_never_trained_on():
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     out = tmp_path / "demo"
     code = (
-        "import sys, demo, train; r, w, d = train.setup_distributed(); "
+        "import sys, demo, parallel; r, w, d = parallel.setup_distributed(); "
         "demo.demo(r, w, d, out=sys.argv[1], steps=2, eval_tokens=4096)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}

@@ -18,6 +18,7 @@ import data
 import hf
 import lora
 import model
+import parallel
 import s2attn
 import train
 from common import tiny_model
@@ -312,13 +313,13 @@ def test_context_parallel_slices_are_the_padded_batch():
 HALO_SCRIPT = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-import bench, model, train
+import bench, model, parallel, train
 from s2attn import s2_attention
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 for P, (N, G, H, Hkv) in ((2, (32, 8, 4, 2)), (4, (48, 6, 3, 1))):
-    group = train.context_group(P)
-    halo, part = train.halo_exchange(group), rank % P
+    group = parallel.context_group(P)
+    halo, part = parallel.halo_exchange(group), rank % P
     g = torch.Generator().manual_seed(rank // P)  # one sequence per data-parallel group
     q, k, v = (torch.randn(2, N, h, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (H, Hkv, Hkv))
     w = torch.randn(2, N, H, 8, generator=g, dtype=torch.float64)
@@ -344,7 +345,7 @@ for P, (N, G, H, Hkv) in ((2, (32, 8, 4, 2)), (4, (48, 6, 3, 1))):
 
 
 def test_halo_exchange_between_processes(tmp_path):
-    """train.halo_exchange over gloo, 4 processes in context groups of 2 and then of 4: each slice's
+    """parallel.halo_exchange over gloo, 4 processes in context groups of 2 and then of 4: each slice's
     output, and the gradients of q, k and v summed over the group (the halo's travel back to the process
     that sent it), equal the unsplit attention's in float64; each process sends the bytes the memory
     model predicts (bench.halo_bytes): one message forward unless it holds the last slice, one back unless
@@ -371,7 +372,7 @@ def test_offload_takes_exactly_the_checkpointed_inputs():
     for offload in (False, True):
         seen = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
-            y = train.checkpointed(lambda h: torch.relu(lin(h)) * 2, x, offload=offload)
+            y = parallel.checkpointed(lambda h: torch.relu(lin(h)) * 2, x, offload=offload)
         assert seen == ([] if offload else [(4, 8)])
         grads.append(torch.autograd.grad(y.sum(), [x, lin.weight]))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
@@ -476,7 +477,7 @@ def test_device_choice_errors(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ValueError, match="sees no GPU.*use --device cpu"):
-        train.setup_distributed("cuda")
+        parallel.setup_distributed("cuda")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(
@@ -484,18 +485,18 @@ def test_device_choice_errors(monkeypatch):
         match=r"2 processes on this node but 1 GPU\(s\) visible: run one process per GPU "
         r"\(torchrun --nproc-per-node 1;.*\), or --device cpu",
     ):
-        train.setup_distributed("auto")
+        parallel.setup_distributed("auto")
     assert not torch.distributed.is_initialized()
 
 
 RANK_SCRIPT = """
 import sys, torch.distributed as dist
 sys.path.insert(0, {root!r})
-import train
-rank, world, device = train.setup_distributed("cpu")
-assert train.decide(f"rank {{rank}}'s view") == "rank 0's view"
+import parallel
+rank, world, device = parallel.setup_distributed("cpu")
+assert parallel.decide(f"rank {{rank}}'s view") == "rank 0's view"
 try:
-    train.check_all(rank != 1, "rank 1 disagrees")
+    parallel.check_all(rank != 1, "rank 1 disagrees")
 except ValueError as e:
     open(f"{out}/rank{{rank}}.txt", "w").write(str(e))  # a file each: two ranks' prints to one pipe interleave
 dist.destroy_process_group()
@@ -599,7 +600,7 @@ def test_peak_table_tells_variants_apart():
         "NVIDIA A800-SXM4-80GB": 312.0,
         "Tesla V100-SXM2-16GB": None,
     }
-    assert {n: train.known_peak(n) for n in names} == names
+    assert {n: parallel.known_peak(n) for n in names} == names
 
 
 # ----------------------------------------------------------------------------- exports for transformers and PEFT

@@ -1,0 +1,230 @@
+"""A run's folder, for train.py: DCP checkpoints of what trains and the rules for resuming from them, the
+log trimmed on resume, and the export at the end (merged/, adapter/, trainable.safetensors).
+
+    ckpt = checkpoint.open_run_folder(out, resume)              # the checkpoint to resume from, or None
+    checkpoint.save_checkpoint(out, step, m, optim, args, rank, world, device)
+    step = checkpoint.load_checkpoint(ckpt, m, optim, args, rank, world, device)
+    checkpoint.export(out, m, args, rank, fmt, tokenizer)      # fmt, tokenizer: export_plan's, settled first
+
+A checkpoint is checkpoints/step-NNNNNNN/: the trainable weights and the optimizer as DCP shards (each
+process writes its own), each process's RNG state, and state.json (the step, the world size, the flags).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+import data
+import hf
+import lora
+import model
+import parallel
+
+
+def open_run_folder(out, resume):
+    """The checkpoint to resume from (None: start), after checking that `out` may take this run; every
+    process must see the folder. A folder with a checkpoint or an export holds a run; one with only a
+    log.jsonl holds a run that stopped before its first checkpoint: nothing there can be resumed, so a
+    new run replaces the log."""
+    ckpt = parallel.decide(str(checkpoints(out)[-1]) if checkpoints(out) else None)
+    exported = parallel.decide(any((out / name).exists() for name in ("merged", "trainable.safetensors", "adapter")))
+    if (ckpt or exported) and not resume:
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if resume and not ckpt:
+        raise ValueError(
+            f"--resume: {out} holds no checkpoint to continue from"
+            + (" (that run saved none: --save-every 0)" if exported else "")
+            + "; run without --resume to start from the beginning, or choose another --out"
+        )
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    parallel.check_all(
+        out.is_dir() and (ckpt is None or Path(ckpt).is_dir()),
+        f"these processes do not see {ckpt or out}: --out must be a "
+        "folder that every node shares, since every process writes and reads its checkpoints",
+    )
+    return ckpt
+
+
+def checkpoints(out):
+    return sorted((out / "checkpoints").glob("step-*"))
+
+
+def save_checkpoint(out, step, m, optim, args, rank, world, device):
+    """Write checkpoints/step-N via a temporary folder renamed when complete: a kill at any moment leaves
+    the previous checkpoint intact, and a half-written one is never mistaken for a checkpoint."""
+    final, tmp = out / "checkpoints" / f"step-{step:07d}", out / "checkpoints" / f".partial-step-{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(m, optim, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # this rank's GPU's: one per rank
+    torch.save({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, tmp / f"rng-{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, "args": vars(args)}, indent=2))
+        os.replace(tmp, final)
+        for old in checkpoints(out)[: -args.keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+# Settings a resumed run must share with the run it continues (the rest, e.g. --steps, may change).
+SAME_ON_RESUME = (
+    "model",
+    "data",
+    "sft",
+    "seq_len",
+    "attn",
+    "group_size",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "trainable",
+    "rope_scale",
+    "grad_accum",
+    "dtype",
+    "seed",
+    "optim",
+    "weight_decay",
+    "init",
+)
+
+
+def load_checkpoint(ckpt, m, optim, args, rank, world, device):
+    """Restore trainable weights, optimizer and RNG from `ckpt`; returns its step."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        saved = state["args"]
+        changed = [
+            f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
+            for k in SAME_ON_RESUME
+            if saved.get(k) != getattr(args, k)
+        ]
+        before = saved["batch_size"] * state["world"] // saved.get("context_parallel", 1)
+        if before != args.batch_size * world // args.context_parallel:
+            changed.append(
+                f"sequences per micro-step (batch size x processes / context parallel) {before} -> "
+                f"{args.batch_size * world // args.context_parallel}"
+            )
+        if changed:
+            raise ValueError(
+                f"cannot resume {ckpt}: these settings differ from the run that wrote it: {'; '.join(changed)}"
+            )
+        model_sd, optim_sd = get_state_dict(m, optim, options=StateDictOptions(ignore_frozen_params=True))
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=str(ckpt))
+        set_state_dict(
+            m,
+            optim,
+            model_state_dict=sd["model"],
+            optim_state_dict=sd["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+        rng_file = ckpt / f"rng-{rank}.pt"  # a run resumed on more processes: the new ranks take rank 0's
+        rng = torch.load(rng_file if rng_file.exists() else ckpt / "rng-0.pt", weights_only=True)
+    except ValueError:
+        raise
+    except (Exception, dcp.api.CheckpointException) as e:  # a damaged checkpoint (the latter is a BaseException)
+        # DCP's text holds tracebacks
+        cause = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
+        raise ValueError(
+            f"checkpoint {ckpt} cannot be read ({cause}); delete that folder to resume from the one before it"
+        ) from e
+    torch.set_rng_state(rng["cpu"])
+    cuda_rng = rng["cuda"]  # None when the run was on CPU
+    if device.type == "cuda" and isinstance(cuda_rng, list):  # older files: every visible GPU's
+        cuda_rng = cuda_rng[device.index] if device.index < len(cuda_rng) else None
+    if device.type == "cuda" and isinstance(cuda_rng, torch.Tensor):
+        torch.cuda.set_rng_state(cuda_rng, device)
+    return state["step"]
+
+
+def open_log(out, start, first_line):
+    """Print the run's first line and open log.jsonl to append, without the steps after `start` that a
+    killed run logged after its last checkpoint."""
+    print(first_line, flush=True)
+    path = out / "log.jsonl"
+    if path.exists():
+        if not start:
+            print(f"replacing {path}: the run that wrote it stopped before its first checkpoint", flush=True)
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.startswith("{") and line.endswith("}") and json.loads(line)["step"] <= start
+        ]
+        (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(out / ".log.jsonl.tmp", path)
+    return open(path, "a")
+
+
+def export_plan(args, m, dataset):
+    """(format of merged/, tokenizer to copy beside it), settled before training so that nothing fails
+    after it: merged/ in --export-format, else in the base's own format (HF in, HF out; Meta in, Meta out);
+    the tokenizer from --tokenizer, else from the --model folder, else the one the token file was made with."""
+    fmt = args.export_format or ("hf" if (Path(args.model) / "config.json").exists() else "meta")
+    if fmt == "hf" or args.lora_rank:  # the PEFT adapter needs a Hugging Face config for the base too
+        try:
+            hf.rope(m.args)
+        except ValueError as e:
+            if fmt == "hf":
+                raise ValueError(f"{e}: pass --export-format meta") from None
+            print(f"note: no PEFT adapter will be written ({e})", flush=True)
+    sources = [args.tokenizer] if args.tokenizer else [args.model, getattr(dataset, "meta", {}).get("tokenizer")]
+    for src in sources:
+        p = Path(src or "")
+        if (
+            args.tokenizer
+            or p.is_dir()
+            and any((p / n).exists() for n in ("tokenizer.model", "tokenizer.json"))
+            or p.is_file()
+            and src != args.model
+        ):
+            data.load_tokenizer(src)  # a missing or unreadable tokenizer: an error now, not after training
+            return fmt, src
+    print(
+        f"note: no tokenizer in {args.model} or where the token file was made; merged/ will have none (--tokenizer "
+        "copies one)",
+        flush=True,
+    )
+    return fmt, None
+
+
+def export(out, m, args, rank, fmt="meta", tokenizer=None):
+    """trainable.safetensors and adapter/ (LoRA runs), and merged/: the base model with the training
+    folded in; each with the tokenizer beside it."""
+    ignore_frozen = args.lora_rank > 0
+    state = get_model_state_dict(
+        m, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen)
+    )
+    if rank == 0:
+        base = model.init(args.model) if args.init else model.load(args.model)
+        for k in lora.CONTEXT:
+            setattr(base.args, k, getattr(m.args, k))
+        folders = [out / "merged"]
+        if ignore_frozen:
+            lora.save_trainable(m, out / "trainable.safetensors", state=state)
+            hf_base = args.model if (Path(args.model) / "config.json").exists() else None
+            if hf.save_peft(m.args, lora.lora_config(m), state, out / "adapter", base=hf_base):
+                folders.append(out / "adapter")
+            lora.merge_lora(lora.load_trainable(base, out / "trainable.safetensors"))
+        else:
+            base.load_state_dict({k: v.to(base.tok_embeddings.weight.dtype) for k, v in state.items()}, assign=True)
+        model.save(base, out / "merged", format=fmt, overwrite=True)
+        for folder in folders if tokenizer else []:
+            data.save_tokenizer(tokenizer, folder)
+    dist.barrier()

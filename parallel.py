@@ -1,0 +1,267 @@
+"""Parallelism for train.py, kept out of the model and the loop: the process group and what its ranks
+agree on, FSDP2 sharding from the meta device with each rank holding only its rows, activation
+checkpointing and offload, context parallelism's halo, and device facts (peak TFLOP/s, peak memory).
+
+    rank, world, device = parallel.setup_distributed()    # torchrun's group, or a one-process one
+    parallel.parallelize(m, device=device, world=world)   # m on the meta device: checkpointing + FSDP2
+    parallel.materialize(m, device, rank, world, read)    # each rank allocates and fills its rows
+
+One code path from one CPU process to many GPUs on many nodes: on CUDA nccl carries the collectives of
+device tensors and gloo those of host objects; on a CPU gloo carries both.
+"""
+
+import contextlib
+import datetime
+import functools
+import os
+import resource
+import socket
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+import model
+
+# ----------------------------------------------------------------------------- processes
+
+
+def setup_distributed(choice="auto"):
+    """Join torchrun's process group, or make a one-process group: one code path at every scale. On CUDA,
+    process LOCAL_RANK drives GPU LOCAL_RANK and the group carries both CUDA collectives (nccl) and CPU
+    ones (gloo: object broadcasts, checkpoint metadata); on CPU it is gloo alone."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+    # Ranks wait at a barrier while rank 0 alone writes the merged model: minutes for a 70B, past the
+    # default 10-minute collective timeout.
+    timeout = datetime.timedelta(hours=2)
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        gpus, local = torch.cuda.device_count(), int(os.environ["LOCAL_RANK"])
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        if gpus == 0:
+            raise ValueError(
+                "--device cuda, but this process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver); use --device "
+                "cpu"
+            )
+        if max(per_node, local + 1) > gpus:
+            raise ValueError(
+                f"{per_node} processes on this node but {gpus} GPU(s) visible: run one process per GPU "
+                f"(torchrun --nproc-per-node {gpus}; a launcher that gives each process one GPU must leave "
+                "CUDA_VISIBLE_DEVICES listing all of the node's), or --device cpu"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def decide(value):
+    """Rank 0's `value`, on every rank: what the ranks must agree on (which checkpoint to resume, whether to
+    export) is decided once, so ranks that see the disk differently cannot take different paths and hang."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_all(ok, message):
+    """Raise ValueError(message) on every rank if `ok` is False on any: an error that only some ranks
+    raised would leave the others waiting in the next collective."""
+    oks = [None] * dist.get_world_size()
+    dist.all_gather_object(oks, bool(ok))
+    if not all(oks):
+        raise ValueError(f"{message} (processes {', '.join(str(r) for r, o in enumerate(oks) if not o)})")
+
+
+def on_rank_zero(fn, rank):
+    """fn()'s result, computed on rank 0 alone and given to every rank; an error it raises (bad input)
+    is raised on every rank, so none is left waiting in a collective."""
+    result = None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # any: a corrupt tokenizer file raises tokenizers' plain Exception
+            result = (
+                e
+                if isinstance(e, (FileNotFoundError, ValueError, ImportError))
+                else ValueError(f"{type(e).__name__}: {e}")
+            )
+    result = decide(result)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def max_over_ranks(values, device):
+    """The largest of each value over all processes (a list of floats)."""
+    t = torch.tensor(values if isinstance(values, (list, tuple)) else [values], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True, offload=False, context_parallel=1):
+    """Activation checkpointing per block, then FSDP2 over `world` processes: each block is one unit, then
+    the root; parameters gathered in `dtype`, gradients reduced in float32. offload=True: the checkpointed
+    block inputs wait for backward in host memory (pinned on CUDA) instead of the device's.
+    context_parallel=P: each process runs S2-Attn on one of P slices of every sequence (halo_exchange)."""
+    if context_parallel > 1:
+        a = m.layers[0].attention
+        m.set_attention(a.group_size, a.backend, a.shift, halo=halo_exchange(context_group(context_parallel)))
+    if checkpointing:
+        for block in m.layers:
+            block.forward = functools.partial(checkpointed, block.forward, offload=offload, pin=device.type == "cuda")
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in m.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(m, mesh=mesh, mp_policy=mp)
+    return m
+
+
+def materialize(m, device, rank, world, read):
+    """Allocate the shards of `m` (on the meta device, sharded by parallelize) on `device` and fill each
+    with this rank's rows of read(name), the parameter's whole tensor: a checkpoint read one tensor at a
+    time, so host memory per process is its share plus one tensor."""
+    m.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            keep_rows(p, read(name), rank, world)
+    return m
+
+
+def keep_rows(p, full, rank, world):
+    """Copy this rank's rows of `full` into p, a parameter FSDP2 sharded on dim 0 the way torch.chunk
+    splits: rank r holds rows [r * c, (r + 1) * c), c = ceil(rows / world) (fewer, or none, at the end)."""
+    local = p.to_local()
+    start = min(rank * -(-full.shape[0] // world), full.shape[0])
+    local.copy_(full.narrow(0, start, local.shape[0]))
+
+
+def checkpointed(forward, *args, offload=False, pin=False, **kwargs):
+    """forward(*args, **kwargs) under activation checkpointing: only its inputs are kept for backward,
+    which runs it again. offload: those inputs are kept in host memory, pinned where `pin` (torch 2.13's
+    save_on_cpu copies them there asynchronously, 2.11's waits for each copy). (Non-reentrant checkpointing saves
+    its inputs through autograd's saved-tensor hooks, outside its own, so save_on_cpu takes exactly them;
+    the recompute in backward runs outside it, on the device.)"""
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- context parallelism
+# Every sequence is split into P contiguous slices held by P consecutive processes (a context group);
+# data parallelism runs over the world / P groups. Slices start on S2-Attn group borders, so the only
+# traffic is the halo: per layer, each process sends its last ceil(G/2) keys and values of the shifted
+# heads to the next slice's process, and in backward their gradients come back.
+
+
+def context_group(P):
+    """This process's group of P consecutive ranks, [P * (rank // P), P * (rank // P) + P)."""
+    group, _ = dist.new_subgroups(group_size=P)  # every rank makes every group, in the same order
+    return group
+
+
+def halo_exchange(group):
+    """S2-Attn's halo for the context group `group` (s2attn._with_halo): halo(tail) sends this slice's
+    tail (B, h, ...) to the next slice's process and returns the previous slice's, or (B, 0, ...) on the
+    first slice; backward sends the gradient of what it received back, and returns the gradient of the
+    tail (zero on the last slice, whose tail went nowhere). The first and last slices take part in both
+    directions, so every process runs the same sequence of exchanges, in forward, in the recompute of
+    activation checkpointing and in backward. halo.sent counts the bytes this process has sent."""
+    ranks = dist.get_process_group_ranks(group)
+    i = ranks.index(dist.get_rank())
+    prev, nxt = (ranks[i - 1] if i > 0 else None), (ranks[i + 1] if i + 1 < len(ranks) else None)
+
+    def swap(send, to, shape, source):
+        """Send `send` to rank `to`, and receive a tensor of `shape` (and send's dtype) from rank `source`
+        (None: no such peer)."""
+        ops, got = [], None
+        if to is not None:
+            ops.append(dist.P2POp(dist.isend, send.contiguous(), to, group))
+            halo.sent += send.numel() * send.element_size()
+        if source is not None:
+            got = send.new_empty(shape)
+            ops.append(dist.P2POp(dist.irecv, got, source, group))
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        return got
+
+    class Halo(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, tail):
+            ctx.shape = tail.shape
+            got = swap(tail, nxt, tail.shape, prev)
+            return got if got is not None else tail.new_empty(tail.shape[0], 0, *tail.shape[2:])
+
+        @staticmethod
+        def backward(ctx, grad):
+            got = swap(grad, prev, ctx.shape, nxt)
+            return got if got is not None else grad.new_zeros(ctx.shape)
+
+    def halo(tail):
+        return Halo.apply(tail)
+
+    halo.sent = 0
+    return halo
+
+
+# ----------------------------------------------------------------------------- device facts
+
+
+def default_backend(on_cuda, dtype):
+    """flash where it runs (CUDA, with flash-attn or torch's varlen kernel) and in bf16, else sdpa."""
+    return "flash" if on_cuda and "flash" in model.BACKENDS and dtype == "bfloat16" else "sdpa"
+
+
+# Dense bf16 peaks (TFLOP/s): NVIDIA's datasheet figures "with sparsity", halved. Matched against
+# torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", ...): the first key it contains
+# wins, so every variant comes before its family's SXM entry (and GB200 before B200).
+PEAK_BF16_TFLOPS = (
+    ("H100 NVL", 835.5),
+    ("H100 PCIe", 756.0),
+    ("H800 PCIe", 756.0),
+    ("H200 NVL", 835.5),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("H200", 989.4),  # SXM, and GH200 (the same chip)
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+)
+
+
+def peak_tflops(device, dtype, given=None):
+    """The device's peak TFLOP/s in `dtype` for the MFU: `given` (--peak-tflops), else the known bf16
+    peak of the GPU, else None (a CPU, float32, an unknown GPU)."""
+    if given or device.type != "cuda" or dtype != "bfloat16":
+        return given
+    return known_peak(torch.cuda.get_device_name(device))
+
+
+def known_peak(name):
+    """The dense bf16 TFLOP/s of the GPU called `name`, or None if it is not in PEAK_BF16_TFLOPS."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def peak_memory_gb(device):
+    """(device, host) peak memory of this process so far in GiB: the GPU's allocations on CUDA, the
+    process's resident memory on CPU; and the process's resident memory (ru_maxrss: KiB on Linux)."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else host), host
