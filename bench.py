@@ -5,6 +5,7 @@ machine, torch version and date are printed with it. Timings are compared as rat
     python bench.py attn                    # attention kernels, full vs S2, forward + backward
     python bench.py step                    # one LoRA+ training step, full vs S2 (and transformers + PEFT)
     python bench.py fit                     # the longest LoRA+ S2 step that fits on this GPU (CUDA only)
+    python bench.py memory --shape 7b --dtype bfloat16   # the memory model: peak per GPU, longest context
 
 Defaults depend on the machine. CPU: attention with 8 heads of 64 up to 16k tokens; training steps of
 a small Llama shape (`--shape small`) at 2k to 8k. CUDA: Llama 2 7B's 32 heads of 128 up to 128k;
@@ -608,7 +609,10 @@ def main(argv=None):
     if args.cmd in ("all", "fit"):
         bench_fit(args)
     if args.cmd == "memory":
-        bench_memory(args)
+        try:
+            bench_memory(args)
+        except ValueError as e:  # a layout the model refuses (a split that cuts S2 groups)
+            p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ A checkpoint is checkpoints/step-NNNNNNN/: the trainable weights and the optimiz
 process writes its own), each process's RNG state, and state.json (the step, the world size, the flags).
 """
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -34,9 +36,10 @@ import parallel
 
 def open_run_folder(out, resume):
     """The checkpoint to resume from (None: start), after checking that `out` may take this run; every
-    process must see the folder. A folder with a checkpoint or an export holds a run; one with only a
-    log.jsonl holds a run that stopped before its first checkpoint: nothing there can be resumed, so a
-    new run replaces the log."""
+    process must see the folder, and rank 0 holds its lock (lock). A folder with a checkpoint or an export
+    holds a run; one with only a log.jsonl holds a run that stopped before its first checkpoint: nothing
+    there can be resumed, so a new run replaces the log."""
+    parallel.on_rank_zero(lambda: lock(out), dist.get_rank())
     ckpt = parallel.decide(str(checkpoints(out)[-1]) if checkpoints(out) else None)
     exported = parallel.decide(any((out / name).exists() for name in ("merged", "trainable.safetensors", "adapter")))
     if (ckpt or exported) and not resume:
@@ -44,7 +47,7 @@ def open_run_folder(out, resume):
     if resume and not ckpt:
         raise ValueError(
             f"--resume: {out} holds no checkpoint to continue from"
-            + (" (that run saved none: --save-every 0)" if exported else "")
+            + (" (its checkpoints were deleted)" if exported else "")
             + "; run without --resume to start from the beginning, or choose another --out"
         )
     if dist.get_rank() == 0:
@@ -56,6 +59,45 @@ def open_run_folder(out, resume):
         "folder that every node shares, since every process writes and reads its checkpoints",
     )
     return ckpt
+
+
+_LOCKS = []  # the open folders whose locks this process holds, for its whole life
+
+
+def lock(out):
+    """An exclusive lock on the folder `out` (made if new), held until this process ends, however it
+    ends (the operating system drops it): a second run on the folder, fresh, --resume or export-only,
+    is refused at once, naming the process that holds it. Nothing is written. Where the filesystem has
+    no locks (some network mounts), a note says so and the run goes on."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FileExistsError(
+            f"{out} is in use by {holder(out)}: a run folder takes one run at a time; let that run end or stop it, "
+            "or choose another --out"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        print(f"note: {out} cannot be locked ({e.strerror}): make sure that no other run uses it", flush=True)
+        return
+    _LOCKS.append(fd)
+
+
+def holder(out):
+    """Who holds the lock on `out`: the process as Linux lists it in /proc/locks, or where it does not
+    (another host on a shared filesystem) "a process on another host"."""
+    st = os.stat(out)
+    me = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:  # "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF"
+            pids = [line.split()[4] for line in f if line.split()[1:2] == ["FLOCK"] and line.split()[5] == me]
+        cmd = Path(f"/proc/{pids[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (OSError, IndexError):
+        return "a process on another host"
+    return f"process {pids[0]} on {socket.gethostname()} ({cmd if len(cmd) < 100 else cmd[:97] + '...'})"
 
 
 def checkpoints(out):
@@ -170,6 +212,19 @@ def open_log(out, start, first_line):
         (out / ".log.jsonl.tmp").write_text("".join(line + "\n" for line in kept))
         os.replace(out / ".log.jsonl.tmp", path)
     return open(path, "a")
+
+
+def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem):
+    """One line of log.jsonl, and the progress bar's figures: `tokens` and `flops` of the step, `dt` its
+    seconds, `peak` the device's TFLOP/s (None: no MFU), `mem` the (device, host) peak GB."""
+    rec = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, tokens_per_s=tokens / dt, step_s=dt)
+    rec.update(tflops=flops / dt / 1e12, mfu=flops / dt / 1e12 / peak if peak else None)
+    rec.update(peak_mem_gb=mem[0], host_mem_gb=mem[1])
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    mfu = {"mfu": f"{rec['mfu']:.0%}"} if peak else {}
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem[0]:.1f}G", **mfu)
+    bar.update()
 
 
 def export_plan(args, m, dataset):

@@ -7,7 +7,7 @@ Tokenizers: sentencepiece `tokenizer.model` (Llama 2), Llama 3's tiktoken `token
 `pip install tiktoken`), or a Hugging Face `tokenizer.json` (needs `pip install tokenizers`); PATH is
 the file or the model folder that holds it. A token file is the documents' ids back to back, each
 document as BOS + text + EOS, stored as uint16 when the vocabulary fits and uint32 otherwise, with a
-JSON file beside it (dtype, tokens, documents, vocab_size, max_id, tokenizer).
+JSON file beside it (dtype, tokens, documents, vocab_size, max_id, the tokenizer's path and fingerprint).
 
 Training reads it in windows of seq_len + 1 tokens (inputs and next-token targets), in an order that
 depends only on the seed and the global sample index: 1 process and 8 see the same samples, and a
@@ -17,6 +17,7 @@ resumed run continues the same sequence. Supervised examples (LongAlpaca's `inst
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import sys
@@ -69,6 +70,14 @@ def load_tokenizer(path):
     if len(first) == 2 and first[1].isdigit():  # "<base64 token> <rank>" lines: Llama 3's tiktoken format
         return _tiktoken_tokenizer(path)
     return _sentencepiece_tokenizer(path)
+
+
+def fingerprint(tok):
+    """A hash of what decides the ids: the tokenizer file's bytes, its BOS and EOS ids and its size. Two
+    tokenizers with the same fingerprint give the same token files."""
+    h = hashlib.sha256(Path(tok.name).read_bytes())
+    h.update(f"{tok.bos_id} {tok.eos_id} {tok.vocab_size}".encode())
+    return h.hexdigest()
 
 
 def _sentencepiece_tokenizer(path):
@@ -129,7 +138,10 @@ def _hf_tokenizer(path):
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError as e:
         raise ImportError(f"{path} is a Hugging Face tokenizer: pip install tokenizers") from e
-    tok = HFTokenizer.from_file(str(path))
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a plain Exception for a file it cannot parse
+        raise ValueError(f"{path} cannot be read as a tokenizer.json ({type(e).__name__}: {e})") from None
     cfg_file = path.parent / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
 
@@ -305,6 +317,7 @@ def tokenize(tokenizer_path, out, inputs, overwrite=False):
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
         "tokenizer": str(Path(tokenizer_path).resolve()),
+        "tokenizer_sha256": fingerprint(tok),
     }
     _publish(tmp, out, meta)
     return meta
@@ -341,6 +354,11 @@ def read_tokens(path):
             f"{meta_path} is missing: token files come with their JSON; make them with python data.py tokenize"
         )
     meta = json.loads(meta_path.read_text())
+    if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:
+        raise ValueError(
+            f"{path} is {path.stat().st_size} bytes, not a whole number of {meta['dtype']} tokens: it is truncated or "
+            "damaged; tokenize it again (python data.py tokenize)"
+        )
     tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
     if len(tokens) != meta["tokens"]:
         raise ValueError(
@@ -394,19 +412,27 @@ PROMPT = "[INST] {instruction}{input} [/INST] "  # Llama 2 chat's turn markers; 
 def sft_example(tok, ex, seq_len):
     """(inputs, targets) of one LongAlpaca example: BOS + prompt + output + EOS, truncated to seq_len + 1
     tokens; the prompt's targets are IGNORE, so only the answer is learned."""
-    if "instruction" not in ex or "output" not in ex:
-        raise ValueError(f"an SFT example needs 'instruction' and 'output' (optional 'input'); got keys {sorted(ex)}")
-    extra = f"\n\n{ex['input']}" if ex.get("input") else ""
-    prompt = tok.encode(PROMPT.format(instruction=ex["instruction"], input=extra), bos=True)
-    answer = tok.encode(ex["output"], bos=False, eos=True)
+    prompt, answer = sft_tokens(tok, ex)
     ids = torch.tensor((prompt + answer)[: seq_len + 1])
     targets = ids[1:].clone()
     targets[: len(prompt) - 1] = IGNORE  # position t predicts token t + 1: the first answer token is learned
     return ids[:-1], targets
 
 
+def sft_tokens(tok, ex):
+    """(prompt ids with BOS, answer ids with EOS) of one LongAlpaca example, or ValueError naming what it lacks."""
+    if not isinstance(ex, dict) or not all(isinstance(ex.get(k), str) for k in ("instruction", "output")):
+        got = f"keys {sorted(ex)}" if isinstance(ex, dict) else type(ex).__name__
+        raise ValueError(f"an SFT example needs 'instruction' and 'output' texts (optional 'input'); got {got}")
+    extra = f"\n\n{ex['input']}" if ex.get("input") else ""
+    prompt = tok.encode(PROMPT.format(instruction=ex["instruction"], input=extra), bos=True)
+    return prompt, tok.encode(ex["output"], bos=False, eos=True)
+
+
 class SFTExamples:
-    """LongAlpaca-style examples from a .json list or a .jsonl file: dataset[i] -> (inputs, targets)."""
+    """LongAlpaca-style examples from a .json list or a .jsonl file: dataset[i] -> (inputs, targets). Every
+    example is read and tokenized once when the file is opened, so a bad one stops the run before its first
+    step, named by its number in the file."""
 
     def __init__(self, path, tokenizer, seq_len, seed=0):
         path = Path(path)
@@ -420,6 +446,16 @@ class SFTExamples:
         )
         if not self.examples:
             raise ValueError(f"{path} holds no examples")
+        for n, ex in enumerate(self.examples, 1):
+            try:
+                prompt, _ = sft_tokens(tokenizer, ex)
+            except ValueError as e:
+                raise ValueError(f"{path}, example {n}: {e}") from None
+            if len(prompt) > seq_len:
+                raise ValueError(
+                    f"{path}, example {n}: its prompt is {len(prompt)} tokens, so --seq-len {seq_len} leaves none of "
+                    "its answer to learn; raise --seq-len or leave the example out"
+                )
         self.tok, self.seq_len, self.seed, self.n = tokenizer, seq_len, seed, len(self.examples)
 
     def __getitem__(self, i):

@@ -24,7 +24,7 @@ import model
 import parallel
 import train
 
-DEMO = Path(__file__).resolve().parent / "demo"  # model/ and tokenizer.model, made by demo/make.sh
+DEMO = Path(__file__).resolve().parent / "demo"  # model/ (weights and tokenizer), made by demo/make.sh
 
 
 def demo(
@@ -42,7 +42,7 @@ def demo(
             flush=True,
         )
         for split in ("train", "held-out"):
-            data.tokenize(DEMO / "tokenizer.model", out / "data" / f"{split}.bin", [f"shakespeare:{split}"])
+            data.tokenize(DEMO / "model", out / "data" / f"{split}.bin", [f"shakespeare:{split}"])
     dist.barrier()
     held = data.read_tokens(out / "data" / "held-out.bin")[0][:eval_tokens]
     ppl = lambda m, n: ev.perplexity(m, held, n, stride=n, progress=False)  # noqa: E731  non-overlapping windows

@@ -242,7 +242,16 @@ def plot_passkey(results, path, title):
     ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=title)
     for i, row in enumerate(grid):
         for j, acc in enumerate(row):
-            ax.text(j, i, f"{acc:.0%}", ha="center", va="center", fontsize=8)
+            # white on the dark ends of the colour map (red and green), black between
+            ax.text(
+                j,
+                i,
+                f"{acc:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if abs(acc - 0.5) > 0.3 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -280,7 +289,7 @@ def parser():
         ("ppl", "perplexity at several context lengths"),
         ("passkey", "passkey retrieval accuracy by length and depth"),
     ):
-        s = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        s = sub.add_parser(name, help=help_, description=f"eval.py {name}: {help_} (eval.py --help: the whole story)")
         s.add_argument("--model", required=True, help="a folder model.load opens (Meta, HF, or a run's merged/)")
         s.add_argument(
             "--trainable", help="a trainable-weights file (train.py's trainable.safetensors) to apply to --model"
@@ -362,7 +371,8 @@ def main(argv=None):
             }
             Path(args.json).write_text(json.dumps(as_json, indent=2))
         if args.plot:
-            title = f"{Path(args.model).name} ({args.attn} attention)"
+            run = Path(args.model).resolve()  # a run's merged/ is named by its run folder
+            title = f"{run.parent.name if run.name == 'merged' else run.name} ({args.attn} attention)"
             (plot_perplexity if args.cmd == "ppl" else plot_passkey)(results, args.plot, title)
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")

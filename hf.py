@@ -10,6 +10,7 @@ tensors. model.load and model.save call it for HF folders; checkpoint.py's expor
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -173,12 +174,33 @@ def config(args, dtype):
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
+def _open(file):
+    """safetensors' safe_open, with an error that names the file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as e:  # safetensors' own error: a truncated or damaged file
+        raise ValueError(
+            f"cannot read {file} ({e}): the file is incomplete or damaged; download or save it again"
+        ) from None
+
+
+def save_file(tensors, path, metadata=None):
+    """safetensors' save_file, the file then given the modes the umask allows, as every other file gets
+    (safetensors writes a private temporary file, mode 0600, and renames it)."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def read_weights(path, args):
     """The weights of the HF folder `path` (one *.safetensors file or an index of shards) for a model with
     `args`: (Meta name -> shape, read(Meta name) -> tensor in Meta's layout, the embedding's dtype), nothing
     read yet but the headers."""
-    from safetensors import safe_open
-
     path = Path(path)
     index = path / "model.safetensors.index.json"
     files = (
@@ -193,7 +215,7 @@ def read_weights(path, args):
         )
     where, shapes, dtypes = {}, {}, {}  # Meta name -> (file, HF name), shape, stored dtype
     for file in files:
-        with safe_open(path / file, framework="pt") as f:
+        with _open(path / file) as f:
             for k in f.keys():
                 if "rotary_emb.inv_freq" not in k:  # a buffer some old checkpoints saved
                     where[meta_name(k)] = (path / file, k)
@@ -206,7 +228,7 @@ def read_weights(path, args):
 
     def read(k):
         file, hf_name = where[k]
-        with safe_open(file, framework="pt") as f:
+        with _open(file) as f:
             t = f.get_tensor(hf_name)
         w = k.split(".")[-2]
         return permute(t, heads[w], inverse=True) if w in heads and k.startswith("layers.") else t
@@ -217,8 +239,6 @@ def read_weights(path, args):
 def files(args, sd, max_shard_bytes):
     """{file name: write(path)} of an HF folder holding the Meta-named state dict `sd`: config.json and the
     safetensors, sharded with an index above max_shard_bytes."""
-    from safetensors.torch import save_file
-
     cfg = config(args, sd["tok_embeddings.weight"].dtype)
     out = to_hf(args, sd)
     shards, size = [{}], 0
@@ -260,8 +280,6 @@ def save_peft(args, lora_cfg, state, folder, base=None):
     RoPE layout (A's rows are the rank). The embedding and norms travel in `modules_to_save`, and with
     tied embeddings the output head too (PEFT would otherwise keep the base's). Returns False, writing
     nothing, where a Hugging Face config cannot express the model's RoPE scaling."""
-    from safetensors.torch import save_file
-
     try:
         scaling = rope(args) or {"rope_type": "default"}
     except ValueError:

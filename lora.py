@@ -16,6 +16,7 @@ useless without its embedding and norms: save_trainable keeps all three together
 
 import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -139,6 +140,9 @@ def save_trainable(model, path, state=None):
     context = {k: getattr(model.args, k) for k in CONTEXT}
     metadata = {"lora": json.dumps(lora_config(model)), "context": json.dumps(context)}
     save_file({k: t.contiguous() for k, t in state.items()}, str(path), metadata=metadata)
+    mask = os.umask(0)  # safetensors writes a private file (0600): give it the modes of the umask, as any other
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def load_trainable(model, path):

@@ -15,7 +15,9 @@ import datetime
 import functools
 import os
 import resource
+import signal
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -97,7 +99,7 @@ def on_rank_zero(fn, rank):
         except Exception as e:  # any: a corrupt tokenizer file raises tokenizers' plain Exception
             result = (
                 e
-                if isinstance(e, (FileNotFoundError, ValueError, ImportError))
+                if isinstance(e, (FileNotFoundError, FileExistsError, ValueError, ImportError))
                 else ValueError(f"{type(e).__name__}: {e}")
             )
     result = decide(result)
@@ -111,6 +113,44 @@ def max_over_ranks(values, device):
     t = torch.tensor(values if isinstance(values, (list, tuple)) else [values], device=device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+class Stop:
+    """Whether this process is asked to stop after the step in progress: by SIGTERM (what SLURM,
+    Kubernetes and preemptible clouds send before they kill a job) or SIGINT (Ctrl-C), or because its
+    launcher died (torchrun starts its workers in sessions of their own, so they would train on). A
+    second signal stops the process at once. code(): 0, the signal's number, or ORPHANED; the training
+    loop takes the largest over all processes, so that every process stops at the same step."""
+
+    ORPHANED = 1000
+
+    def __init__(self, signals=True):
+        self.signal = 0
+        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
+        if signals:  # (only the main thread can take them)
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal:
+            print(f"{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+
+    def code(self):
+        return self.ORPHANED if self.parent is not None and os.getppid() != self.parent else self.signal
+
+    def why(self, code):
+        return "its launcher is gone" if code == self.ORPHANED else signal.Signals(code).name
+
+
+class Stopped(Exception):
+    """The run stopped cleanly before its last step (Stop); the message says how to go on, and `exit` is
+    the process's exit status (128 + the signal's number, as a shell reports a process a signal ended)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.exit = 1 if code == Stop.ORPHANED else 128 + code
 
 
 # ----------------------------------------------------------------------------- sharding

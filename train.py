@@ -25,7 +25,6 @@ from the latest), and at the end, each with the tokenizer beside it:
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -139,20 +138,32 @@ def fresh_adapters(m, seed, dtype):
 
 
 def load_data(args, vocab_size):
-    if args.data:
-        ds = data.TokenWindows(args.data, args.seq_len, seed=args.seed)
-        if ds.meta["max_id"] >= vocab_size:
+    """The dataset and its padding id, checked before the model loads: every SFT example, and a token file's
+    ids against the model's vocabulary and its tokenizer against the model's own (--tokenizer, else the one
+    in the --model folder, if any)."""
+    in_folder = any((Path(args.model) / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
+    own = args.tokenizer or (args.model if in_folder else None)
+    if args.sft:
+        tok = data.load_tokenizer(own or args.model)
+        if tok.vocab_size > vocab_size:
             raise ValueError(
-                f"{args.data} holds token ids up to {ds.meta['max_id']}, but the model's vocabulary has {vocab_size}: "
-                f"it was tokenized with another tokenizer ({ds.meta['tokenizer']})"
+                f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer"
             )
-        return ds, 0
-    tok = data.load_tokenizer(args.tokenizer or args.model)
-    if tok.vocab_size > vocab_size:
+        return data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed), tok.eos_id
+    ds = data.TokenWindows(args.data, args.seq_len, seed=args.seed)
+    other = f"it was tokenized with another tokenizer ({ds.meta['tokenizer']})"
+    if ds.meta["max_id"] >= vocab_size:
         raise ValueError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer"
+            f"{args.data} holds token ids up to {ds.meta['max_id']}, but the model's vocabulary has {vocab_size}: "
+            + other
         )
-    return data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed), tok.eos_id
+    made = ds.meta.get("tokenizer_sha256")  # (token files made before it was recorded have none)
+    if own and made and made != data.fingerprint(data.load_tokenizer(own)):
+        whose = "--tokenizer" if args.tokenizer else "the model's own tokenizer"
+        raise ValueError(
+            f"{args.data}: {other}, not with {whose} ({own}): tokenize it with that one, or pass --tokenizer"
+        )
+    return ds, 0
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -208,18 +219,20 @@ def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, st
     return loss, norm
 
 
-def train(args, rank, world, device):
-    """The run that `args` (parse_args) describes, as process `rank` of `world`."""
-    out, P = Path(args.out), args.context_parallel
+def train(args, rank, world, device, stop=None):
+    """The run that `args` (parse_args) describes, as process `rank` of `world`; `stop` (parallel.Stop):
+    what asks it to stop early (default: only a launcher that died)."""
+    out, P, stop = Path(args.out), args.context_parallel, stop or parallel.Stop(signals=False)
     if world % P:
         raise ValueError(
             f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P} processes (data "
             "parallelism runs over world / P groups)"
         )
     # 1. The run folder, the model (LongLoRA applied, sharded), the data, and what the export will write.
-    ckpt = checkpoint.open_run_folder(out, args.resume)
+    ckpt = checkpoint.open_run_folder(out, args.resume)  # rank 0 holds its lock from here on
+    vocab_size = (model.random_weights if args.init else model.read_checkpoint)(args.model)[0].vocab_size
+    dataset, pad_id = load_data(args, vocab_size)
     m = build_model(args.model, rank, world, device, **build_settings(args))
-    dataset, pad_id = load_data(args, m.args.vocab_size)
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)
     loaded = parallel.max_over_ranks(parallel.peak_memory_gb(device)[1], device)[0]  # host GB, fullest process
     # 2. The optimizer over the trainable shards (FSDP2's: the only copies there are), resumed if asked.
@@ -263,18 +276,23 @@ def train(args, rank, world, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels are done: the timer measures them, not their launch
         dt = time.perf_counter() - t0
-        # this process's share of the step's model FLOPs; the fullest process's (device, host) peak memory
+        # this process's share of the step's model FLOPs; over all processes, the fullest one's peak memory
+        # (device, host), and whether any is asked to stop (all then stop here)
         flops = step_flops(m.args, micro, P, group_size=group_size, lora=lora_run)
-        mem = parallel.max_over_ranks(parallel.peak_memory_gb(device), device)
+        *mem, asked = parallel.max_over_ranks([*parallel.peak_memory_gb(device), stop.code()], device)
         if rank == 0:
-            write_log(log, bar, step, loss, lr, norm, tokens, dt, flops, peak, mem)
-        if args.save_every and step % args.save_every == 0 and step < args.steps:  # outside the timed step
+            checkpoint.write_log(log, bar, step, loss, lr, norm, tokens, dt, flops, peak, mem)
+        if (asked or args.save_every and step % args.save_every == 0) and step < args.steps:  # outside the timing
             checkpoint.save_checkpoint(out, step, m, optim, args, rank, world, device)
             saved = step
+        if asked and step < args.steps:  # a signal, or a launcher gone, on any process: stop after the checkpoint
+            bar.close()
+            why = stop.why(int(asked))
+            raise parallel.Stopped(f"stopped at step {step} ({why}): --resume continues from step {step}", int(asked))
     bar.close()
     # 4. The last checkpoint and the export (a resume that only redoes a failed export has its checkpoint).
     if parallel.decide(start < args.steps or not (out / "merged").exists()):
-        if args.save_every and start < args.steps:
+        if start < args.steps:
             checkpoint.save_checkpoint(out, args.steps, m, optim, args, rank, world, device)
         checkpoint.export(out, m, args, rank, fmt, tokenizer)
     if rank == 0:
@@ -328,19 +346,6 @@ def describe(args, m, trainable, world, device, start, loaded):
     parts.append(f"RoPE positions / {m.args.rope_interpolation:g}")
     parts += [f"resuming after step {start}"] if start else []
     return "; ".join(parts + [f"{loaded:.2f} GB host memory per process after loading"])
-
-
-def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem):
-    """One line of log.jsonl, and the progress bar's figures: `tokens` and `flops` of the step, `dt` its
-    seconds, `peak` the device's TFLOP/s (None: no MFU), `mem` the (device, host) peak GB."""
-    rec = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, tokens_per_s=tokens / dt, step_s=dt)
-    rec.update(tflops=flops / dt / 1e12, mfu=flops / dt / 1e12 / peak if peak else None)
-    rec.update(peak_mem_gb=mem[0], host_mem_gb=mem[1])
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
-    mfu = {"mfu": f"{rec['mfu']:.0%}"} if peak else {}
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem[0]:.1f}G", **mfu)
-    bar.update()
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -459,17 +464,12 @@ def build_settings(args):
         rope_scale=args.rope_scale,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
-        lora_targets=split_list(args.lora_targets),
-        trainable=split_list(args.trainable),
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),  # "wq,wk" -> ("wq", "wk")
+        trainable=tuple(t for t in args.trainable.split(",") if t),  # "" -> (): plain LoRA
         attn=args.attn,
         group_size=args.group_size,
         backend=args.backend,
     )
-
-
-def split_list(text):
-    """ "wq,wk" -> ("wq", "wk"); "" -> ()."""
-    return tuple(t for t in text.split(",") if t)
 
 
 def main(argv=None):
@@ -477,14 +477,18 @@ def main(argv=None):
     if not argv:  # the demo lives in demo.py, which imports this file: hand the process over to it
         os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("demo.py"))])
     args = parse_args(argv)
+    rank, code = int(os.environ.get("RANK", 0)), 0
     try:
+        stop = parallel.Stop()  # SIGTERM and Ctrl-C: a checkpoint after the step in progress, then stop
         rank, world, device = parallel.setup_distributed(args.device)
-        train(args, rank, world, device)
+        train(args, rank, world, device, stop)
+    except parallel.Stopped as e:
+        if rank == 0:
+            print(e, file=sys.stderr, flush=True)
+        code = e.exit
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
-    else:
-        code = 0
     sys.stdout.flush()
     if dist.is_initialized():
         dist.destroy_process_group()

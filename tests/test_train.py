@@ -4,6 +4,7 @@ they wrote (log.jsonl, safetensors), not only by their exit code."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,10 +220,11 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
         (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
         flags += ["--resume"]
         expect = f"--resume: {out} holds no checkpoint to continue from; run without --resume"
-    elif case == "resume-no-checkpoint":  # a finished run that saved no checkpoint
+    elif case == "resume-no-checkpoint":  # a finished run whose checkpoints were deleted
         run_train(setup, out, "--steps", "1", "--save-every", "0")
+        shutil.rmtree(out / "checkpoints")
         flags += ["--resume"]
-        expect = "holds no checkpoint to continue from (that run saved none: --save-every 0)"
+        expect = "holds no checkpoint to continue from (its checkpoints were deleted)"
     elif case == "corrupt-tokenizer-2proc":  # an unreadable file: tokenizers raises a plain Exception on rank 0
         (tmp_path / "bad.json").write_text("{ not a tokenizer")
         flags += ["--tokenizer", str(tmp_path / "bad.json")]
@@ -721,3 +723,151 @@ def test_peft_adapter_equals_the_merged_model(tmp_path, tied, targets, extra):
     x = torch.randint(0, m.args.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
     merged = lora.merge_lora(m)(x).detach()
     torch.testing.assert_close(peft_logits(tmp_path / "base", tmp_path / "adapter", x), merged, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- a user's mistakes, a cluster's faults
+
+
+def train_cli(*args, nproc=1, background=False, log=None):
+    """train.py with exactly `args` (one process, or `nproc` under torchrun); background: a Popen whose
+    output goes to the file `log`."""
+    launcher = [sys.executable] + (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] * (nproc > 1)
+    )
+    cmd, env = launcher + [str(ROOT / "train.py"), *map(str, args)], {**os.environ, "OMP_NUM_THREADS": "1"}
+    if background:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def run_until(setup, out, steps, *flags, nproc=1):
+    """A long run in the background, returned once its log holds `steps` steps: (process, its output file)."""
+    log = open(out.parent / f"{out.name}.out", "w")
+    common = ["--model", setup / "base", "--data", setup / "train.bin", "--out", out, "--steps", 100000]
+    common += "--seq-len 128 --dtype float32 --warmup 2 --lr 3e-3 --grad-accum 2 --save-every 0 --device cpu".split()
+    proc = train_cli(*common, *flags, nproc=nproc, background=True, log=log)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and len(logged_steps(out)) < steps:
+        time.sleep(0.05)
+    assert proc.poll() is None, (out.parent / f"{out.name}.out").read_text()[-3000:]
+    return proc, out.parent / f"{out.name}.out"
+
+
+def logged_steps(out):
+    path = out / "log.jsonl"
+    return (
+        [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+        if path.exists()
+        else []
+    )
+
+
+def test_a_run_owns_its_folder_and_workers_stop_when_their_launcher_dies(setup, tmp_path):
+    """A second run on a folder in use, fresh or --resume, is refused at once naming the process; torchrun
+    killed with -9 leaves its workers in sessions of their own: they save a checkpoint and stop."""
+    out = tmp_path / "run"
+    proc, output = run_until(setup, out, 2, nproc=2)
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    for flags in ([], ["--resume"]):
+        r = run_train(setup, out, "--steps", "3", *flags, check=False)
+        assert r.returncode == 2 and "is in use by process" in r.stderr and "train.py" in r.stderr, r.stderr[-2000:]
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.1)
+    n = logged_steps(out)[-1]
+    assert not any(Path(f"/proc/{w}").exists() for w in workers), "the workers trained on without their launcher"
+    assert f"stopped at step {n} (its launcher is gone): --resume continues from step {n}" in output.read_text()
+    assert logged_steps(out) == list(range(1, n + 1)) and (out / "checkpoints" / f"step-{n:07d}").is_dir()
+    run_train(setup, out, "--steps", str(n + 1), "--save-every", "0", "--resume", nproc=2)  # the folder is free again
+    assert logged_steps(out) == list(range(1, n + 2))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_the_step_and_resume_gives_the_uninterrupted_losses(setup, tmp_path, nproc):
+    out = tmp_path / "run"
+    proc, output = run_until(setup, out, 3, nproc=nproc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    n, text = logged_steps(out)[-1], output.read_text()
+    assert f"stopped at step {n} (SIGTERM): --resume continues from step {n}" in text, text[-3000:]
+    assert (out / "checkpoints" / f"step-{n:07d}").is_dir() and not (out / "merged").exists()
+    assert f'{ROOT / "train.py"}", line' not in text  # no traceback through our code (torchrun prints its own)
+    assert nproc > 1 or proc.returncode == 128 + signal.SIGTERM
+    flags = ["--steps", str(n + 2), "--save-every", "0"]
+    run_train(setup, out, *flags, "--resume", nproc=nproc)
+    run_train(setup, tmp_path / "whole", *flags, nproc=nproc)
+    assert losses(out) == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+
+
+def test_damaged_files_are_named_in_one_line(setup, tmp_path):
+    """A truncated model.safetensors (train.py and eval.py) and a token file of an odd size: one line that
+    names the file and says what to do, exit 2, no traceback (a damaged DCP checkpoint: the bad-input test)."""
+    model.save(tiny_model(vocab_size=320), tmp_path / "base", format="hf")
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes((setup / "train.bin").read_bytes() + b"\0")
+    shutil.copy(setup / "train.json", tmp_path / "odd.json")
+    evaluate = [sys.executable, str(ROOT / "eval.py"), "ppl", "--model", str(tmp_path / "base")]
+    evaluate += ["--data", str(setup / "train.bin"), "--seq-len", "32"]
+    runs = [
+        (f"cannot read {weights}", run_train(setup, tmp_path / "a", "--model", str(tmp_path / "base"), check=False)),
+        (f"cannot read {weights}", subprocess.run(evaluate, capture_output=True, text=True, timeout=300)),
+        (f"{odd} is ", run_train(setup, tmp_path / "b", "--data", str(odd), check=False)),
+    ]
+    for expect, r in runs:
+        assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "download or save it again" in r.stderr or "not a whole number of uint16 tokens" in r.stderr
+
+
+def test_data_is_checked_before_the_model_loads(setup, tmp_path):
+    """The 13th of 20 SFT examples lacks its output: refused before any step, naming the file and the
+    example. A token file made with another tokenizer of the same size: refused, naming both; an explicit
+    --tokenizer decides."""
+    examples = [{"instruction": "Say it.", "output": synthetic_text(20, seed=i)} for i in range(20)]
+    del examples[12]["output"]
+    (tmp_path / "sft.json").write_text(json.dumps(examples))
+    out = tmp_path / "sft"
+    flags = ["--model", setup / "base", "--tokenizer", setup / "tok", "--out", out, "--seq-len", 64, "--device", "cpu"]
+    r = train_cli(*flags, "--sft", tmp_path / "sft.json", "--dtype", "float32")
+    assert r.returncode == 2 and f"{tmp_path / 'sft.json'}, example 13: an SFT example needs" in r.stderr, r.stderr
+    assert not (out / "log.jsonl").exists()
+    other = data.train_tokenizer(sorted((setup / "texts").glob("*.txt"))[::-1], vocab_size=320, out=tmp_path / "tok2")
+    data.tokenize(other, tmp_path / "other.bin", [setup / "texts"])
+    model.save(tiny_model(vocab_size=320), tmp_path / "base")
+    data.save_tokenizer(setup / "tok", tmp_path / "base")  # the model's own tokenizer, beside it
+    r = run_train(
+        setup, tmp_path / "a", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "other.bin"), check=False
+    )
+    assert (
+        r.returncode == 2
+        and "it was tokenized with another tokenizer" in r.stderr
+        and str(tmp_path / "base") in r.stderr
+    )
+    run_train(
+        setup,
+        tmp_path / "b",
+        "--model",
+        str(tmp_path / "base"),
+        "--data",
+        str(tmp_path / "other.bin"),
+        "--tokenizer",
+        str(other),
+        "--steps",
+        "1",
+    )
+
+
+def test_outputs_follow_the_umask_and_save_every_0_can_be_extended(setup, tmp_path):
+    out, old = tmp_path / "run", os.umask(0o022)
+    try:
+        run_train(setup, out, "--steps", "2", "--save-every", "0")
+    finally:
+        os.umask(old)
+    assert (out / "checkpoints" / "step-0000002").is_dir()  # the last step's checkpoint, with --save-every 0
+    unreadable = [p for p in out.rglob("*") if p.is_file() and p.stat().st_mode & 0o044 != 0o044]
+    assert not unreadable
+    run_train(setup, out, "--steps", "3", "--resume")
+    assert logged_steps(out) == [1, 2, 3]
