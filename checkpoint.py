@@ -39,7 +39,7 @@ def open_run_folder(out, resume):
     process must see the folder, and rank 0 holds its lock (lock). A folder with a checkpoint or an export
     holds a run; one with only a log.jsonl holds a run that stopped before its first checkpoint: nothing
     there can be resumed, so a new run replaces the log."""
-    parallel.on_rank_zero(lambda: lock(out), dist.get_rank())
+    parallel.on_rank_zero(lambda: lock(out, create=not resume), dist.get_rank())
     ckpt = parallel.decide(str(checkpoints(out)[-1]) if checkpoints(out) else None)
     exported = parallel.decide(any((out / name).exists() for name in ("merged", "trainable.safetensors", "adapter")))
     if (ckpt or exported) and not resume:
@@ -47,7 +47,7 @@ def open_run_folder(out, resume):
     if resume and not ckpt:
         raise ValueError(
             f"--resume: {out} holds no checkpoint to continue from"
-            + (" (its checkpoints were deleted)" if exported else "")
+            + (" (it holds an export but no checkpoint)" if exported else "")
             + "; run without --resume to start from the beginning, or choose another --out"
         )
     if dist.get_rank() == 0:
@@ -61,14 +61,17 @@ def open_run_folder(out, resume):
     return ckpt
 
 
-_LOCKS = []  # the open folders whose locks this process holds, for its whole life
+_LOCKS = {}  # folder -> the open descriptor whose lock this process holds, for its whole life
 
 
-def lock(out):
-    """An exclusive lock on the folder `out` (made if new), held until this process ends, however it
-    ends (the operating system drops it): a second run on the folder, fresh, --resume or export-only,
-    is refused at once, naming the process that holds it. Nothing is written. Where the filesystem has
-    no locks (some network mounts), a note says so and the run goes on."""
+def lock(out, create=True):
+    """An exclusive lock on the folder `out` (made if new and `create`), held until this process ends,
+    however it ends (the operating system drops it): a second run on the folder, fresh, --resume or
+    export-only, is refused at once, naming the process that holds it. Nothing is written. The lock is
+    the host's: on a network filesystem a run on another host does not see it; where the filesystem
+    refuses locks, a note says so and the run goes on."""
+    if out.resolve() in _LOCKS or not (create or out.is_dir()):
+        return
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
     try:
@@ -83,20 +86,20 @@ def lock(out):
         os.close(fd)
         print(f"note: {out} cannot be locked ({e.strerror}): make sure that no other run uses it", flush=True)
         return
-    _LOCKS.append(fd)
+    _LOCKS[out.resolve()] = fd
 
 
 def holder(out):
-    """Who holds the lock on `out`: the process as Linux lists it in /proc/locks, or where it does not
-    (another host on a shared filesystem) "a process on another host"."""
-    st = os.stat(out)
-    me = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    """Who holds the lock on `out`: the process as Linux lists it in /proc/locks (matched by the folder's
+    inode), or "another process" where that is not visible from here."""
+    inode = str(os.stat(out).st_ino)
     try:
-        with open("/proc/locks") as f:  # "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF"
-            pids = [line.split()[4] for line in f if line.split()[1:2] == ["FLOCK"] and line.split()[5] == me]
+        with open("/proc/locks") as f:  # "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF" ("1: -> FLOCK" waits)
+            rows = [line.split() for line in f]
+        pids = [r[4] for r in rows if r[1] == "FLOCK" and r[5].rsplit(":", 1)[-1] == inode and r[4] != "0"]
         cmd = Path(f"/proc/{pids[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except (OSError, IndexError):
-        return "a process on another host"
+        return "another process (not visible from here)"
     return f"process {pids[0]} on {socket.gethostname()} ({cmd if len(cmd) < 100 else cmd[:97] + '...'})"
 
 

@@ -412,50 +412,59 @@ PROMPT = "[INST] {instruction}{input} [/INST] "  # Llama 2 chat's turn markers; 
 def sft_example(tok, ex, seq_len):
     """(inputs, targets) of one LongAlpaca example: BOS + prompt + output + EOS, truncated to seq_len + 1
     tokens; the prompt's targets are IGNORE, so only the answer is learned."""
-    prompt, answer = sft_tokens(tok, ex)
+    prompt, answer = sft_prompt(tok, ex), tok.encode(ex["output"], bos=False, eos=True)
     ids = torch.tensor((prompt + answer)[: seq_len + 1])
     targets = ids[1:].clone()
     targets[: len(prompt) - 1] = IGNORE  # position t predicts token t + 1: the first answer token is learned
     return ids[:-1], targets
 
 
-def sft_tokens(tok, ex):
-    """(prompt ids with BOS, answer ids with EOS) of one LongAlpaca example, or ValueError naming what it lacks."""
+def sft_prompt(tok, ex):
+    """The prompt's ids (BOS first) of one LongAlpaca example, or ValueError naming what the example lacks."""
     if not isinstance(ex, dict) or not all(isinstance(ex.get(k), str) for k in ("instruction", "output")):
         got = f"keys {sorted(ex)}" if isinstance(ex, dict) else type(ex).__name__
         raise ValueError(f"an SFT example needs 'instruction' and 'output' texts (optional 'input'); got {got}")
     extra = f"\n\n{ex['input']}" if ex.get("input") else ""
-    prompt = tok.encode(PROMPT.format(instruction=ex["instruction"], input=extra), bos=True)
-    return prompt, tok.encode(ex["output"], bos=False, eos=True)
+    return tok.encode(PROMPT.format(instruction=ex["instruction"], input=extra), bos=True)
 
 
 class SFTExamples:
     """LongAlpaca-style examples from a .json list or a .jsonl file: dataset[i] -> (inputs, targets). Every
-    example is read and tokenized once when the file is opened, so a bad one stops the run before its first
-    step, named by its number in the file."""
+    prompt is read and tokenized when the file is opened: an example that lacks a field stops the run
+    before its first step, named by its number in the file; one whose prompt leaves no room for its answer
+    in --seq-len tokens (nothing to learn) is left out, with a note."""
 
     def __init__(self, path, tokenizer, seq_len, seed=0):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"SFT file {path} does not exist")
         text = path.read_text(encoding="utf-8")
-        self.examples = (
+        examples = (
             [json.loads(line) for line in text.splitlines() if line.strip()]
             if path.suffix == ".jsonl"
             else json.loads(text)
         )
-        if not self.examples:
+        if not examples:
             raise ValueError(f"{path} holds no examples")
-        for n, ex in enumerate(self.examples, 1):
+        self.examples, too_long = [], []
+        for n, ex in enumerate(examples, 1):
             try:
-                prompt, _ = sft_tokens(tokenizer, ex)
+                prompt = sft_prompt(tokenizer, ex)
             except ValueError as e:
                 raise ValueError(f"{path}, example {n}: {e}") from None
-            if len(prompt) > seq_len:
-                raise ValueError(
-                    f"{path}, example {n}: its prompt is {len(prompt)} tokens, so --seq-len {seq_len} leaves none of "
-                    "its answer to learn; raise --seq-len or leave the example out"
-                )
+            if len(prompt) <= seq_len:
+                self.examples.append(ex)
+            else:
+                too_long.append(n)
+        if not self.examples:
+            raise ValueError(f"{path}: every example's prompt is longer than --seq-len {seq_len}; raise --seq-len")
+        if too_long and os.environ.get("RANK", "0") == "0":
+            listed = ", ".join(map(str, too_long[:5])) + (", ..." if len(too_long) > 5 else "")
+            print(
+                f"note: {len(too_long)} of {len(examples)} examples in {path} are left out: their prompts fill "
+                f"--seq-len {seq_len}, leaving nothing of their answers to learn (examples {listed})",
+                flush=True,
+            )
         self.tok, self.seq_len, self.seed, self.n = tokenizer, seq_len, seed, len(self.examples)
 
     def __getitem__(self, i):

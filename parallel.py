@@ -17,7 +17,7 @@ import os
 import resource
 import signal
 import socket
-import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -119,23 +119,29 @@ class Stop:
     """Whether this process is asked to stop after the step in progress: by SIGTERM (what SLURM,
     Kubernetes and preemptible clouds send before they kill a job) or SIGINT (Ctrl-C), or because its
     launcher died (torchrun starts its workers in sessions of their own, so they would train on). A
-    second signal stops the process at once. code(): 0, the signal's number, or ORPHANED; the training
-    loop takes the largest over all processes, so that every process stops at the same step."""
+    second signal, 2 s or more after the first, stops the process at once (within 2 s it is the same
+    request: SLURM signals every process of a job, and torchrun passes the signal on to its workers).
+    code(): 0, the signal's number, or ORPHANED; the training loop takes the largest over all processes,
+    so that every process stops at the same step. A process blocked in a collective runs no handler:
+    the launcher's SIGKILL (torchrun's, 30 s after SIGTERM) or kill -9 ends it."""
 
     ORPHANED = 1000
 
     def __init__(self, signals=True):
-        self.signal = 0
+        self.signal, self.when = 0, 0.0
         self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
         if signals:  # (only the main thread can take them)
             for s in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signal:
-            print(f"{signal.Signals(signum).name} again: stopping at once", file=sys.stderr, flush=True)
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self.signal and now - self.when >= 2:
+            os.write(2, f"\n{name} again: stopping at once\n".encode())  # (print may be mid-write: not reentrant)
             os._exit(128 + signum)
-        self.signal = signum
+        if not self.signal and os.environ.get("RANK", "0") == "0":
+            os.write(2, f"\n{name}: stopping after this step, with a checkpoint ({name} again: at once)\n".encode())
+        self.signal, self.when = self.signal or signum, self.when or now
 
     def code(self):
         return self.ORPHANED if self.parent is not None and os.getppid() != self.parent else self.signal

@@ -151,7 +151,7 @@ def load_data(args, vocab_size):
             )
         return data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed), tok.eos_id
     ds = data.TokenWindows(args.data, args.seq_len, seed=args.seed)
-    other = f"it was tokenized with another tokenizer ({ds.meta['tokenizer']})"
+    other = f"it was tokenized with another tokenizer ({ds.meta.get('tokenizer', 'not recorded')})"
     if ds.meta["max_id"] >= vocab_size:
         raise ValueError(
             f"{args.data} holds token ids up to {ds.meta['max_id']}, but the model's vocabulary has {vocab_size}: "

@@ -203,6 +203,17 @@ def kill_tree(pid):
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 60  # until they are gone: a CUDA process takes seconds to die, and its locks with it
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not zombie(p) for p in tree):
+        time.sleep(0.05)
+
+
+def zombie(pid):
+    """Whether `pid` has ended and waits for its parent to collect it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def child(cmd, log, timeout, until=None):

@@ -90,6 +90,7 @@ def prepare(args, out):
 def train_run(name, flags, base, args, out):
     run = out / "runs" / name
     paths = ["--model", str(base), "--data", str(out / "data" / "train.bin"), "--out", str(run)]
+    paths += ["--tokenizer", str(args.tokenizer)] if args.tokenizer else []  # the one the data was made with
     settings = f"--seq-len {args.seq_len} --steps {args.steps} --lr {args.lr} --warmup {args.warmup} --batch-size 1"
     settings += f" --grad-accum {args.grad_accum} --save-every 0 --seed 42"
     cmd = [sys.executable, str(ROOT / "train.py"), *paths, *settings.split(), *args.train_flags, *flags]

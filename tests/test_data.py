@@ -227,3 +227,16 @@ def test_saved_tokenizer_opens_in_transformers_and_encodes_alike(spm, tmp_path, 
     assert ours.encode(text) == data.load_tokenizer(src).encode(text)
     bos = kind != "tokenizer.json"
     assert theirs(text, add_special_tokens=bos).input_ids == ours.encode(text, bos=bos)
+
+
+def test_sft_examples_are_checked_when_opened(spm, tmp_path, capsys):
+    """A missing field stops at once, naming the example; a prompt that fills seq_len (nothing of the
+    answer would be learned) leaves its example out, with a note."""
+    tok = data.load_tokenizer(spm)
+    examples = [{"instruction": "a", "output": TEXTS[0]}, {"instruction": TEXTS[1] * 4, "output": "b"}]
+    (tmp_path / "sft.json").write_text(json.dumps(examples + [{"instruction": "c"}]))
+    with pytest.raises(ValueError, match=r"sft.json, example 3: an SFT example needs 'instruction' and 'output'"):
+        data.SFTExamples(tmp_path / "sft.json", tok, seq_len=64)
+    (tmp_path / "sft.json").write_text(json.dumps(examples))
+    ds = data.SFTExamples(tmp_path / "sft.json", tok, seq_len=64)
+    assert ds.n == 1 and ds.examples == examples[:1] and "1 of 2 examples" in capsys.readouterr().out

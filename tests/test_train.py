@@ -224,7 +224,7 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
         run_train(setup, out, "--steps", "1", "--save-every", "0")
         shutil.rmtree(out / "checkpoints")
         flags += ["--resume"]
-        expect = "holds no checkpoint to continue from (its checkpoints were deleted)"
+        expect = "holds no checkpoint to continue from (it holds an export but no checkpoint)"
     elif case == "corrupt-tokenizer-2proc":  # an unreadable file: tokenizers raises a plain Exception on rank 0
         (tmp_path / "bad.json").write_text("{ not a tokenizer")
         flags += ["--tokenizer", str(tmp_path / "bad.json")]
