@@ -245,13 +245,7 @@ def export_plan(args, m, dataset):
     sources = [args.tokenizer] if args.tokenizer else [args.model, getattr(dataset, "meta", {}).get("tokenizer")]
     for src in sources:
         p = Path(src or "")
-        if (
-            args.tokenizer
-            or p.is_dir()
-            and any((p / n).exists() for n in ("tokenizer.model", "tokenizer.json"))
-            or p.is_file()
-            and src != args.model
-        ):
+        if args.tokenizer or p.is_dir() and data.tokenizer_in(p) or p.is_file() and src != args.model:
             data.load_tokenizer(src)  # a missing or unreadable tokenizer: an error now, not after training
             return fmt, src
     print(

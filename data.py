@@ -54,14 +54,19 @@ class Tokenizer:
         return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
 
 
+def tokenizer_in(folder):
+    """The tokenizer file a model folder holds (tokenizer.model first, then tokenizer.json), or None."""
+    found = [Path(folder) / n for n in ("tokenizer.model", "tokenizer.json") if (Path(folder) / n).is_file()]
+    return found[0] if found else None
+
+
 def load_tokenizer(path):
     """A Tokenizer from a tokenizer.model / tokenizer.json file, or from the model folder holding one."""
     path = Path(path)
     if path.is_dir():
-        found = [path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).exists()]
-        if not found:
+        if tokenizer_in(path) is None:
             raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
-        path = found[0]
+        path = tokenizer_in(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist")
     if path.suffix == ".json":

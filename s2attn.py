@@ -40,6 +40,7 @@ heads need nothing from another slice, and the shifted heads only the previous s
 and values, a "halo" (s2_attention's `halo`), where full attention would need every earlier token.
 """
 
+import functools
 import inspect
 import math
 
@@ -230,8 +231,7 @@ def _flash(q, k, v, G, first):
 def _torch_varlen(q, k, v, cu, max_len):
     """torch.nn.attention.varlen.varlen_attn, whose signature changed across releases: 2.10 takes
     is_causal; 2.11 takes window_size, (-1, 0) being causal, and no GQA; 2.13 adds enable_gqa."""
-    params = inspect.signature(torch_varlen_attn).parameters
-    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}  # (-1, 0): causal
+    kw = {"is_causal": True} if "is_causal" in _parameters(torch_varlen_attn) else {"window_size": (-1, 0)}  # causal
     if k.shape[1] != q.shape[1]:
         if flash_repeats_kv():
             r = q.shape[1] // k.shape[1]
@@ -248,8 +248,14 @@ def flash_repeats_kv():
     return (
         flash_attn_varlen_func is None
         and torch_varlen_attn is not None
-        and "enable_gqa" not in inspect.signature(torch_varlen_attn).parameters
+        and "enable_gqa" not in _parameters(torch_varlen_attn)
     )
+
+
+@functools.cache
+def _parameters(kernel):
+    """The names `kernel` takes: read once, not in every attention call."""
+    return tuple(inspect.signature(kernel).parameters)
 
 
 _KERNELS = {"sdpa": _sdpa, "flash": _flash}

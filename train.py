@@ -95,14 +95,15 @@ def build_model(
     checkpointing=True,
     offload=False,
     context_parallel=1,
+    base=None,
     **longlora,
 ):
-    """The base model `source` (a checkpoint folder; with init=True a params.json or a ModelArgs, random
-    weights) with LongLoRA applied (`longlora`: apply_longlora's settings), sharded over the `world`
-    processes: built on the meta device (no memory), LongLoRA applied and FSDP2 sharding it there, then
-    each process allocates only its rows of every tensor and fills them from the checkpoint, read one
-    tensor at a time. Host memory per process: its share, plus one tensor."""
-    margs, weights = model.random_weights(source, seed, device) if init else model.read_checkpoint(source)
+    """The base model `source` (a checkpoint folder; init=True: a params.json or a ModelArgs, random weights;
+    `base`: its (ModelArgs, Weights) if already read) with LongLoRA applied (`longlora`: apply_longlora's
+    settings), sharded over `world` processes: built on the meta device, LongLoRA applied and FSDP2 sharding
+    it there, then each process allocates only its rows of every tensor and fills them from the checkpoint,
+    read one tensor at a time. Host memory per process: its share, plus one tensor."""
+    margs, weights = base or (model.random_weights(source, seed, device) if init else model.read_checkpoint(source))
     with torch.device("meta"):
         m = model.Transformer(margs)
     apply_longlora(m, seed=seed, dtype=dtype, **longlora)
@@ -141,8 +142,7 @@ def load_data(args, vocab_size):
     """The dataset and its padding id, checked before the model loads: every SFT example, and a token file's
     ids against the model's vocabulary and its tokenizer against the model's own (--tokenizer, else the one
     in the --model folder, if any)."""
-    in_folder = any((Path(args.model) / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
-    own = args.tokenizer or (args.model if in_folder else None)
+    own = args.tokenizer or (args.model if data.tokenizer_in(args.model) else None)
     if args.sft:
         tok = data.load_tokenizer(own or args.model)
         if tok.vocab_size > vocab_size:
@@ -230,9 +230,10 @@ def train(args, rank, world, device, stop=None):
         )
     # 1. The run folder, the model (LongLoRA applied, sharded), the data, and what the export will write.
     ckpt = checkpoint.open_run_folder(out, args.resume)  # rank 0 holds its lock from here on
-    vocab_size = (model.random_weights if args.init else model.read_checkpoint)(args.model)[0].vocab_size
-    dataset, pad_id = load_data(args, vocab_size)
-    m = build_model(args.model, rank, world, device, **build_settings(args))
+    # the base's config and tensor index (nothing read yet): the data is checked against it before the model loads
+    base = model.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
+    dataset, pad_id = load_data(args, base[0].vocab_size)
+    m = build_model(args.model, rank, world, device, base=base, **build_settings(args))
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)
     loaded = parallel.max_over_ranks(parallel.peak_memory_gb(device)[1], device)[0]  # host GB, fullest process
     # 2. The optimizer over the trainable shards (FSDP2's: the only copies there are), resumed if asked.

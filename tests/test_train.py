@@ -57,20 +57,7 @@ def setup(tmp_path_factory):
 def run_train(setup, out, *flags, nproc=1, check=True):
     common = ["--model", str(setup / "base"), "--data", str(setup / "train.bin"), "--out", str(out)]
     common += "--seq-len 128 --dtype float32 --warmup 2 --lr 3e-3 --grad-accum 2 --save-every 2 --device cpu".split()
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-        if nproc > 1
-        else [sys.executable]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(
-        launcher + [str(ROOT / "train.py"), *common, *flags],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+    r = train_cli(*common, *flags, nproc=nproc)
     if check:  # judge what the run wrote: gloo may abort a rank after a clean finish (see DESIGN)
         assert (out / "merged").exists(), f"run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
@@ -734,7 +721,8 @@ def train_cli(*args, nproc=1, background=False, log=None):
     launcher = [sys.executable] + (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] * (nproc > 1)
     )
-    cmd, env = launcher + [str(ROOT / "train.py"), *map(str, args)], {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = launcher + [str(ROOT / "train.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if background:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
