@@ -264,7 +264,7 @@ def export(out, m, args, rank, fmt="meta", tokenizer=None):
         m, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen)
     )
     if rank == 0:
-        base = model.init(args.model) if args.init else model.load(args.model)
+        base = model.build(*parallel.random_weights(args.model)) if args.init else model.load(args.model)
         for k in lora.CONTEXT:
             setattr(base.args, k, getattr(m.args, k))
         folders = [out / "merged"]

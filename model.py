@@ -17,7 +17,6 @@ import json
 import math
 import os
 import warnings
-import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -65,9 +64,7 @@ class ModelArgs:
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)"
-            )
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)")
         if self.hidden_dim is None:  # Meta: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of
             hidden = int(2 * 4 * self.dim / 3)
             if self.ffn_dim_multiplier is not None:
@@ -203,9 +200,7 @@ class Transformer(nn.Module):
     def __init__(self, args):
         super().__init__()
         if args.vocab_size <= 0:
-            raise ValueError(
-                "vocab_size is not set (-1 in params.json means: take it from the tokenizer or the weights)"
-            )
+            raise ValueError("vocab_size is not set (-1 in params.json: take it from the tokenizer or the weights)")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
@@ -314,38 +309,6 @@ def forward_flops(args, seq_len, group_size=None):
     }
 
 
-def init(params, seed=0):
-    """A Transformer with fresh random weights (random_weights), for pretraining from scratch (how
-    demo/model was made): `params` a params.json file (or a folder with one) or a ModelArgs."""
-    return _build(*random_weights(params, seed))
-
-
-def random_weights(params, seed=0, device="cpu"):
-    """(ModelArgs, Weights) of a fresh model, like read_checkpoint's: every matrix N(0, 0.02), the ones
-    that write into the residual stream (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2), norms 1. Each
-    tensor has its own seed (from `seed` and its name), so a process can make any one of them alone;
-    made on `device` (the values depend on the device's random generator)."""
-    args = params
-    if not isinstance(params, ModelArgs):
-        f = Path(params) / "params.json" if Path(params).is_dir() else Path(params)
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"{f} not found: init wants a params.json (dim, n_layers, n_heads, vocab_size, ...)"
-            )
-        args = ModelArgs(**_args_from(_read_json(f, required=("dim", "n_layers", "n_heads", "vocab_size")), f))
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-
-    def make(name):
-        if name.endswith("norm.weight"):
-            return torch.ones(shapes[name], device=device)
-        std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-        g = torch.Generator(device).manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
-        return torch.randn(shapes[name], generator=g, device=device) * std
-
-    return args, Weights(shapes, make, torch.float32)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -373,19 +336,16 @@ def read_checkpoint(path):
     model-parallel shards) or a Hugging Face folder (config.json + *.safetensors, sharded or not), after
     checking that the weights' names and shapes match the config. Nothing is read yet but the headers."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path} is not a folder: model.load wants a Meta checkpoint folder (params.json + consolidated.NN.pth) or "
-            "a Hugging Face one (config.json + *.safetensors)"
-        )
-    if (path / "params.json").exists():
+    if (path / "params.json").is_file():
         args, weights = _read_meta(path)
-    elif (path / "config.json").exists():
-        args, weights = _read_hf(path)
+    elif (path / "config.json").is_file():
+        args = ModelArgs(**hf.args_fields(_read_json(path / "config.json", required=()), path / "config.json"))
+        weights = Weights(*hf.read_weights(path, args))
     else:
+        what = f"no checkpoint in {path}" if path.is_dir() else f"{path} is not a folder"
         raise FileNotFoundError(
-            f"no checkpoint in {path}: expected params.json + consolidated.NN.pth (Meta) or config.json + "
-            "*.safetensors (Hugging Face)"
+            f"{what}: model.load wants a Meta checkpoint folder (params.json + consolidated.NN.pth) or a Hugging "
+            "Face one (config.json + *.safetensors)"
         )
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
@@ -393,14 +353,13 @@ def read_checkpoint(path):
     problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())]
     problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())]
     problems += [
-        f"{k} is {tuple(got[k])}, the config says {tuple(s)}" for k, s in expected.items() if k in got and got[k] != s
+        f"{k} is {tuple(got[k])}, the config says {tuple(s)}" for k, s in expected.items() if got.get(k, s) != s
     ]
     if problems:
-        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-        listed = "\n  ".join(problems[:8])
+        listed = "\n  ".join(problems[:8] + [f"... and {len(problems) - 8} more"] * (len(problems) > 8))
         raise ValueError(
-            f"the weights in {path} do not match its config:\n  {listed}{more}\n{args}\nCheck that the "
-            "config file belongs to these weights."
+            f"the weights in {path} do not match its config:\n  {listed}\n{args}\n"
+            "Check that the config file belongs to these weights."
         )
     return args, weights
 
@@ -409,17 +368,23 @@ def load(path, dtype=None, device="cpu"):
     """A Transformer from a checkpoint folder (see read_checkpoint). The weights keep their stored dtype
     unless `dtype` is given. The model is built on the meta device and filled one tensor at a time, so a
     checkpoint is never held twice in memory."""
-    args, weights = read_checkpoint(path)
-    return _build(args, weights, dtype, device)
+    return build(*read_checkpoint(path), dtype, device)
 
 
-def _build(args, weights, dtype=None, device="cpu"):
+def build(args, weights, dtype=None, device="cpu"):
+    """A Transformer of `args` filled from `weights` (read_checkpoint's, or parallel.random_weights'), one
+    tensor at a time, in `dtype` (None: as stored) on `device`."""
     with torch.device("meta"):
         m = Transformer(args)
     m.load_state_dict(
         {k: weights[k].to(device=device, dtype=dtype or weights.dtype) for k in weights}, strict=True, assign=True
     )
     return m
+
+
+def read_params(f, required=("dim", "n_layers", "n_heads")):
+    """ModelArgs from a params.json file `f` (Meta's fields; vocab_size too where no weights tell it)."""
+    return ModelArgs(**_args_from(_read_json(f, required), f))
 
 
 def _args_from(d, source):
@@ -469,17 +434,12 @@ def _read_meta(path):
             split[k] = _META_SPLIT[name]
         else:
             raise ValueError(f"{k} in {path}: unknown parameter, cannot merge shards")
-    shapes = {}
-    for k, d in split.items():  # the whole tensor: its shards side by side along the split dim
-        shape = list(shards[0][k].shape)
-        if d is not None:
-            shape[d] *= len(shards)
-        shapes[k] = torch.Size(shape)
-    sd = Weights(
-        shapes,
-        lambda k: shards[0][k] if split[k] is None else torch.cat([s[k] for s in shards], dim=split[k]),
-        shards[0]["tok_embeddings.weight"].dtype,
-    )
+    shapes = {
+        k: torch.Size(n * len(shards) if i == d else n for i, n in enumerate(shards[0][k].shape))
+        for k, d in split.items()
+    }
+    read = lambda k: shards[0][k] if split[k] is None else torch.cat([s[k] for s in shards], dim=split[k])  # noqa: E731
+    sd = Weights(shapes, read, shards[0]["tok_embeddings.weight"].dtype)
     if "output.weight" not in shapes and "tok_embeddings.weight" in shapes:  # no head: it shares the embedding
         params["tie_embeddings"] = True
     if params.get("vocab_size", -1) <= 0:
@@ -501,23 +461,10 @@ def _torch_load(f):
         ) from e
 
 
-def _read_hf(path):
-    f = path / "config.json"
-    args = ModelArgs(**hf.args_fields(_read_json(f, required=()), f))
-    shapes, read, dtype = hf.read_weights(path, args)
-    return args, Weights(shapes, read, dtype)
-
-
 # ----------------------------------------------------------------------------- saving
 
 
-_CHECKPOINT_GLOBS = (
-    "params.json",
-    "consolidated.*.pth",
-    "config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-)
+_CHECKPOINT_GLOBS = "params.json consolidated.*.pth config.json *.safetensors model.safetensors.index.json".split()
 
 
 def save(model, path, format="meta", overwrite=False, max_shard_bytes=5 * 2**30):

@@ -13,11 +13,14 @@ device tensors and gloo those of host objects; on a CPU gloo carries both.
 import contextlib
 import datetime
 import functools
+import math
 import os
 import resource
 import signal
 import socket
 import time
+import zlib
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -198,6 +201,32 @@ def keep_rows(p, full, rank, world):
     local = p.to_local()
     start = min(rank * -(-full.shape[0] // world), full.shape[0])
     local.copy_(full.narrow(0, start, local.shape[0]))
+
+
+def random_weights(params, seed=0, device="cpu"):
+    """(ModelArgs, model.Weights) of a fresh model, for pretraining from scratch (--init; how demo/model was
+    made): every matrix N(0, 0.02), those writing into the residual stream (wo, w2) scaled by 1/sqrt(2
+    n_layers) (GPT-2), norms 1. `params`: a ModelArgs, a params.json or a folder with one. Each tensor has
+    its own seed (from `seed` and its name), so that materialize can have each rank make only the tensor it
+    is filling, never the whole model; made on `device`, whose generator decides the values.
+    model.build(*random_weights(params)) is the whole model in one process."""
+    args = params
+    if not isinstance(params, model.ModelArgs):
+        f = Path(params) / "params.json" if Path(params).is_dir() else Path(params)
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: --init wants a params.json (dim, n_layers, n_heads, vocab_size)")
+        args = model.read_params(f, required=("dim", "n_layers", "n_heads", "vocab_size"))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in model.Transformer(args).state_dict().items()}
+
+    def make(name):
+        if name.endswith("norm.weight"):
+            return torch.ones(shapes[name], device=device)
+        std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        g = torch.Generator(device).manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
+        return torch.randn(shapes[name], generator=g, device=device) * std
+
+    return args, model.Weights(shapes, make, torch.float32)
 
 
 def checkpointed(forward, *args, offload=False, pin=False, **kwargs):

@@ -103,7 +103,7 @@ def build_model(
     settings), sharded over `world` processes: built on the meta device, LongLoRA applied and FSDP2 sharding
     it there, then each process allocates only its rows of every tensor and fills them from the checkpoint,
     read one tensor at a time. Host memory per process: its share, plus one tensor."""
-    margs, weights = base or (model.random_weights(source, seed, device) if init else model.read_checkpoint(source))
+    margs, weights = base or (parallel.random_weights(source, seed, device) if init else model.read_checkpoint(source))
     with torch.device("meta"):
         m = model.Transformer(margs)
     apply_longlora(m, seed=seed, dtype=dtype, **longlora)
@@ -225,13 +225,12 @@ def train(args, rank, world, device, stop=None):
     out, P, stop = Path(args.out), args.context_parallel, stop or parallel.Stop(signals=False)
     if world % P:
         raise ValueError(
-            f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P} processes (data "
-            "parallelism runs over world / P groups)"
+            f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P} processes"
         )
     # 1. The run folder, the model (LongLoRA applied, sharded), the data, and what the export will write.
     ckpt = checkpoint.open_run_folder(out, args.resume)  # rank 0 holds its lock from here on
     # the base's config and tensor index (nothing read yet): the data is checked against it before the model loads
-    base = model.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
+    base = parallel.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
     dataset, pad_id = load_data(args, base[0].vocab_size)
     m = build_model(args.model, rank, world, device, base=base, **build_settings(args))
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)

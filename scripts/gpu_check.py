@@ -11,7 +11,7 @@ index, no model hub and no internet, and takes files only as one archive of at m
     train.bin      Shakespeare's 67 training texts in its tokens; test.bin the 10 held-out ones (data.py)
     params.json    SmolLM2-135M's shape (30 layers, 9 heads over 3 kv heads, an 8192-token context)
     manifest.json  every file's size and SHA-256, and what made them
-No weights travel: the node writes random weights of SmolLM2's shape (model.random_weights). The check
+No weights travel: the node writes random weights of SmolLM2's shape (parallel.random_weights). The check
 tests the code's paths, not what a model knows, so its perplexities are a random model's (~vocabulary).
 
 --kit checks the kit against its manifest, then runs the parts in order, each in processes of its own
@@ -492,11 +492,12 @@ def worker_base(kit, out, device):
 
     import data
     import model
+    import parallel
 
     args = model.ModelArgs(**json.loads((Path(kit) / "params.json").read_text()))
     if device == "cpu":
         args = dataclasses.replace(args, **TOY)
-    m = model.init(args, seed=0)
+    m = model.build(*parallel.random_weights(args, seed=0))
     model.save(m, out, format="hf")  # float32: merged/ and the PEFT adapter then differ only by rounding
     data.save_tokenizer(Path(kit) / "tokenizer", out)
     return {

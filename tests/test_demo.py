@@ -15,6 +15,7 @@ import torch
 import data
 import demo
 import model
+import parallel
 import train
 from common import needs_shakespeare
 
@@ -110,8 +111,11 @@ def test_init_pretrains_from_a_params_file(tmp_path):
         "tie_embeddings": True,
     }
     (tmp_path / "params.json").write_text(json.dumps(params))
-    m = model.init(tmp_path / "params.json", seed=3)
-    assert torch.equal(m.layers[0].attention.wq.weight, model.init(tmp_path, seed=3).layers[0].attention.wq.weight)
+    m = model.build(*parallel.random_weights(tmp_path / "params.json", seed=3))
+    assert torch.equal(
+        m.layers[0].attention.wq.weight,
+        model.build(*parallel.random_weights(tmp_path, seed=3)).layers[0].attention.wq.weight,
+    )
     assert abs(m.layers[0].attention.wq.weight.std().item() - 0.02) < 0.002
     assert abs(m.layers[0].feed_forward.w2.weight.std().item() - 0.01) < 0.001  # 0.02 / sqrt(2 * 2 layers)
     text = "".join(f"the {w} of a {w} and " for w in "cat dog king queen sword crown".split() * 400)

@@ -435,7 +435,7 @@ def test_each_process_holds_only_its_share(setup, tmp_path, mode):
     baseline, where a rank that built the whole model before sharding would hold all of it. LoRA: the
     frozen weights; full fine-tuning: the trainable ones (no reference to the unsharded originals)."""
     margs = model.ModelArgs(dim=1024, n_layers=8, n_heads=8, vocab_size=320, hidden_dim=4096, max_seq_len=64)
-    model.save(model.init(margs).to(torch.float16), tmp_path / "base", format="hf")
+    model.save(model.build(*parallel.random_weights(margs)).to(torch.float16), tmp_path / "base", format="hf")
     full = sum(t.numel() for t in model.read_checkpoint(tmp_path / "base")[1].shapes.values()) * 4  # bytes in float32
     flags = [
         "--model",
