@@ -182,9 +182,8 @@ def ours(margs, N, attn, dtype, device, offload=False):
     device instead of a checkpoint read from disk. offload: the checkpointed block inputs in host memory."""
     parallel.setup_distributed(device.type)
     backend = parallel.default_backend(device.type == "cuda", dtype)
-    m = train.build_model(
-        margs, 0, 1, device, init=True, dtype=dtype, offload=offload, seq_len=N, attn=attn, backend=backend
-    )
+    base = parallel.random_weights(margs, 42, device)  # build_model's default seed, as before
+    m = train.build_model(base, 0, 1, device, dtype=dtype, offload=offload, seq_len=N, attn=attn, backend=backend)
     loss = lambda x: m(x[:, :-1], x[:, 1:]) / N  # noqa: E731
     return m, loss
 

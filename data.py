@@ -64,9 +64,10 @@ def load_tokenizer(path):
     """A Tokenizer from a tokenizer.model / tokenizer.json file, or from the model folder holding one."""
     path = Path(path)
     if path.is_dir():
-        if tokenizer_in(path) is None:
+        found = tokenizer_in(path)
+        if found is None:
             raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
-        path = tokenizer_in(path)
+        path = found
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist")
     if path.suffix == ".json":

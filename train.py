@@ -84,26 +84,24 @@ def apply_longlora(
 
 
 def build_model(
-    source,
+    base,
     rank,
     world,
     device,
     *,
-    init=False,
     seed=42,
     dtype="bfloat16",
     checkpointing=True,
     offload=False,
     context_parallel=1,
-    base=None,
     **longlora,
 ):
-    """The base model `source` (a checkpoint folder; init=True: a params.json or a ModelArgs, random weights;
-    `base`: its (ModelArgs, Weights) if already read) with LongLoRA applied (`longlora`: apply_longlora's
-    settings), sharded over `world` processes: built on the meta device, LongLoRA applied and FSDP2 sharding
-    it there, then each process allocates only its rows of every tensor and fills them from the checkpoint,
-    read one tensor at a time. Host memory per process: its share, plus one tensor."""
-    margs, weights = base or (parallel.random_weights(source, seed, device) if init else model.read_checkpoint(source))
+    """The base model `base`, a (ModelArgs, Weights) pair (model.read_checkpoint's, or parallel.random_weights'),
+    with LongLoRA applied (`longlora`: apply_longlora's settings), sharded over `world` processes: built on the
+    meta device, LongLoRA applied and FSDP2 sharding it there, then each process allocates only its rows of
+    every tensor and fills them from the weights, read one tensor at a time. Host memory per process: its
+    share, plus one tensor."""
+    margs, weights = base
     with torch.device("meta"):
         m = model.Transformer(margs)
     apply_longlora(m, seed=seed, dtype=dtype, **longlora)
@@ -232,7 +230,7 @@ def train(args, rank, world, device, stop=None):
     # the base's config and tensor index (nothing read yet): the data is checked against it before the model loads
     base = parallel.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
     dataset, pad_id = load_data(args, base[0].vocab_size)
-    m = build_model(args.model, rank, world, device, base=base, **build_settings(args))
+    m = build_model(base, rank, world, device, **build_settings(args))
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)
     loaded = parallel.max_over_ranks(parallel.peak_memory_gb(device)[1], device)[0]  # host GB, fullest process
     # 2. The optimizer over the trainable shards (FSDP2's: the only copies there are), resumed if asked.
@@ -454,7 +452,6 @@ def check_args(p, args):
 def build_settings(args):
     """build_model's keyword arguments (apply_longlora's among them) from the command line's flags."""
     return dict(
-        init=args.init,
         seed=args.seed,
         dtype=args.dtype,
         checkpointing=not args.no_activation_checkpointing,
