@@ -141,6 +141,7 @@ SAME_ON_RESUME = (
     "lora_targets",
     "trainable",
     "rope_scale",
+    "rope_method",
     "grad_accum",
     "dtype",
     "seed",
@@ -154,7 +155,7 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     """Restore trainable weights, optimizer and RNG from `ckpt`; returns its step."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        saved = state["args"]
+        saved = {"rope_method": "pi", **state["args"]}  # runs from before --rope-method used PI
         changed = [
             f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
             for k in SAME_ON_RESUME
@@ -235,6 +236,8 @@ def export_plan(args, m, dataset):
     after it: merged/ in --export-format, else in the base's own format (HF in, HF out; Meta in, Meta out);
     the tokenizer from --tokenizer, else from the --model folder, else the one the token file was made with."""
     fmt = args.export_format or ("hf" if (Path(args.model) / "config.json").exists() else "meta")
+    if fmt == "meta" and m.args.model_type != "llama":
+        raise ValueError(f"Meta's format holds Llamas; a {m.args.model_type} model exports with --export-format hf")
     if fmt == "hf" or args.lora_rank:  # the PEFT adapter needs a Hugging Face config for the base too
         try:
             hf.rope(m.args)

@@ -17,6 +17,13 @@ import torch
 
 # config.json keys a Llama's needs
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+# model_type -> the transformers class; each is a Llama but for ModelArgs' qkv_bias (qwen2) and qk_norm (qwen3)
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 # ----------------------------------------------------------------------------- names and layout
 
@@ -24,10 +31,18 @@ REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_si
 def permute(w, n_heads, inverse):
     """HF stores wq/wk rows reordered for rotate_half RoPE: per head, the even dimensions first, then the
     odd. inverse=True goes back to Meta's interleaved pairs. A missing un-permute fails silently."""
-    rows, cols = w.shape
-    if inverse:
-        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    rows = w.shape[0]
+    pairs = (2, rows // n_heads // 2) if inverse else (rows // n_heads // 2, 2)
+    return w.reshape(n_heads, *pairs, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def rotated_heads(args, k):
+    """How many heads of RoPE's layout the rows of the Meta-named tensor `k` hold, which HF permutes: wq's and
+    wk's weights and biases, and q_norm's and k_norm's weights (one head); None for every other tensor."""
+    module, leaf = k.split(".")[-2:]
+    if not k.startswith("layers.") or leaf not in ("weight", "bias"):
+        return None
+    return {"wq": args.n_heads, "wk": args.n_kv_heads, "q_norm": 1, "k_norm": 1}.get(module)
 
 
 _LAYER_NAMES = {  # Meta -> HF, inside layers.{i}
@@ -35,6 +50,8 @@ _LAYER_NAMES = {  # Meta -> HF, inside layers.{i}
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj",
+    "attention.q_norm": "self_attn.q_norm",
+    "attention.k_norm": "self_attn.k_norm",
     "feed_forward.w1": "mlp.gate_proj",
     "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj",
@@ -59,12 +76,11 @@ def meta_name(k):
 
 
 def to_hf(args, sd):
-    """A Meta-named state dict in Hugging Face's names and layout: wq/wk rows permuted for rotate_half RoPE."""
+    """A Meta-named state dict in Hugging Face's names and layout: q/k rows permuted for rotate_half RoPE."""
     out = {}
     for k, t in sd.items():
-        if k.endswith(("wq.weight", "wk.weight")):
-            t = permute(t, args.n_heads if "wq" in k else args.n_kv_heads, inverse=False)
-        out[name(k)] = t.contiguous()
+        heads = rotated_heads(args, k)
+        out[name(k)] = (t if heads is None else permute(t, heads, inverse=False)).contiguous()
     return out
 
 
@@ -84,11 +100,11 @@ def _rename(k, to_hf):
 
 
 def rope(args):
-    """The RoPE scaling of `args` as a Hugging Face config's `rope_scaling` (None: plain RoPE)."""
-    if args.use_scaled_rope and args.rope_interpolation != 1:
+    """The RoPE scaling of `args` as a Hugging Face config's `rope_parameters` (None: plain RoPE)."""
+    if (args.use_scaled_rope or args.rope_yarn) and args.rope_interpolation != 1:
         raise ValueError(
-            "a Hugging Face config cannot express Position Interpolation on top of Llama 3.1 RoPE scaling; save with "
-            "format='meta'"
+            "a Hugging Face config cannot express Position Interpolation on top of Llama 3.1's or YaRN's RoPE scaling; "
+            "save with format='meta'"
         )
     if args.use_scaled_rope:
         return {
@@ -98,36 +114,58 @@ def rope(args):
             "high_freq_factor": args.rope_high_freq_factor,
             "original_max_position_embeddings": args.rope_original_context,
         }
+    if args.rope_yarn:
+        yarn = {
+            "rope_type": "yarn",
+            "factor": args.rope_scaling_factor,
+            "original_max_position_embeddings": args.rope_original_context,
+            "beta_fast": args.rope_beta_fast,
+            "beta_slow": args.rope_beta_slow,
+            "truncate": args.rope_truncate,
+        }
+        return yarn | ({"attention_factor": args.rope_attention_factor} if args.rope_attention_factor else {})
     return {"rope_type": "linear", "factor": args.rope_interpolation} if args.rope_interpolation != 1 else None
 
 
 def args_fields(cfg, source):
-    """ModelArgs' fields from a Llama's config.json `cfg` (read from `source`, named in errors)."""
-    if cfg.get("model_type", "llama") != "llama":
+    """ModelArgs' fields from the config.json `cfg` of a Llama, Mistral, Qwen2 or Qwen3 (read from `source`,
+    named in errors). Where a key is missing, the default is that of transformers' config class."""
+    arch, classes = cfg.get("model_type", "llama"), cfg.get("architectures") or []
+    if arch not in ARCHITECTURES or classes and ARCHITECTURES[arch] not in classes:
         raise ValueError(
-            f"{source}: model_type {cfg['model_type']!r} is not a Llama; this loader reads Llama checkpoints"
+            f"{source}: {' '.join([*classes, f'(model_type {arch!r})'])} is not supported; this loader reads "
+            f"{', '.join(ARCHITECTURES.values())}"
         )
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"{source} lacks {missing}; restore it from the original checkpoint")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: biases or an activation other than silu are not Llama's; not supported")
+    if cfg.get("attention_bias") and arch != "qwen2" or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: biases on o_proj or the MLP, or an activation other than silu: not supported")
+    if slides(cfg, arch):
+        raise ValueError(
+            f"{source}: sliding-window attention (sliding_window {cfg.get('sliding_window', 4096)}) is not "
+            "implemented; models whose config has sliding_window: null (Mistral 7B v0.2 and later) or "
+            "use_sliding_window: false (Qwen2, Qwen3) load"
+        )
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if (cfg.get("head_dim") or dim // n_heads) != dim // n_heads:  # some configs write "head_dim": null
-        raise ValueError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads; not supported")
     rope = cfg.get("rope_parameters") or {}  # transformers >= 5 spelling; older files: top-level keys
     scaling = cfg.get("rope_scaling") or rope
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    context = cfg.get("max_position_embeddings", 4096)
     args = dict(
+        model_type=arch,
         dim=dim,
         n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads"),
+        head_dim=cfg.get("head_dim", 128 if arch == "qwen3" else None) or dim // n_heads,  # some write null
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
         vocab_size=cfg["vocab_size"],
         hidden_dim=cfg["intermediate_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        max_seq_len=context,
         tie_embeddings=cfg.get("tie_word_embeddings", False),
     )
     if kind == "linear":
@@ -140,30 +178,74 @@ def args_fields(cfg, source):
             rope_high_freq_factor=scaling["high_freq_factor"],
             rope_original_context=scaling["original_max_position_embeddings"],
         )
+    elif kind == "yarn":
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            raise ValueError(f"{source}: YaRN with mscale and mscale_all_dim (DeepSeek's) is not supported")
+        old = scaling.get("original_max_position_embeddings", context)
+        factor = scaling.get("factor") or context / old
+        args.update(
+            rope_yarn=True,
+            rope_scaling_factor=factor,
+            rope_original_context=old,
+            rope_beta_fast=scaling.get("beta_fast") or 32.0,
+            rope_beta_slow=scaling.get("beta_slow") or 1.0,
+            rope_attention_factor=scaling.get("attention_factor"),
+            rope_truncate=scaling.get("truncate", True),
+            max_seq_len=max(context, int(old * factor)),  # Qwen's configs keep the original length here
+        )
     elif kind != "default":
-        raise ValueError(f"{source}: RoPE scaling {kind!r} is not supported (default, linear and llama3 are)")
+        raise ValueError(f"{source}: RoPE scaling {kind!r} is not supported (default, linear, llama3 and yarn are)")
     return args
 
 
+def slides(cfg, arch):
+    """Whether a layer of the model `cfg` describes attends in a sliding window, as transformers decides it."""
+    if arch == "mistral":
+        return cfg.get("sliding_window", 4096) is not None
+    if arch in ("qwen2", "qwen3"):
+        if cfg.get("layer_types"):
+            return "sliding_attention" in cfg["layer_types"]
+        window = cfg.get("use_sliding_window") and cfg.get("sliding_window", 4096) is not None
+        return bool(window) and cfg["num_hidden_layers"] > cfg.get("max_window_layers", 28)
+    return False
+
+
+# what each architecture's config says beyond Llama's keys, for the model this codebase runs
+_CONFIG_EXTRAS = {
+    "llama": {"attention_bias": False, "mlp_bias": False},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"use_sliding_window": False, "sliding_window": None},
+    "qwen3": {"attention_bias": False, "use_sliding_window": False, "sliding_window": None},
+}
+
+
 def config(args, dtype):
-    """config.json of a model with `args`, its weights stored in `dtype`."""
+    """config.json of a model with `args`, its weights stored in `dtype`, as the architecture it was read as."""
+    arch = args.model_type
+    if arch not in ARCHITECTURES or (args.qkv_bias, args.qk_norm) != (arch == "qwen2", arch == "qwen3"):
+        raise ValueError(
+            f"model_type {arch!r} with qkv_bias={args.qkv_bias}, qk_norm={args.qk_norm}: no such Hugging Face model "
+            "(qwen2 has q/k/v biases, qwen3 q/k norms, llama and mistral neither); set ModelArgs.model_type to match"
+        )
+    scaling = rope(args)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
         "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": rope(args),
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta},
+        "rope_theta": args.rope_theta,  # and rope_scaling: the keys transformers < 5 reads
+        "rope_scaling": scaling,
         "max_position_embeddings": args.max_seq_len,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        **_CONFIG_EXTRAS[arch],
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -224,14 +306,13 @@ def read_weights(path, args):
     if args.tie_embeddings:  # some tied checkpoints store the head too
         where.pop("output.weight", None)
         shapes.pop("output.weight", None)
-    heads = {"wq": args.n_heads, "wk": args.n_kv_heads}
 
     def read(k):
         file, hf_name = where[k]
         with _open(file) as f:
             t = f.get_tensor(hf_name)
-        w = k.split(".")[-2]
-        return permute(t, heads[w], inverse=True) if w in heads and k.startswith("layers.") else t
+        heads = rotated_heads(args, k)
+        return t if heads is None else permute(t, heads, inverse=True)
 
     return shapes, read, _SAFETENSORS_DTYPES.get(dtypes.get("tok_embeddings.weight"), torch.float32)
 
@@ -294,8 +375,9 @@ def save_peft(args, lora_cfg, state, folder, base=None):
         elif leaf == "lora_b":
             ((module, t),) = to_hf(args, {f"{layer}.weight": t}).items()
             tensors[f"base_model.model.{module.removesuffix('.weight')}.lora_B.weight"] = t
-        else:  # a whole trained tensor: the embedding or a norm
-            names = [name(k)] + (["lm_head.weight"] if k == "tok_embeddings.weight" and args.tie_embeddings else [])
+        else:  # a whole trained tensor: the embedding or a norm (q_norm's and k_norm's permuted as q's rows)
+            ((hf_name, t),) = to_hf(args, {k: t}).items()
+            names = [hf_name] + (["lm_head.weight"] if k == "tok_embeddings.weight" and args.tie_embeddings else [])
             for module in names:
                 tensors[f"base_model.model.{module}"] = t.clone()  # safetensors stores no shared tensors
                 modules.add(module.removesuffix(".weight").rsplit(".", 1)[-1])

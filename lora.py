@@ -26,13 +26,12 @@ import torch.nn.functional as F
 class LoRALinear(nn.Module):
     """y = x W^T + (alpha / rank) * x A^T B^T with A (rank, in) Kaiming-uniform and B (out, rank) zero,
     so a fresh adapter leaves the output unchanged; set_trainable freezes W. The base weight keeps its
-    name (`weight`), so the state dict still has Meta's names, plus `lora_a` and `lora_b`."""
+    name (`weight`), so the state dict still has Meta's names, plus `lora_a` and `lora_b`. A bias (Qwen2's
+    wq, wk, wv) stays as it is: frozen, and kept by the merge."""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
-        if base.bias is not None:
-            raise ValueError("LoRALinear wraps bias-free Linear layers (Llama has no biases)")
-        self.weight = base.weight
+        self.weight, self.bias = base.weight, base.bias
         self.lora_a = nn.Parameter(
             torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device)
         )
@@ -44,15 +43,18 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x):
-        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        delta = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        return F.linear(x, self.weight, self.bias) + delta
 
     def merged(self):
-        """An nn.Linear with W + scale * B A (computed in float32 or wider, stored in W's dtype)."""
+        """An nn.Linear with W + scale * B A (computed in float32 or wider, stored in W's dtype) and the bias."""
         w = self.weight.detach()
         dt = torch.promote_types(w.dtype, torch.float32)
         delta = (self.lora_b.detach().to(dt) @ self.lora_a.detach().to(dt)) * self.scale
-        out = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        out = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None, device="meta")
         out.weight = nn.Parameter((w.to(dt) + delta).to(w.dtype), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            out.bias = self.bias
         return out
 
 
@@ -85,7 +87,7 @@ def add_lora(model, rank, alpha, targets=("wq", "wk", "wv", "wo"), dropout=0.0):
 
 EXTRA = {  # what set_trainable's `extra` may open besides the adapters (LoRA+: both)
     "embed": lambda name: name == "tok_embeddings.weight",
-    "norm": lambda name: name.endswith("norm.weight"),  # attention_norm, ffn_norm and the final norm
+    "norm": lambda name: name.endswith("norm.weight"),  # attention_norm, ffn_norm, the final norm (Qwen3: q/k_norm)
 }
 
 
@@ -123,7 +125,8 @@ def lora_config(model):
     return {"rank": first.rank, "alpha": first.alpha, "targets": sorted(layers)}
 
 
-CONTEXT = ("rope_interpolation", "max_seq_len")  # the context extension an adapter was trained with
+# the context extension an adapter was trained with: Position Interpolation's factor or YaRN's settings
+CONTEXT = ("rope_interpolation", "max_seq_len", "rope_yarn", "rope_scaling_factor", "rope_original_context")
 
 
 def save_trainable(model, path, state=None):

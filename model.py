@@ -1,9 +1,11 @@
 """Llama in one file: the model, RoPE with context scaling, and Meta's checkpoints (Hugging Face's via hf.py).
+Mistral, Qwen2 and Qwen3 are the same model with three switches (ModelArgs.head_dim, qkv_bias, qk_norm).
 
     import model
     m = model.load("llama-2-7b/")           # Meta folder (params.json + consolidated.NN.pth) or HF folder
     logits = m(tokens)                      # tokens (B, N) LongTensor -> logits (B, N, vocab)
     m.extend_context(8)                     # Position Interpolation: 8x the context (positions / 8)
+    m.extend_context(8, method="yarn")      # or YaRN
     m.set_attention(group_size=2048)        # S2-Attn (training); group_size=None: full attention
     model.save(m, "out/", format="hf")      # or format="meta"
 
@@ -58,11 +60,23 @@ class ModelArgs:
     max_seq_len: int = 4096
     hidden_dim: Optional[int] = None  # FFN width; None: derived from dim the way Meta does
     tie_embeddings: bool = False  # output head shares tok_embeddings.weight (some HF Llama-family models)
+    # Beyond Llama (hf.py reads them from a config.json; the defaults are Llama's):
+    model_type: str = "llama"  # the Hugging Face architecture (hf.ARCHITECTURES) the weights are saved as
+    head_dim: Optional[int] = None  # None: dim // n_heads (Qwen3 and some Mistrals set it apart)
+    qkv_bias: bool = False  # biases on wq, wk and wv (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k, before RoPE (Qwen3)
+    # YaRN (Peng et al. 2023) instead of Position Interpolation: rope_scaling_factor x rope_original_context
+    rope_yarn: bool = False
+    rope_beta_fast: float = 32.0  # frequencies turning more than beta_fast times in the original context stay,
+    rope_beta_slow: float = 1.0  # those turning fewer than beta_slow times are interpolated; a ramp between
+    rope_attention_factor: Optional[float] = None  # q and k are scaled by it; None: 0.1 ln(factor) + 1
+    rope_truncate: bool = True  # the ramp's ends rounded to whole dimensions (transformers' default)
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads} (or set head_dim)")
+        self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)")
         if self.hidden_dim is None:  # Meta: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of
@@ -73,10 +87,6 @@ class ModelArgs:
         if self.rope_interpolation < 1:
             raise ValueError(f"rope_interpolation={self.rope_interpolation} must be >= 1 (positions are divided by it)")
 
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
-
 
 # ----------------------------------------------------------------------------- RoPE
 
@@ -86,15 +96,18 @@ def precompute_freqs_cis(args, N, device=None):
 
     Computed in float32 the way Meta's and HF's references do, so logits match them. Position
     Interpolation divides every frequency by s, which is the same as dividing the positions by s.
+    YaRN's attention factor is their length (it scales q and k).
     """
-    D = args.head_dim
+    D, magnitude = args.head_dim, 1.0
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, device=device)[: D // 2].float() / D))
     if args.use_scaled_rope:
         freqs = llama31_scale(freqs, args)
+    if args.rope_yarn:
+        freqs, magnitude = yarn_scale(freqs, args)
     freqs = freqs / args.rope_interpolation
     t = torch.arange(N, device=device, dtype=torch.float32)
     angles = torch.outer(t, freqs)  # (N, D/2)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.polar(torch.full_like(angles, magnitude), angles)
 
 
 def llama31_scale(freqs, args):
@@ -106,6 +119,22 @@ def llama31_scale(freqs, args):
     blended = (1 - smooth) * freqs / factor + smooth * freqs
     out = torch.where(wavelen > old / low, freqs / factor, blended)
     return torch.where(wavelen < old / high, freqs, out)
+
+
+def yarn_scale(freqs, args):
+    """YaRN, as transformers computes it: (frequencies, attention factor). A dimension pair turning fewer than
+    beta_slow times over the original context is interpolated (its frequency divided by the factor, as PI
+    does), one turning more than beta_fast times is kept, a linear ramp blends those between; q and k are
+    scaled by the attention factor (their dot products by its square)."""
+    D, old, factor = args.head_dim, args.rope_original_context, args.rope_scaling_factor
+    pair = lambda turns: D * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(args.rope_theta))  # noqa: E731
+    low, high = pair(args.rope_beta_fast), pair(args.rope_beta_slow)  # the pair (a float) turning that often
+    if args.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    ramp = ((torch.arange(D // 2, device=freqs.device, dtype=torch.float32) - low) / (high - low or 0.001)).clamp(0, 1)
+    attention = args.rope_attention_factor or (0.1 * math.log(factor) + 1 if factor > 1 else 1.0)
+    return freqs / factor * ramp + freqs * (1 - ramp), attention
 
 
 def apply_rotary_emb(x, freqs_cis):
@@ -133,10 +162,12 @@ class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.group_size = None  # None: full causal attention; an int: S2-Attn with groups of that many tokens
         self.backend = "sdpa"
         self.shift = True  # False: groups without the shift (the paper's Table 1 ablation)
@@ -147,6 +178,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, N, self.n_heads, self.head_dim)  # (B, N, H, D)
         k = self.wk(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
         v = self.wv(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
+        if self.q_norm is not None:  # Qwen3: each head of q and of k normalised
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         if cache is not None:  # generation: this layer's keys and values of the earlier tokens
             if "k" in cache:
@@ -238,14 +271,28 @@ class Transformer(nn.Module):
         nll = chunked_nll(h, w, targets, loss_chunk, recompute=torch.is_grad_enabled())
         return nll.sum() if reduction == "sum" else nll
 
-    def extend_context(self, factor):
-        """Position Interpolation, LongLoRA's context extension (paper §3, after Chen et al. 2023): positions
-        are divided by `factor` (on top of any interpolation the model has), so a context `factor` times
-        as long maps onto the positions it was trained on. Fine-tuning then teaches it to use them."""
-        if factor < 1:
-            raise ValueError(f"extend_context({factor}): the factor is at least 1 (positions are divided by it)")
-        self.args.rope_interpolation *= factor
-        self.args.max_seq_len = int(self.args.max_seq_len * factor)
+    def extend_context(self, factor, method="pi"):
+        """A context `factor` times as long. method="pi": Position Interpolation, LongLoRA's (paper §3, after
+        Chen et al. 2023): positions are divided by `factor` (on top of any interpolation the model has), so
+        the longer context maps onto the positions it was trained on. method="yarn": YaRN (Peng et al. 2023,
+        yarn_scale): only the slow frequencies are interpolated, and attention is sharpened; on a YaRN model
+        the factors multiply. Fine-tuning then teaches the model to use the new positions."""
+        a = self.args
+        if factor < 1 or method not in ("pi", "yarn"):
+            raise ValueError(f"extend_context({factor}, {method!r}): a factor of at least 1, method 'pi' or 'yarn'")
+        if factor == 1:
+            return self
+        if method == "yarn" and (a.use_scaled_rope or a.rope_interpolation != 1):
+            raise ValueError("YaRN does not stack on Position Interpolation or Llama 3.1's scaling: use method='pi'")
+        if method == "pi" and a.rope_yarn:
+            raise ValueError(f"this model's RoPE is YaRN (factor {a.rope_scaling_factor:g}): use method='yarn'")
+        if method == "yarn" and not a.rope_yarn:
+            a.rope_yarn, a.rope_scaling_factor, a.rope_original_context = True, 1.0, a.max_seq_len
+        if method == "yarn":
+            a.rope_scaling_factor *= factor
+        else:
+            a.rope_interpolation *= factor
+        a.max_seq_len = int(a.max_seq_len * factor)
         return self
 
     def set_attention(self, group_size=None, backend=None, shift=True, halo=None):
@@ -474,6 +521,8 @@ def save(model, path, format="meta", overwrite=False, max_shard_bytes=5 * 2**30)
     under temporary names and renamed, so a failed save leaves what was there before."""
     if format not in ("meta", "hf"):
         raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
+    if format == "meta" and model.args.model_type != "llama":
+        raise ValueError(f"format='meta' holds Meta's Llama; a {model.args.model_type} model saves with format='hf'")
     path = Path(path)
     old = sorted({p for g in _CHECKPOINT_GLOBS for p in path.glob(g)}) if path.is_dir() else []
     if old and not overwrite:

@@ -206,7 +206,7 @@ def keep_rows(p, full, rank, world):
 def random_weights(params, seed=0, device="cpu"):
     """(ModelArgs, model.Weights) of a fresh model, for pretraining from scratch (--init; how demo/model was
     made): every matrix N(0, 0.02), those writing into the residual stream (wo, w2) scaled by 1/sqrt(2
-    n_layers) (GPT-2), norms 1. `params`: a ModelArgs, a params.json or a folder with one. Each tensor has
+    n_layers) (GPT-2), norms 1, biases 0. `params`: a ModelArgs, a params.json or a folder with one. Each tensor has
     its own seed (from `seed` and its name), so that materialize can have each rank make only the tensor it
     is filling, never the whole model; made on `device`, whose generator decides the values.
     model.build(*random_weights(params)) is the whole model in one process."""
@@ -220,8 +220,8 @@ def random_weights(params, seed=0, device="cpu"):
         shapes = {k: v.shape for k, v in model.Transformer(args).state_dict().items()}
 
     def make(name):
-        if name.endswith("norm.weight"):
-            return torch.ones(shapes[name], device=device)
+        if name.endswith(("norm.weight", ".bias")):  # norms 1, biases 0
+            return torch.full(shapes[name], float(name.endswith("norm.weight")), device=device)
         std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
         g = torch.Generator(device).manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
         return torch.randn(shapes[name], generator=g, device=device) * std

@@ -49,6 +49,7 @@ def apply_longlora(
     *,
     seq_len,
     rope_scale=None,
+    rope_method="pi",
     lora_rank=8,
     lora_alpha=16,
     lora_targets=("wq", "wk", "wv", "wo"),
@@ -59,10 +60,10 @@ def apply_longlora(
     dtype="bfloat16",
     seed=42,
 ):
-    """LongLoRA's three switches on model `m`, in place: Position Interpolation to reach `seq_len`
-    (by `rope_scale`, default the smallest integer factor that does), LoRA+ (adapters of `lora_rank` on
-    `lora_targets`, and the `trainable` groups), and the attention `attn` ("s2", "full" or "short") in
-    groups of `group_size` (default seq_len / 4). Frozen weights in `dtype`, trainable ones in float32."""
+    """LongLoRA's three switches on model `m`, in place: Position Interpolation (or `rope_method` "yarn") to
+    reach `seq_len` (by `rope_scale`, default the smallest integer factor that does), LoRA+ (adapters of
+    `lora_rank` on `lora_targets`, and the `trainable` groups), and the attention `attn` ("s2", "full" or
+    "short") in groups of `group_size` (default seq_len / 4). Frozen weights in `dtype`, trainable in float32."""
     context = m.args.max_seq_len
     scale = rope_scale or max(1, math.ceil(seq_len / context))
     if int(context * scale) < seq_len:
@@ -70,7 +71,7 @@ def apply_longlora(
             f"--rope-scale {scale:g} extends the model's context of {context} tokens to {int(context * scale)}, "
             f"short of --seq-len {seq_len}: leave --rope-scale out (then it is {math.ceil(seq_len / context)})"
         )
-    m.extend_context(scale)
+    m.extend_context(scale, method=rope_method)
     torch.manual_seed(seed)  # the same adapters on every rank
     if lora_rank:
         lora.add_lora(m, lora_rank, lora_alpha, targets=tuple(lora_targets))
@@ -341,7 +342,8 @@ def describe(args, m, trainable, world, device, start, loaded):
         parts[-1] += f" ({world // P} data-parallel x {P} context-parallel: slices of {args.seq_len // P} tokens)"
     parts.append(f"global batch {args.batch_size * world // P * args.grad_accum} x {args.seq_len} tokens")
     parts.append(f"attention {args.attn}{G}, {args.backend}")
-    parts.append(f"RoPE positions / {m.args.rope_interpolation:g}")
+    rope = f"YaRN x{m.args.rope_scaling_factor:g}" if m.args.rope_yarn else f"positions / {m.args.rope_interpolation:g}"
+    parts.append(f"RoPE {rope}")
     parts += [f"resuming after step {start}"] if start else []
     return "; ".join(parts + [f"{loaded:.2f} GB host memory per process after loading"])
 
@@ -366,7 +368,8 @@ def parse_args(argv=None):
     a.add_argument("--attn", choices=("s2", "full", "short"), default="s2", help="short: S2, unshifted (Table 1)")
     a.add_argument("--group-size", type=int, help="S2-Attn group size in tokens (default seq-len/4, paper Table 11)")
     a.add_argument("--backend", choices=model.ALL_BACKENDS, help="attention kernel (default: flash on CUDA in bf16)")
-    a.add_argument("--rope-scale", type=float, help="Position Interpolation factor (default ceil(seq-len/context))")
+    a.add_argument("--rope-scale", type=float, help="context extension factor (default ceil(seq-len/context))")
+    a.add_argument("--rope-method", choices=("pi", "yarn"), default="pi", help="Position Interpolation or YaRN")
     a.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8); 0 = full fine-tuning")
     a.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
     a.add_argument("--lora-targets", default="wq,wk,wv,wo", help="layers with adapters (default wq,wk,wv,wo)")
@@ -459,6 +462,7 @@ def build_settings(args):
         context_parallel=args.context_parallel,
         seq_len=args.seq_len,
         rope_scale=args.rope_scale,
+        rope_method=args.rope_method,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t),  # "wq,wk" -> ("wq", "wk")

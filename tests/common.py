@@ -1,4 +1,5 @@
-"""Tiny random Llamas for the tests, and Meta's way of splitting a checkpoint into model-parallel shards."""
+"""Tiny random models (ours, and transformers' Llama-family ones), and Meta's way of splitting a checkpoint into
+model-parallel shards."""
 
 import importlib.util
 import json
@@ -24,6 +25,30 @@ def tiny_model(seed=0, dtype=torch.float32, **overrides):
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def hf_model(config, seed=0, vocab_size=96, **kw):
+    """A random transformers model of the config class named `config` (LlamaConfig, Qwen3Config, ...) with
+    every norm and bias random too (transformers makes biases 0 and norms 1), so that a swapped or
+    unpermuted one changes the logits."""
+    import transformers
+
+    torch.manual_seed(seed)
+    base = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+    )
+    m = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config)(**{**base, **kw}))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_((1 if "norm" in name else 0) + 0.1 * torch.randn_like(p))
     return m.eval()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model
-from common import tiny_model, tokens, write_meta_shards
+from common import hf_model, tiny_model, tokens, write_meta_shards
 from model import ModelArgs, Transformer
 
 transformers = pytest.importorskip(
@@ -35,25 +35,6 @@ HF_CONFIGS = {  # transformers config kwargs -> the variants of Llama a loader m
 }
 
 
-def hf_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-    )
-    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw}))
-    with torch.no_grad():  # random norms too, so that a swapped norm shows
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    return m.eval()
-
-
 def logits_hf(m, tok):
     with torch.no_grad():
         return m(tok).logits
@@ -66,7 +47,7 @@ def logits(m, tok):
 
 @pytest.mark.parametrize("variant", HF_CONFIGS)
 def test_load_hf_matches_transformers(tmp_path, variant):
-    hf = hf_model(**HF_CONFIGS[variant])
+    hf = hf_model("LlamaConfig", **HF_CONFIGS[variant])
     hf.save_pretrained(tmp_path)
     m = model.load(tmp_path)
     tok = tokens(N=40)  # longer than original_max_position_embeddings: exercises the llama3 scaling
@@ -75,7 +56,8 @@ def test_load_hf_matches_transformers(tmp_path, variant):
 
 def test_load_hf_reads_the_older_top_level_rope_keys(tmp_path):
     """Files written before transformers 5 keep rope_theta and rope_scaling at the top level."""
-    hf = hf_model(num_key_value_heads=2, rope_theta=50000.0, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    linear = {"rope_type": "linear", "factor": 2.0}
+    hf = hf_model("LlamaConfig", num_key_value_heads=2, rope_theta=50000.0, rope_scaling=linear)
     hf.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.pop("rope_parameters", None)
@@ -153,7 +135,8 @@ def test_meta_checkpoint_without_output_head_is_tied(tmp_path):
 
 def test_meta_checkpoint_matches_transformers(tmp_path):
     """Meta layout -> our model, the same weights in HF layout -> transformers: same logits."""
-    hf = hf_model(num_key_value_heads=2, intermediate_size=192)  # Meta's FFN recipe: dim 64, multiple_of 32
+    # intermediate_size: Meta's FFN recipe for dim 64, multiple_of 32
+    hf = hf_model("LlamaConfig", num_key_value_heads=2, intermediate_size=192)
     hf.save_pretrained(tmp_path / "hf")
     m = model.load(tmp_path / "hf")
     m.args = replace(m.args, multiple_of=32)  # what Meta's params.json would say for this width
@@ -309,9 +292,9 @@ def test_config_files_that_are_broken_or_incomplete(tmp_path):
         model.load(tmp_path)
 
 
-def test_not_a_llama(tmp_path):
+def test_not_a_supported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="is not a Llama"):
+    with pytest.raises(ValueError, match="reads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCa"):
         model.load(tmp_path)
 
 

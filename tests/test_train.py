@@ -22,7 +22,7 @@ import model
 import parallel
 import s2attn
 import train
-from common import tiny_model
+from common import hf_model, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = (
@@ -155,7 +155,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
 
 
 BAD_FLAGS = ["missing-model", "vocab", "group", "both-data", "backend", "group-zero", "tokenizer-2proc"]
-BAD_FLAGS += ["context-slices", "context-full", "context-world-2proc"]
+BAD_FLAGS += ["context-slices", "context-full", "context-world-2proc", "qwen-as-meta", "sliding-window", "yarn-on-pi"]
 BAD_FOLDERS = ["existing-out", "existing-out-2proc", "corrupt-checkpoint", "resume-nothing", "resume-no-checkpoint"]
 
 
@@ -202,6 +202,20 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
     elif case == "context-world-2proc":
         flags += ["--context-parallel", "4"]
         expect = "--context-parallel 4 does not divide the 2 processes"
+    elif case == "qwen-as-meta":
+        pytest.importorskip("transformers", reason="pip install transformers")
+        hf_model("Qwen2Config", vocab_size=320, num_key_value_heads=2).save_pretrained(tmp_path / "qwen")
+        flags += ["--model", str(tmp_path / "qwen"), "--export-format", "meta"]
+        expect = "Meta's format holds Llamas; a qwen2 model exports with --export-format hf"
+    elif case == "sliding-window":
+        pytest.importorskip("transformers", reason="pip install transformers")
+        hf_model("MistralConfig", vocab_size=320, sliding_window=32).save_pretrained(tmp_path / "mistral")
+        flags += ["--model", str(tmp_path / "mistral")]
+        expect = "sliding-window attention (sliding_window 32) is not implemented"
+    elif case == "yarn-on-pi":
+        model.save(tiny_model(vocab_size=320, rope_interpolation=2.0, max_seq_len=64), tmp_path / "pi")
+        flags += ["--model", str(tmp_path / "pi"), "--rope-method", "yarn"]
+        expect = "YaRN does not stack on Position Interpolation"
     elif case == "resume-nothing":  # a run that stopped before its first checkpoint left only its log
         out.mkdir()
         (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
@@ -669,6 +683,38 @@ def test_hf_run_exports_what_transformers_peft_and_eval_open(setup, tmp_path):
         timeout=300,
     )
     assert r.returncode == 0 and r.stdout.splitlines()[0].split() == ["length", "depth", "0%"], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "config,kw,flags",
+    [
+        ("LlamaConfig", {"head_dim": 24}, ()),
+        ("MistralConfig", {"sliding_window": None, "num_key_value_heads": 1}, ()),
+        ("Qwen2Config", {"tie_word_embeddings": True}, ()),
+        ("Qwen3Config", {"head_dim": 24}, ()),
+        ("Qwen3Config", {"head_dim": 24}, ("--rope-method", "yarn")),
+    ],
+    ids=["llama-head-dim", "mistral", "qwen2-tied", "qwen3", "qwen3-yarn"],
+)
+def test_each_architecture_trains_and_exports_as_itself(setup, tmp_path, config, kw, flags):
+    """A 2-step LongLoRA run (S2, LoRA+, RoPE x2) from a transformers base of each architecture: merged/ opens
+    in transformers as the base's class with model.load's logits, adapter/ in PEFT on the base with merged/'s."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    base = hf_model(config, vocab_size=320, **{"num_key_value_heads": 2, **kw})
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    run_train(setup, out, "--model", str(tmp_path / "base"), *"--steps 2 --lr 3e-2 --save-every 0".split(), *flags)
+    cfg = json.loads((out / "merged" / "config.json").read_text())
+    assert cfg["architectures"] == [type(base).__name__] and cfg["max_position_embeddings"] == 128
+    assert cfg["rope_parameters"]["rope_type"] == ("yarn" if flags else "linear")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert type(merged) is type(base)
+    x = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
+    ours = model.load(out / "merged")(x).detach()
+    start = model.load(tmp_path / "base").extend_context(2, method="yarn" if flags else "pi")(x).detach()
+    assert (ours - start).abs().max() > 1e-2  # training changed the model
+    torch.testing.assert_close(hf_logits(out / "merged", x), ours, rtol=0, atol=1e-4)
+    torch.testing.assert_close(peft_logits(tmp_path / "base", out / "adapter", x), ours, rtol=0, atol=1e-4)
 
 
 def test_meta_run_exports_meta_with_the_data_tokenizer(setup, tmp_path):
