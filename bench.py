@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -43,6 +44,7 @@ import time
 
 import torch
 
+import data
 import model
 import parallel
 import s2attn
@@ -337,6 +339,68 @@ def bench_steps(args):
             )
 
 
+# ----------------------------------------------------------------------------- packed sequences
+
+
+class RandomExamples:
+    """Supervised examples of random tokens with the given lengths, as data.PackedExamples reads them:
+    example(j) -> (inputs, targets), every target learned."""
+
+    def __init__(self, lengths, vocab_size, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.tokens = [torch.randint(0, vocab_size, (n + 1,), generator=g) for n in lengths]
+        self.n = len(lengths)
+
+    def example(self, j):
+        return self.tokens[j][:-1], self.tokens[j][1:]
+
+
+def bench_pack(args):
+    """--pack against one example per step and padded batches: the same examples, train.py's LoRA+ S2 step
+    (groups of N/4) on rows of each layout, the three layouts interleaved `reps` times (median kept)."""
+    N, K, b = args.length, args.examples, args.batch
+    g = torch.Generator().manual_seed(0)  # LongAlpaca-like: lengths log-uniform from N/16 to N
+    lengths = torch.exp(torch.empty(K).uniform_(math.log(N / 16), math.log(N), generator=g)).long().tolist()
+    ex = RandomExamples(lengths, SHAPES[args.shape]["vocab_size"])
+    packed = data.PackedExamples(ex, N, seed=0)
+    layouts = {
+        "one example per step": [[ex.example(j)] for j in range(K)],
+        f"padded batches of {b}": [[ex.example(j) for j in range(i, min(i + b, K))] for i in range(0, K, b)],
+        "--pack": [[packed[i]] for i in range(len(packed.rows(0)))],
+    }
+    parallel.setup_distributed(args.device.type)
+    margs = model.ModelArgs(**SHAPES[args.shape], max_seq_len=N)
+    m = train.build_model(
+        parallel.random_weights(margs, 42, args.device), 0, 1, args.device, dtype=args.dtype, seq_len=N,
+        backend=parallel.default_backend(args.device.type == "cuda", args.dtype),
+    )  # fmt: skip
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95))
+    times = {name: [] for name in layouts}
+    for rep in range(args.reps + 1):  # the first, a warm-up, is not kept
+        for name, steps in layouts.items():
+            sync(args.device)
+            t = time.perf_counter()
+            for rows in steps:
+                x, y, *documents = data.collate(rows)
+                micro = [(x, y, *(documents or [None]), sum(len(r[0]) for r in rows))]
+                train.forward_backward(m, micro, trainable, world=1, device=args.device, clip=1.0, loss_chunk=2048)
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+            sync(args.device)
+            times[name] += [time.perf_counter() - t] if rep else []
+    print(
+        f"\n### Packed sequences, shape `{args.shape}`, {K} examples of {min(lengths)} to {max(lengths)} tokens "
+        f"(log-uniform from N/16 to N = {N}; {sum(lengths):,} tokens)\n\n{machine(args.device)}; {args.dtype}; "
+        f"LoRA+, S2 groups of N/4; median of {args.reps} passes over the examples, the layouts interleaved\n"
+    )
+    print("| layout | steps | positions | padding | real tokens/s | time / --pack's |\n|---|---|---|---|---|---|")
+    pack_s = statistics.median(times["--pack"])
+    for name, steps in layouts.items():
+        t, n, real = statistics.median(times[name]), sum(data.collate(r)[0].numel() for r in steps), sum(lengths)
+        print(f"| {name} | {len(steps)} | {n:,} | {1 - real / n:.1%} | {real / t:.0f} | {t / pack_s:.2f}x |")
+
+
 def bench_fit(args):
     """The longest sequence (a multiple of --step-tokens) a LoRA+ S2 step fits in: doubling, then bisection,
     for at most --fit-minutes (each try is a fresh process running two steps; at 7B and 100k+ tokens a
@@ -525,6 +589,7 @@ def parser(gpu):
             ("step", "training steps"),
             ("fit", "longest step"),
             ("memory", "the memory model's prediction"),
+            ("pack", "packed sequences against padded batches"),
         )
     }
     for c in ("all", "attn"):
@@ -546,7 +611,7 @@ def parser(gpu):
             help=f"rows with SDPA forced to these kernels, of {','.join(SDPA_KERNELS)} (default: flash,cudnn on "
             "CUDA, none on CPU; '' for none)",
         )
-    for c in ("all", "step", "fit", "memory"):
+    for c in ("all", "step", "fit", "memory", "pack"):
         a = parsers[c]
         a.add_argument("--shape", choices=SHAPES, default="7b" if gpu else "small", help="model shape")
     for c in ("all", "fit", "memory"):
@@ -569,6 +634,10 @@ def parser(gpu):
     for c in ("all", "fit"):
         parsers[c].add_argument("--start", type=int, default=32768, help="first length tried (default 32768)")
         parsers[c].add_argument("--step-tokens", type=int, default=4096, help="search resolution (default 4096)")
+    for c in ("all", "pack"):
+        parsers[c].add_argument("--length", type=int, default=32768 if gpu else 2048, help="--seq-len of the rows")
+        parsers[c].add_argument("--examples", type=int, default=32, help="examples per pass (default 32)")
+        parsers[c].add_argument("--batch", type=int, default=4, help="examples per padded batch (default 4)")
     for c in ("all", "fit"):
         parsers[c].add_argument("--fit-minutes", type=float, default=20, help="time limit of the search (default 20)")
     for a in parsers.values():
@@ -605,6 +674,8 @@ def main(argv=None):
         bench_attention(argparse.Namespace(**vars(args), lengths=args.attn_lengths))
     if args.cmd in ("all", "step"):
         bench_steps(argparse.Namespace(**vars(args), lengths=args.step_lengths))
+    if args.cmd in ("all", "pack"):
+        bench_pack(args)
     if args.cmd in ("all", "fit"):
         bench_fit(args)
     if args.cmd == "memory":

@@ -142,6 +142,7 @@ SAME_ON_RESUME = (
     "trainable",
     "rope_scale",
     "rope_method",
+    "pack",
     "grad_accum",
     "dtype",
     "seed",
@@ -155,7 +156,7 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     """Restore trainable weights, optimizer and RNG from `ckpt`; returns its step."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        saved = {"rope_method": "pi", **state["args"]}  # runs from before --rope-method used PI
+        saved = {"rope_method": "pi", "pack": False, **state["args"]}  # runs from before these flags
         changed = [
             f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
             for k in SAME_ON_RESUME
@@ -200,6 +201,23 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     return state["step"]
 
 
+def describe(args, m, trainable, world, device, start, loaded):
+    """The run's first line: what trains, on what, how."""
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
+    P, G = args.context_parallel, f" (G={args.group_size})" if args.attn != "full" else ""
+    parts = [f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%)"]
+    parts.append(f"{world} process(es) on {device.type}")
+    if P > 1:
+        parts[-1] += f" ({world // P} data-parallel x {P} context-parallel: slices of {args.seq_len // P} tokens)"
+    packed = " (examples packed)" if args.pack else ""
+    parts.append(f"global batch {args.batch_size * world // P * args.grad_accum} x {args.seq_len} tokens{packed}")
+    parts.append(f"attention {args.attn}{G}, {args.backend}")
+    rope = f"YaRN x{m.args.rope_scaling_factor:g}" if m.args.rope_yarn else f"positions / {m.args.rope_interpolation:g}"
+    parts.append(f"RoPE {rope}")
+    parts += [f"resuming after step {start}"] if start else []
+    return "; ".join(parts + [f"{loaded:.2f} GB host memory per process after loading"])
+
+
 def open_log(out, start, first_line):
     """Print the run's first line and open log.jsonl to append, without the steps after `start` that a
     killed run logged after its last checkpoint."""
@@ -219,15 +237,19 @@ def open_log(out, start, first_line):
 
 
 def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem):
-    """One line of log.jsonl, and the progress bar's figures: `tokens` and `flops` of the step, `dt` its
-    seconds, `peak` the device's TFLOP/s (None: no MFU), `mem` the (device, host) peak GB."""
+    """One line of log.jsonl, and the progress bar's figures: `tokens` (the step's positions, over all
+    processes, and how many of them are not padding) and `flops` of the step, `dt` its seconds, `peak` the
+    device's TFLOP/s (None: no MFU), `mem` the (device, host) peak GB."""
+    tokens, real = tokens
     rec = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, tokens_per_s=tokens / dt, step_s=dt)
+    rec.update(real_tokens=real, padding=1 - real / tokens)
     rec.update(tflops=flops / dt / 1e12, mfu=flops / dt / 1e12 / peak if peak else None)
     rec.update(peak_mem_gb=mem[0], host_mem_gb=mem[1])
     log.write(json.dumps(rec) + "\n")
     log.flush()
     mfu = {"mfu": f"{rec['mfu']:.0%}"} if peak else {}
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem[0]:.1f}G", **mfu)
+    pad = {"pad": f"{rec['padding']:.0%}"} if real < tokens else {}
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem[0]:.1f}G", **pad, **mfu)
     bar.update()
 
 

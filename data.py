@@ -474,18 +474,65 @@ class SFTExamples:
         self.tok, self.seq_len, self.seed, self.n = tokenizer, seq_len, seed, len(self.examples)
 
     def __getitem__(self, i):
-        return sft_example(self.tok, self.examples[sample_index(i, self.n, self.seed)], self.seq_len)
+        return self.example(sample_index(i, self.n, self.seed))
+
+    def example(self, j):
+        """(inputs, targets) of the file's j-th kept example."""
+        return sft_example(self.tok, self.examples[j], self.seq_len)
+
+
+class PackedExamples:
+    """SFT examples packed into rows of seq_len tokens, several whole examples per row, so that a step
+    holds no padding but a row's unfilled end: dataset[i] -> (inputs, targets, documents) of row i,
+    documents numbering the row's examples 0, 1, ... (the model runs each alone: attention within it,
+    RoPE positions from 0). Each pass over the examples takes them in a fresh seeded order, as unpacked
+    ones do, and packs them greedily, first fit: each example goes into the first row with room for it.
+    The rows follow from the seed alone, so a resumed run packs the same rows. Every example is
+    tokenized once when the rows are first needed, to know its length."""
+
+    def __init__(self, examples, seq_len, seed=0):
+        self.sft, self.seq_len, self.seed, self.passes = examples, seq_len, seed, []
+        self.lengths = None
+
+    def rows(self, epoch):
+        """The rows of pass `epoch`: lists of example indices, in the order they were opened."""
+        if self.lengths is None:
+            self.lengths = np.array([len(self.sft.example(j)[0]) for j in range(self.sft.n)])
+        while len(self.passes) <= epoch:
+            order = np.random.default_rng([self.seed, len(self.passes)]).permutation(self.sft.n)
+            room, rows = np.full(self.sft.n + 1, self.seq_len), []  # room left in each row, opened or not
+            for j in order:
+                r = int(np.argmax(room[: len(rows) + 1] >= self.lengths[j]))  # the first with room (or a new one)
+                if r == len(rows):
+                    rows.append([])
+                rows[r].append(j)
+                room[r] -= self.lengths[j]
+            self.passes.append(rows)
+        return self.passes[epoch]
+
+    def __getitem__(self, i):
+        epoch = 0
+        while i >= len(self.rows(epoch)):
+            i, epoch = i - len(self.rows(epoch)), epoch + 1
+        parts = [self.sft.example(j) for j in self.rows(epoch)[i]]
+        documents = torch.cat([torch.full((len(x),), d) for d, (x, _) in enumerate(parts)])
+        return torch.cat([x for x, _ in parts]), torch.cat([t for _, t in parts]), documents
 
 
 def collate(samples, pad_id=0, length=None):
     """Right-pad (inputs, targets) pairs into (B, N) tensors, N the longest sample's length or `length`:
-    padding ids are `pad_id` (never read by a real token under the causal mask) and padding targets IGNORE."""
-    N = length or max(len(x) for x, _ in samples)
+    padding ids are `pad_id` (never read by a real token under the causal mask) and padding targets IGNORE.
+    Packed rows, (inputs, targets, documents) triples, give their document ids too, (B, N), the padding
+    one more document."""
+    N = length or max(len(x) for x, *_ in samples)
     inputs = torch.full((len(samples), N), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), N), IGNORE, dtype=torch.long)
-    for b, (x, y) in enumerate(samples):
+    documents = torch.zeros((len(samples), N), dtype=torch.long) if len(samples[0]) == 3 else None
+    for b, (x, y, *d) in enumerate(samples):
         inputs[b, : len(x)], targets[b, : len(y)] = x, y
-    return inputs, targets
+        if d:
+            documents[b, : len(x)], documents[b, len(x) :] = d[0], d[0][-1] + 1
+    return (inputs, targets) if documents is None else (inputs, targets, documents)
 
 
 # ----------------------------------------------------------------------------- command line

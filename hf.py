@@ -129,7 +129,8 @@ def rope(args):
 
 def args_fields(cfg, source):
     """ModelArgs' fields from the config.json `cfg` of a Llama, Mistral, Qwen2 or Qwen3 (read from `source`,
-    named in errors). Where a key is missing, the default is that of transformers' config class."""
+    named in errors). A missing head_dim or sliding-window key means what it means to transformers' config
+    class (Qwen3's head_dim 128, Mistral's window 4096)."""
     arch, classes = cfg.get("model_type", "llama"), cfg.get("architectures") or []
     if arch not in ARCHITECTURES or classes and ARCHITECTURES[arch] not in classes:
         raise ValueError(
@@ -202,11 +203,12 @@ def slides(cfg, arch):
     """Whether a layer of the model `cfg` describes attends in a sliding window, as transformers decides it."""
     if arch == "mistral":
         return cfg.get("sliding_window", 4096) is not None
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3"):  # a window only with use_sliding_window, and only in the layers that say so
+        if not cfg.get("use_sliding_window") or cfg.get("sliding_window", 4096) is None:
+            return False
         if cfg.get("layer_types"):
             return "sliding_attention" in cfg["layer_types"]
-        window = cfg.get("use_sliding_window") and cfg.get("sliding_window", 4096) is not None
-        return bool(window) and cfg["num_hidden_layers"] > cfg.get("max_window_layers", 28)
+        return cfg["num_hidden_layers"] > cfg.get("max_window_layers", 28)
     return False
 
 

@@ -185,6 +185,8 @@ def load_trainable(model, path):
             + "\n  ".join(problems[:8])
             + "\nWas it trained from another base model?"
         )
+    if context.get("rope_yarn") and (model.args.use_scaled_rope or model.args.rope_interpolation != 1):
+        raise ValueError(f"{path} was trained with YaRN, which this base's RoPE scaling cannot take: another base?")
     if add:
         add_lora(model, cfg["rank"], cfg["alpha"], targets=tuple(cfg["targets"]))
     for k, v in context.items():

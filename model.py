@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 import hf
 
 # ALL_BACKENDS, BACKENDS: set_attention's backends, and those this machine runs (train.py reads them here)
-from s2attn import ALL_BACKENDS, BACKENDS, cached_attention, check_config, full_attention, s2_attention  # noqa: F401
+from s2attn import ALL_BACKENDS, BACKENDS, cached_attention, check_config, full_attention, positions, s2_attention  # noqa: F401
 
 
 @dataclass
@@ -138,9 +138,11 @@ def yarn_scale(freqs, args):
 
 
 def apply_rotary_emb(x, freqs_cis):
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, N, heads, D) as in Meta's reference."""
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, N, heads, D) as in Meta's reference;
+    freqs_cis: (N, D/2), or (B, N, D/2) for rows of packed documents."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, N, heads, D/2)
-    out = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)  # (B, N, heads, D)
+    fc = freqs_cis.reshape(-1, xc.shape[1], 1, xc.shape[-1])  # (1 or B, N, 1, D/2)
+    out = torch.view_as_real(xc * fc).flatten(3)  # (B, N, heads, D)
     return out.type_as(x)
 
 
@@ -173,7 +175,7 @@ class Attention(nn.Module):
         self.shift = True  # False: groups without the shift (the paper's Table 1 ablation)
         self.halo = None  # context parallelism: the exchange with the neighbouring slices (s2attn._with_halo)
 
-    def forward(self, x, freqs_cis, cache=None):
+    def forward(self, x, freqs_cis, cache=None, documents=None):
         B, N, _ = x.shape
         q = self.wq(x).view(B, N, self.n_heads, self.head_dim)  # (B, N, H, D)
         k = self.wk(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
@@ -190,9 +192,10 @@ class Attention(nn.Module):
                 raise ValueError("generation with a KV cache uses full attention: set_attention(group_size=None)")
             out = cached_attention(q, k, v)
         elif self.group_size is None:
-            out = full_attention(q, k, v, backend=self.backend)
+            out = full_attention(q, k, v, backend=self.backend, documents=documents)
         else:
-            out = s2_attention(q, k, v, self.group_size, backend=self.backend, shift=self.shift, halo=self.halo)
+            kw = dict(backend=self.backend, shift=self.shift, halo=self.halo, documents=documents)
+            out = s2_attention(q, k, v, self.group_size, **kw)
         return self.wo(out.reshape(B, N, -1))  # (B, N, H * D) -> (B, N, dim)
 
 
@@ -215,8 +218,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, cache=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, cache)
+    def forward(self, x, freqs_cis, cache=None, documents=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, cache, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -241,14 +244,29 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.beyond_context = False  # True: run sequences longer than args.max_seq_len (to measure what happens)
 
-    def forward(self, tokens, targets=None, *, reduction="sum", loss_chunk=2048, last_only=False, cache=None, start=0):
+    def forward(
+        self,
+        tokens,
+        targets=None,
+        *,
+        reduction="sum",
+        loss_chunk=2048,
+        last_only=False,
+        cache=None,
+        start=0,
+        documents=None,
+    ):
         """tokens (B, N) LongTensor -> logits (B, N, vocab_size); last_only: the last position's, (B, 1, vocab).
         With targets (B, N), the next-token loss instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed
         (reduction="sum") or per position (reduction="none", (B, N)), 0 where a target is IGNORE.
         With a KVCache, `tokens` continue the ones the cache has seen (generation). start: the position
-        of tokens[:, 0] (context parallelism: this process's slice of the sequence starts there)."""
+        of tokens[:, 0] (context parallelism: this process's slice of the sequence starts there).
+        documents (B, N): ids of the documents packed into each row (s2attn.s2_attention): each attends only
+        to itself and its RoPE positions start at 0, as if it ran alone."""
         if reduction not in ("sum", "none"):
             raise ValueError(f"reduction={reduction!r}: 'sum' (the summed loss) or 'none' (per token)")
+        if documents is not None and (cache is not None or start):
+            raise ValueError("packed documents run whole rows: no KV cache, no slice of a row (start=0)")
         start = cache.pos if cache is not None else start
         if start + tokens.shape[1] > self.args.max_seq_len and not self.beyond_context:
             raise ValueError(
@@ -256,9 +274,11 @@ class Transformer(nn.Module):
                 "extend it with m.extend_context(factor), or set m.beyond_context = True to run past it anyway"
             )
         h = self.tok_embeddings(tokens)  # (B, N, dim)
-        freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]
+        freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]  # (N, D/2)
+        if documents is not None:
+            freqs_cis = freqs_cis[positions(documents, tokens)]  # (B, N, D/2): positions per document
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, None if cache is None else cache.layers[i])
+            h = layer(h, freqs_cis, None if cache is None else cache.layers[i], documents)
         if cache is not None:
             cache.pos += tokens.shape[1]
         h = self.norm(h)

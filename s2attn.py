@@ -34,6 +34,10 @@ is shorter). All three backends compute exactly this function, and the tests che
            PyTorch's own varlen kernel (the same FlashAttention-2 code) on CUDA without flash-attn;
            torch < 2.13's takes no GQA, so there k and v are repeated per query head (flash_repeats_kv).
 
+Packed documents (`documents=`, several documents per row): S2-Attn runs on each document alone, its
+groups counted from its first token. Groups and documents are both segments, in which attention is causal;
+`segments` is the one rule that says where they start, for every backend and for `s2_mask`.
+
 S2-Attn's groups are local, which is what lets one sequence be split over processes (context
 parallelism, train.py --context-parallel): with each slice starting on a group border, the unshifted
 heads need nothing from another slice, and the shifted heads only the previous slice's last G/2 keys
@@ -61,20 +65,23 @@ _HAS_VARLEN = flash_attn_varlen_func is not None or torch_varlen_attn is not Non
 BACKENDS = ALL_BACKENDS if (torch.cuda.is_available() and _HAS_VARLEN) else ("naive", "sdpa")
 
 
-def full_attention(q, k, v, backend="sdpa"):
-    """Causal attention over the whole sequence. q: (B, N, H, D), k, v: (B, N, Hkv, D) -> (B, N, H, D)."""
+def full_attention(q, k, v, backend="sdpa", documents=None):
+    """Causal attention over the whole sequence. q: (B, N, H, D), k, v: (B, N, Hkv, D) -> (B, N, H, D).
+    documents: (B, N) ids of packed documents (see s2_attention); each token reads only its own."""
     _check(q, k, v, backend)
-    N = q.shape[1]
+    N, pos = q.shape[1], positions(documents, q)
     if backend == "naive":
-        return _naive(q, k, v, s2_mask(N, q.shape[2], group_size=None, device=q.device))
-    return _KERNELS[backend](q, k, v, G=N, first=N)  # one group: the whole sequence
+        return _naive(q, k, v, s2_mask(N, q.shape[2], group_size=None, device=q.device, documents=documents))
+    return _KERNELS[backend](q, k, v, G=N, first=N, pos=pos)  # one group: the whole sequence (or document)
 
 
-def s2_attention(q, k, v, group_size, backend="sdpa", shift=True, halo=None):
+def s2_attention(q, k, v, group_size, backend="sdpa", shift=True, halo=None, documents=None):
     """Shifted sparse attention with groups of `group_size` tokens (see the module docstring).
     shift=False: every head attends in the unshifted groups, the "short attention" that the paper's
     Table 1 shows fails to carry over to full attention at inference.
-    halo: context parallelism, where q, k, v are one slice of a longer sequence (see _with_halo)."""
+    halo: context parallelism, where q, k, v are one slice of a longer sequence (see _with_halo).
+    documents: (B, N) integer ids, non-decreasing along each row, of several documents packed into each
+    row: S2-Attn then runs on each document alone, its groups counted from its first token (segments)."""
     _check(q, k, v, backend)
     check_config(group_size, backend)
     if group_size is None:
@@ -84,20 +91,23 @@ def s2_attention(q, k, v, group_size, backend="sdpa", shift=True, halo=None):
         raise ValueError(f"a slice of {N} tokens: context parallelism needs slices a multiple of group_size={G} long")
     if halo is not None and backend == "naive":
         raise ValueError("the naive backend is the definition, on whole sequences: use sdpa or flash with a halo")
+    if halo is not None and documents is not None:
+        raise ValueError("context parallelism (a halo) splits rows of one document: packed documents are not supported")
     if backend == "naive":
-        return _naive(q, k, v, s2_mask(N, H, G, device=q.device, shift=shift))
-    # attend(q, k, v, G, first): causal attention in groups [0, first), [first, first + G), ...
-    attend = _KERNELS[backend]
+        return _naive(q, k, v, s2_mask(N, H, G, device=q.device, shift=shift, documents=documents))
+    # attend(q, k, v, G, first, pos): causal attention in groups [0, first), [first, first + G), ... (of each
+    # document, where pos, the tokens' positions in their documents, says where documents start)
+    attend, pos = _KERNELS[backend], positions(documents, q)
     if not shift:
-        return attend(q, k, v, G, first=G)
+        return attend(q, k, v, G, first=G, pos=pos)
     (q1, k1, v1), (q2, k2, v2) = _split_heads(q, k, v)  # heads [0, H // 2) and [H // 2, H)
     # The first half of the heads: groups [0, G), [G, 2G), ...
-    out1 = attend(q1, k1, v1, G, first=G) if H > 1 else q1  # (B, N, H // 2, D); H = 1: the first half has no head
+    out1 = attend(q1, k1, v1, G, first=G, pos=pos) if H > 1 else q1  # (B, N, H // 2, D); H = 1: no head here
     # The second half: groups shifted by half a group. The paper rolls these heads by -G/2, which wraps
     # the first half-group around to the end of the sequence, where it reads the future. We start a new
     # group at G/2 instead, [0, G/2), [G/2, 3G/2), ...: nothing wraps. (G = 1 has no half-group.)
     if halo is None or G == 1:
-        out2 = attend(q2, k2, v2, G, first=G // 2 or G)  # (B, N, H - H // 2, D)
+        out2 = attend(q2, k2, v2, G, first=G // 2 or G, pos=pos)  # (B, N, H - H // 2, D)
     else:
         out2 = _with_halo(attend, q2, k2, v2, G, halo)
     return torch.cat([out1, out2], dim=2)  # (B, N, H, D)
@@ -133,19 +143,48 @@ def cached_attention(q, k, v):
     return _sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
 
 
-def s2_mask(N, H, group_size, device=None, shift=True):
-    """The definition of S2-Attn as a mask: (H, N, N) bool, True where query i of head h may read key j.
-    group_size=None: full attention; shift=False: no head is shifted."""
+def s2_mask(N, H, group_size, device=None, shift=True, documents=None):
+    """The definition of S2-Attn as a mask: (H, N, N) bool, True where query i of head h may read key j:
+    j <= i, in the same segment (segments). group_size=None: full attention; shift=False: no head is
+    shifted. documents (B, N): the mask of each row, (B, H, N, N), a segment never spanning two documents."""
     i = torch.arange(N, device=device)
     causal = i[None, :] <= i[:, None]  # (N, N): key j <= query i
-    if group_size is None:
-        return causal.expand(H, N, N)
-    G, s = group_size, group_size // 2
-    group = i // G  # heads [0, H//2): [0, G), [G, 2G), ...
-    group_shifted = (i + G - s) // G  # heads [H//2, H): [0, s), [s, s + G), ...
-    same = lambda g: (g[:, None] == g[None, :]) & causal  # noqa: E731
-    shifted = H - H // 2 if shift else 0
-    return torch.stack([same(group)] * (H - shifted) + [same(group_shifted)] * shifted)  # (H, N, N)
+    pos = i[None] if documents is None else positions(documents)  # (1 or B, N): positions in the documents
+    G = group_size or N  # full attention: one group per document
+    same = lambda first: _same(segments(pos, G, first).cumsum(-1)) & causal  # noqa: E731  (B, N, N)
+    shifted = H - H // 2 if shift and group_size else 0  # heads [H//2, H): [0, G/2), [G/2, 3G/2), ...
+    heads = [same(G)] * (H - shifted) + [same(G // 2 or G)] * shifted  # heads [0, H//2): [0, G), [G, 2G), ...
+    mask = torch.stack(heads, dim=1)  # (1 or B, H, N, N)
+    return mask[0] if documents is None else mask
+
+
+def _same(segment):
+    """(B, N, N) bool: tokens i and j lie in the same segment; segment (B, N) numbers them."""
+    return segment[:, :, None] == segment[:, None, :]
+
+
+def positions(documents, like=None):
+    """Each token's position in its document: documents (B, N), integer ids non-decreasing along each row
+    (a new id starts a new document) -> (B, N) int64, counting from 0 at every document's first token.
+    documents=None: None (one document per row, where the kernels need no positions)."""
+    if documents is None:
+        return None
+    if like is not None and documents.shape != like.shape[:2]:
+        raise ValueError(f"documents {tuple(documents.shape)} must be (B, N) = {tuple(like.shape[:2])}")
+    if (documents[:, 1:] < documents[:, :-1]).any():
+        raise ValueError("documents: the ids must be non-decreasing along each row (one id per packed document)")
+    i = torch.arange(documents.shape[1], device=documents.device).expand(documents.shape)
+    new = torch.ones_like(documents, dtype=torch.bool)
+    new[:, 1:] = documents[:, 1:] != documents[:, :-1]  # where a document starts
+    return i - torch.where(new, i, 0).cummax(dim=1).values  # minus its document's first position
+
+
+def segments(pos, G, first):
+    """THE boundary rule of every backend and of s2_mask: (B, N) bool, True where a segment (a group in
+    which attention is causal) starts. pos (B, N): each token's position in its document. A segment starts
+    at every document's first token and, inside a document, at positions first, first + G, first + 2G, ...
+    (the unshifted heads: first = G; the shifted: first = G // 2; full attention: G = first = N)."""
+    return (pos == 0) | ((pos >= first) & ((pos - first) % G == 0))
 
 
 def _naive(q, k, v, mask):
@@ -171,14 +210,16 @@ def _split_heads(q, k, v):
     return (q[:, :, :half], k[:, :, :kv], v[:, :, :kv]), (q[:, :, half:], k[:, :, kv:], v[:, :, kv:])
 
 
-def _sdpa(q, k, v, G, first):
+def _sdpa(q, k, v, G, first, pos=None):
     """Causal attention in the groups [0, first), [first, first + G), [first + G, first + 2G), ...
-    q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D).
+    q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D). pos: packed documents (_sdpa_segments).
 
     Zeros pad every group to G tokens: the first group after its `first` tokens, the last at the end.
     Padding only ever sits after the real tokens of its group, where the causal mask hides it, so no
     key mask is needed and every group is one batch entry of a single dense, causal SDPA call.
     """
+    if pos is not None:
+        return _sdpa_segments(q, k, v, segments(pos, G, first))
     B, N, Hq, D = q.shape
     first = min(first, N)
     front = G - first if first < N else 0  # zeros after the first group
@@ -196,6 +237,25 @@ def _sdpa(q, k, v, G, first):
     return torch.cat([out[:, :first], out[:, first + front : N + front]], dim=1)  # (B, N, Hq, D): the padding dropped
 
 
+def _sdpa_segments(q, k, v, starts):
+    """Causal attention inside the segments that `starts` (B, N) opens (segments), as _sdpa does with
+    groups: every segment one batch entry of one dense SDPA call, zeros after its tokens up to the longest
+    segment's length L. The S segments' count and L are read on the host (one sync)."""
+    B, N, Hq, D = q.shape
+    flat = starts.flatten()  # (B * N,): each row starts a segment, so none spans two rows
+    begin = flat.nonzero().squeeze(1)  # (S,) where each segment starts in the flattened batch
+    S, seg = begin.shape[0], flat.cumsum(0) - 1  # seg: each token's segment
+    L = int(torch.diff(begin, append=begin.new_full((1,), B * N)).max())
+    slot = seg * L + torch.arange(B * N, device=q.device) - begin[seg]  # each token's place in (S, L)
+
+    def grouped(x):  # (B, N, heads, D) -> (S, heads, L, D)
+        padded = x.new_zeros(S * L, *x.shape[2:]).index_copy(0, slot, x.flatten(0, 1))
+        return padded.view(S, L, *x.shape[2:]).transpose(1, 2)
+
+    out = _sdpa_call(grouped(q), grouped(k), grouped(v), is_causal=True)  # (S, Hq, L, D)
+    return out.transpose(1, 2).reshape(S * L, Hq, D)[slot].view(B, N, Hq, D)  # the padding dropped
+
+
 def _sdpa_call(q, k, v, **kw):
     """scaled_dot_product_attention on (B, heads, N, D) tensors, k and v with fewer heads under GQA. On
     CUDA only the flash kernel (float16/bfloat16) takes GQA natively; in float32 the one fused kernel,
@@ -207,19 +267,25 @@ def _sdpa_call(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=r > 1, **kw)
 
 
-def _flash(q, k, v, G, first):
+def _flash(q, k, v, G, first, pos=None):
     """Causal attention in the groups [0, first), [first, first + G), ... of every sequence, as the
     variable-length sequences of one packed batch: no padding, no wasted work.
-    q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D)."""
+    q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D). pos: packed documents, whose segments
+    (segments) are the sequences instead; their count and longest length are read on the host (one sync)."""
     B, N, Hq, D = q.shape
     first = min(first, N)
-    max_len = max(first, min(G, N - first))  # the longest group
-    # cu_seqlens, the groups' starts in the packed batch, made on the device (a host list copied there
-    # would be a blocking copy on every call)
     i32 = dict(dtype=torch.int32, device=q.device)
-    starts = torch.cat([torch.zeros(1, **i32), torch.arange(first, N, G, **i32)])  # (groups per sequence,)
-    per_seq = torch.arange(B, **i32)[:, None] * N  # (B, 1): where each sequence starts
-    cu = torch.cat([(per_seq + starts).flatten(), starts.new_full((1,), B * N)])  # (B * groups + 1,)
+    end = torch.full((1,), B * N, **i32)
+    if pos is None:
+        max_len = max(first, min(G, N - first))  # the longest group
+        # cu_seqlens, the groups' starts in the packed batch, made on the device (a host list copied there
+        # would be a blocking copy on every call)
+        starts = torch.cat([torch.zeros(1, **i32), torch.arange(first, N, G, **i32)])  # (groups per sequence,)
+        per_seq = torch.arange(B, **i32)[:, None] * N  # (B, 1): where each sequence starts
+        cu = torch.cat([(per_seq + starts).flatten(), end])  # (B * groups + 1,)
+    else:  # the segments of packed documents
+        cu = torch.cat([segments(pos, G, first).flatten().nonzero().squeeze(1).to(torch.int32), end])  # (S + 1,)
+        max_len = int((cu[1:] - cu[:-1]).max())
     q, k, v = (x.reshape(B * N, x.shape[2], D) for x in (q, k, v))  # (B * N, heads, D)
     if flash_attn_varlen_func is not None:
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)

@@ -148,7 +148,8 @@ def load_data(args, vocab_size):
             raise ValueError(
                 f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer"
             )
-        return data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed), tok.eos_id
+        ds = data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed)
+        return (data.PackedExamples(ds, args.seq_len, seed=args.seed) if args.pack else ds), tok.eos_id
     ds = data.TokenWindows(args.data, args.seq_len, seed=args.seed)
     other = f"it was tokenized with another tokenizer ({ds.meta.get('tokenizer', 'not recorded')})"
     if ds.meta["max_id"] >= vocab_size:
@@ -184,29 +185,34 @@ def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world,
     where it stopped. Context parallelism (parts > 1): `rank` and `world` count data-parallel groups;
     sequences are padded to `seq_len` and this process takes slice `part` of `parts`, the tokens
     [part * n, (part + 1) * n) with their targets (n = seq_len / parts: a slice's last target is the
-    next slice's first token)."""
+    next slice's first token). Each micro-batch: (inputs, targets, documents of packed rows or None, the
+    number of its tokens that are not padding)."""
     first = (step - 1) * grad_accum * world * batch_size  # the samples of the steps before
     batches = []
     for i in range(grad_accum):
         start = first + (i * world + rank) * batch_size  # this process's rows of micro-step i
-        x, t = data.collate([dataset[start + row] for row in range(batch_size)], pad_id, seq_len if parts > 1 else None)
+        rows = [dataset[start + row] for row in range(batch_size)]
+        x, t, *documents = data.collate(rows, pad_id, seq_len if parts > 1 else None)  # documents: packed rows
         n = x.shape[1] // parts  # (parts = 1: the whole batch)
-        batches.append((x[:, part * n : (part + 1) * n], t[:, part * n : (part + 1) * n]))
+        real = sum(min(max(len(r[0]) - part * n, 0), n) for r in rows)  # this slice's tokens that are not padding
+        batches.append((x[:, part * n : (part + 1) * n], t[:, part * n : (part + 1) * n], *(documents or [None]), real))
     return batches
 
 
 def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, start=0):
     """Gradients of the mean loss over every target of the step, on all processes, clipped to `clip`
-    (0: not clipped). Returns (mean loss, gradient norm) as floats: everything stays on the device until
-    that one read, so there is no host sync inside the step and no CPU tensor in a collective. start:
-    the position of the micro-batches' first token (context parallelism: this process's slice)."""
-    n_targets = torch.tensor(float(sum((t != data.IGNORE).sum() for _, t in micro)), device=device)
+    (0: not clipped). Returns (mean loss, gradient norm, (positions, those that are not padding) over all
+    processes) as floats: everything stays on the device until that one read, so there is no host sync
+    inside the step and no CPU tensor in a collective. start: the position of the micro-batches' first
+    token (context parallelism: this process's slice)."""
+    targets = sum(int((t != data.IGNORE).sum()) for _, t, _, _ in micro)
+    counts = torch.tensor([float(targets), sum(x.numel() for x, *_ in micro), sum(r for *_, r in micro)], device=device)
     # copies from pageable memory wait for the GPU: all here, while it idles
-    micro = [(x.to(device), t.to(device)) for x, t in micro]
-    dist.all_reduce(n_targets)
-    loss_sum = torch.zeros((), device=device)
-    for x, t in micro:
-        loss = m(x, t, loss_chunk=loss_chunk, start=start)  # summed over this micro-batch's targets
+    micro = [(x.to(device), t.to(device), d if d is None else d.to(device)) for x, t, d, _ in micro]
+    dist.all_reduce(counts)
+    n_targets, loss_sum = counts[0], torch.zeros((), device=device)
+    for x, t, documents in micro:
+        loss = m(x, t, loss_chunk=loss_chunk, start=start, documents=documents)  # summed over its targets
         # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens (with
         # context parallelism too: each slice's gradient includes what its halo carried to the next slice)
         (loss * world / n_targets.clamp(min=1)).backward()
@@ -214,8 +220,8 @@ def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, st
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: on every rank
     dist.all_reduce(loss_sum)
-    loss, norm = torch.stack([loss_sum / n_targets.clamp(min=1), grad_norm.float()]).tolist()  # the step's one sync
-    return loss, norm
+    loss, norm, *tokens = torch.stack([loss_sum / n_targets.clamp(min=1), grad_norm.float(), *counts[1:]]).tolist()
+    return loss, norm, tokens  # (the step's one sync)
 
 
 def train(args, rank, world, device, stop=None):
@@ -242,12 +248,11 @@ def train(args, rank, world, device, stop=None):
         optim = torch.optim.SGD(trainable, lr=args.lr)
     start = checkpoint.load_checkpoint(Path(ckpt), m, optim, args, rank, world, device) if ckpt else 0
     saved = start if ckpt else None  # the step of the last checkpoint
-    first_line = describe(args, m, trainable, world, device, start, loaded)
+    first_line = checkpoint.describe(args, m, trainable, world, device, start, loaded)
     log = checkpoint.open_log(out, start, first_line) if rank == 0 else None
     bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     peak = parallel.peak_tflops(device, args.dtype, args.peak_tflops)
     group_size, lora_run = None if args.attn == "full" else args.group_size, args.lora_rank > 0
-    tokens = args.grad_accum * args.batch_size * world // P * args.seq_len  # per step, all processes
     # 3. The steps. This process's share of each: with context parallelism, the data-parallel group
     # rank // P of world // P trains on the samples one process of that rank would, and this process
     # takes slice rank % P of every sequence, whose first token is at position `first`.
@@ -266,7 +271,7 @@ def train(args, rank, world, device, stop=None):
             seq_len=args.seq_len,
             **share,
         )
-        loss, norm = forward_backward(
+        loss, norm, tokens = forward_backward(
             m, micro, trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk, start=first
         )
         check_finite(step, loss, norm, saved)
@@ -329,23 +334,7 @@ def train_flops(margs, seq_len, *, group_size=None, lora=True):
 def step_flops(margs, micro, parts, **kw):
     """This process's share of the model FLOPs of a step's micro-batches: train_flops(**kw) per sequence;
     with context parallelism each process holds 1/parts of every sequence."""
-    return sum(x.shape[0] * train_flops(margs, x.shape[1] * parts, **kw) for x, _ in micro) / parts
-
-
-def describe(args, m, trainable, world, device, start, loaded):
-    """The run's first line: what trains, on what, how."""
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
-    P, G = args.context_parallel, f" (G={args.group_size})" if args.attn != "full" else ""
-    parts = [f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%)"]
-    parts.append(f"{world} process(es) on {device.type}")
-    if P > 1:
-        parts[-1] += f" ({world // P} data-parallel x {P} context-parallel: slices of {args.seq_len // P} tokens)"
-    parts.append(f"global batch {args.batch_size * world // P * args.grad_accum} x {args.seq_len} tokens")
-    parts.append(f"attention {args.attn}{G}, {args.backend}")
-    rope = f"YaRN x{m.args.rope_scaling_factor:g}" if m.args.rope_yarn else f"positions / {m.args.rope_interpolation:g}"
-    parts.append(f"RoPE {rope}")
-    parts += [f"resuming after step {start}"] if start else []
-    return "; ".join(parts + [f"{loaded:.2f} GB host memory per process after loading"])
+    return sum(x.shape[0] * train_flops(margs, x.shape[1] * parts, **kw) for x, *_ in micro) / parts
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -360,6 +349,7 @@ def parse_args(argv=None):
     a.add_argument("--init", action="store_true", help="pretrain: random weights; --model is a params.json")
     a.add_argument("--data", help="token file (python data.py tokenize), read in windows of --seq-len tokens")
     a.add_argument("--sft", help="supervised examples instead: LongAlpaca .json/.jsonl (instruction, input, output)")
+    a.add_argument("--pack", action="store_true", help="--sft examples packed into rows, each attending to itself")
     a.add_argument("--tokenizer", help="tokenizer for --sft and the export (default: --model's, else the data's)")
     a.add_argument("--out", required=True, help="run folder: log, checkpoints, trainable weights, merged model")
     # LongLoRA
@@ -424,6 +414,8 @@ def check_args(p, args):
         )
     if (args.data is None) == (args.sft is None):
         p.error("give exactly one of --data (a token file) and --sft (supervised examples)")
+    if args.pack and (args.sft is None or args.context_parallel > 1):
+        p.error("--pack packs --sft examples into rows one process holds whole: give --sft, no --context-parallel")
     if args.init and (args.lora_rank or args.attn != "full"):
         p.error("--init pretrains a model from random weights: give it --lora-rank 0 and --attn full")
     if args.offload_activations and args.no_activation_checkpointing:

@@ -85,7 +85,7 @@ SIZES = {
     ),
 }
 # The toy model on a CPU: SmolLM2's vocabulary and its 3 kv heads, everything else small.
-TOY = dict(dim=96, n_layers=2, n_heads=6, n_kv_heads=3, hidden_dim=256, max_seq_len=256)
+TOY = dict(dim=96, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=16, hidden_dim=256, max_seq_len=256)
 LOG_BYTES = 256 * 1024
 RESERVE = 3  # seconds kept to write the summary
 

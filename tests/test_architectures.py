@@ -25,7 +25,10 @@ VARIANTS = {
     "qwen2-odd": ("Qwen2Config", {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3}),
     "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 24}),
     "qwen3-tied-mha": ("Qwen3Config", {"num_key_value_heads": 4, "head_dim": 16, "tie_word_embeddings": True}),
-    "qwen3-odd": ("Qwen3Config", {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3}),
+    "qwen3-odd": (
+        "Qwen3Config",
+        {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 10},
+    ),
 }
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
@@ -132,6 +135,19 @@ def test_lora_keeps_the_bias_frozen_and_lora_plus_trains_the_qk_norms(tmp_path, 
     torch.testing.assert_close(logits(m, x), before, rtol=1e-5, atol=1e-5)
 
 
+def test_sliding_window_keys_that_slide_nothing_load():
+    cfg = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 96,
+        "intermediate_size": 80,
+    }
+    for qwen in ({"use_sliding_window": False, "layer_types": ["sliding_attention"] * 2}, {"max_window_layers": 28}):
+        assert hf.args_fields({**cfg, "model_type": "qwen2", "use_sliding_window": True, **qwen}, "c")["qkv_bias"]
+    assert hf.args_fields({**cfg, "model_type": "mistral", "sliding_window": None}, "c")["model_type"] == "mistral"
+
+
 @pytest.mark.parametrize(
     "config,match",
     [
@@ -140,7 +156,10 @@ def test_lora_keeps_the_bias_frozen_and_lora_plus_trains_the_qk_norms(tmp_path, 
         ({"model_type": "mistral"}, r"sliding_window 4096\) is not implemented"),  # MistralConfig's default
         ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window: null"),
         ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1}, "use_sliding_window: false"),
-        ({"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+        (
+            {"model_type": "qwen3", "use_sliding_window": True, "layer_types": ["full_attention", "sliding_attention"]},
+            "sliding-window",
+        ),
         ({"model_type": "llama", "attention_bias": True}, "biases on o_proj or the MLP"),
         ({"rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}, "mscale_all_dim .DeepSeek's"),
         ({"rope_parameters": {"rope_type": "longrope"}}, "RoPE scaling 'longrope' is not supported"),
@@ -161,3 +180,13 @@ def test_a_qwen_model_has_no_meta_format_and_fields_no_architecture_are_refused(
     with pytest.raises(ValueError, match="qk_norm=True: no such Hugging Face model"):
         model.save(m, tmp_path / "hf", format="hf")
     assert not (tmp_path / "meta").exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_yarn_adapter_is_refused_on_a_base_yarn_cannot_extend(tmp_path):
+    m = lora.add_lora(tiny_model().extend_context(2, method="yarn"), rank=2, alpha=4)
+    lora.set_trainable(m)
+    lora.save_trainable(m, tmp_path / "trainable.safetensors")
+    with pytest.raises(ValueError, match="trained with YaRN, which this base's RoPE scaling cannot take"):
+        lora.load_trainable(tiny_model(use_scaled_rope=True), tmp_path / "trainable.safetensors")
+    again = lora.load_trainable(tiny_model(), tmp_path / "trainable.safetensors")
+    assert (again.args.rope_yarn, again.args.rope_scaling_factor, again.args.max_seq_len) == (True, 2.0, 128)

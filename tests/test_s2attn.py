@@ -448,3 +448,95 @@ def test_halo_errors():
         s2_attention(q, k, v, 8, halo=lambda t: t)
     with pytest.raises(ValueError, match="use sdpa or flash with a halo"):
         s2_attention(q, k, v, 4, backend="naive", halo=lambda t: t)
+
+
+# ----------------------------------------------------------------------------- packed documents
+# Several documents in one row, each attending only to itself: S2-Attn applied to each document alone.
+
+
+def doc_allowed_keys(i, h, H, G, docs, shift=True):
+    """Keys that query i of head h reads in a row whose tokens belong to the documents `docs` (a list of ids),
+    from the written rule: j <= i, j in i's document, and j in the same group counted from the document's
+    first token (unshifted heads: p // G; shifted heads: (p + G - G // 2) // G, p the position in it)."""
+    start = docs.index(docs[i])
+
+    def group(p):
+        if G is None:
+            return 0
+        return (p + G - G // 2) // G if shift and h >= H // 2 else p // G
+
+    return [j for j in range(start, i + 1) if docs[j] == docs[i] and group(j - start) == group(i - start)]
+
+
+def reference_docs(q, k, v, G, documents, shift=True):
+    """Attention one query at a time, in float64, for rows of packed documents."""
+    B, N, H, D = q.shape
+    r = H // k.shape[2]
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(B, N, H, D, dtype=torch.float64)
+    for b in range(B):
+        docs = documents[b].tolist()
+        for h in range(H):
+            for i in range(N):
+                js = doc_allowed_keys(i, h, H, G, docs, shift)
+                scores = k[b, js, h // r] @ q[b, i, h, :, None] / math.sqrt(D)  # (len(js), 1)
+                out[b, i, h] = (torch.softmax(scores, dim=0) * v[b, js, h // r]).sum(0)
+    return out
+
+
+def packed(*rows):
+    """(B, N) document ids of rows given as their documents' lengths (the rows' lengths must agree)."""
+    return torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in rows])
+
+
+# documents shorter than G/2, longer than G and straddling groups; the second row right-padded (its last,
+# longer document is the padding) and the third one document
+DOCUMENTS = packed([3, 11, 6], [9, 5, 6], [20])
+DOC_CASES = [(8, 4, 4), (8, 4, 2), (6, 9, 3), (4, 6, 2), (3, 5, 5), (1, 2, 1), (None, 4, 2), (None, 3, 1)]
+
+
+def attend_docs(q, k, v, G, backend, documents, shift=True):
+    if G is None:
+        return full_attention(q, k, v, backend=backend, documents=documents)
+    return s2_attention(q, k, v, G, backend=backend, shift=shift, documents=documents)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "flash_attn", "varlen_213", "varlen_211"])
+@pytest.mark.parametrize("G,H,Hkv", DOC_CASES)
+def test_packed_documents_match_reference(monkeypatch, backend, G, H, Hkv):
+    if backend not in ("naive", "sdpa"):
+        use_stand_in_flash(monkeypatch, backend)
+    q, k, v = qkv(3, DOCUMENTS.shape[1], H, Hkv, dtype=torch.float64)
+    out = attend_docs(q, k, v, G, "flash" if backend not in ("naive", "sdpa") else backend, DOCUMENTS)
+    torch.testing.assert_close(out, reference_docs(q, k, v, G, DOCUMENTS), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_packed_documents_without_the_shift(backend):
+    q, k, v = qkv(3, DOCUMENTS.shape[1], 4, 2, dtype=torch.float64)
+    out = attend_docs(q, k, v, 6, backend, DOCUMENTS, shift=False)
+    torch.testing.assert_close(out, reference_docs(q, k, v, 6, DOCUMENTS, shift=False), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("G", [None, 1, 4, 5, 8])
+def test_s2_mask_with_documents_is_the_written_rule(G):
+    H = 5
+    mask = s2attn.s2_mask(DOCUMENTS.shape[1], H, G, documents=DOCUMENTS)
+    brute = torch.zeros_like(mask)
+    for b in range(DOCUMENTS.shape[0]):
+        for h in range(H):
+            for i in range(DOCUMENTS.shape[1]):
+                brute[b, h, i, doc_allowed_keys(i, h, H, G, DOCUMENTS[b].tolist())] = True
+    assert torch.equal(mask, brute)
+    one = torch.zeros(2, 20, dtype=torch.long)  # one document per row: the mask without documents
+    assert torch.equal(s2attn.s2_mask(20, H, G, documents=one), s2attn.s2_mask(20, H, G).expand(2, H, 20, 20))
+
+
+def test_packed_documents_errors():
+    q, k, v = qkv(3, 20, 4, 2)
+    with pytest.raises(ValueError, match="non-decreasing along each row"):
+        s2_attention(q, k, v, 4, documents=DOCUMENTS.flip(1))
+    with pytest.raises(ValueError, match=r"documents \(3, 19\) must be \(B, N\) = \(3, 20\)"):
+        full_attention(q, k, v, documents=DOCUMENTS[:, :19])
+    with pytest.raises(ValueError, match="packed documents are not supported"):
+        s2_attention(q, k, v, 4, documents=DOCUMENTS, halo=lambda t: t)
