@@ -6,6 +6,7 @@ machine, torch version and date are printed with it. Timings are compared as rat
     python bench.py step                    # one LoRA+ training step, full vs S2 (and transformers + PEFT)
     python bench.py fit                     # the longest LoRA+ S2 step that fits on this GPU (CUDA only)
     python bench.py memory --shape 7b --dtype bfloat16   # the memory model: peak per GPU, longest context
+    python bench.py pack                    # train.py --pack against one example per step and padded batches
 
 Defaults depend on the machine. CPU: attention with 8 heads of 64 up to 16k tokens; training steps of
 a small Llama shape (`--shape small`) at 2k to 8k. CUDA: Llama 2 7B's 32 heads of 128 up to 128k;
@@ -28,6 +29,11 @@ When transformers and peft are installed, the same step runs with `LlamaForCausa
 flash-attn is installed, else sdpa) on the same shapes: what a user would pick instead (`--no-peft`
 leaves it out). Each configuration runs in its own process, so its peak memory is its own and an
 out-of-memory ends only it.
+
+`pack` trains on the same `--examples` (random tokens, lengths log-uniform from N/16 to N = `--length`)
+in three layouts, one optimizer step per row or batch: one example per step, right-padded batches of
+`--batch`, and rows packed as `train.py --pack` packs them; the layouts alternate, pass after pass, and
+the median pass of each is kept. It reports positions run, the padding among them and real tokens/s.
 """
 
 import argparse

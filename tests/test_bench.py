@@ -44,6 +44,10 @@ def test_all_tables_on_a_cpu():
             "1",
             "--sdpa-kernels",
             "flash,cudnn",
+            "--length",
+            "128",
+            "--examples",
+            "6",
         ],
         capture_output=True,
         text=True,
@@ -65,6 +69,10 @@ def test_all_tables_on_a_cpu():
     assert all(float(row[3]) > 0 and float(row[7]) > 0 and row[6] == "n/a" for row in steps)
     assert steps[1][8].endswith("x")  # the S2 speed-up
     assert "`fit` needs a CUDA GPU" in r.stdout
+    pack = table(r.stdout, "Packed sequences")
+    assert [row[0] for row in pack] == ["one example per step", "padded batches of 4", "--pack"]
+    assert pack[0][3] == pack[2][3] == "0.0%" and float(pack[1][3].rstrip("%")) > 0  # padding: only the batches
+    assert int(pack[0][1]) == 6 and int(pack[2][1]) < 6 and pack[2][5] == "1.00x"  # fewer, fuller rows
 
 
 def test_attention_kernels_names_what_ran():
