@@ -442,7 +442,7 @@ def test_supervised_fine_tuning(setup, tmp_path):
 def test_packed_sft_trains_and_resumes_exactly(setup, tmp_path):
     """--sft --pack: examples of many lengths packed into rows of --seq-len tokens. The log says how many
     real tokens each step held and what fraction was padding (less than unpacked batches'), and a run
-    stopped at step 2 and resumed gives the uninterrupted run's losses, bit for bit."""
+    killed after its second checkpoint and resumed gives the uninterrupted run's losses, bit for bit."""
     words = [4, 40, 12, 90, 8, 25, 60, 5, 16, 33, 3, 70, 20, 9]
     examples = [{"instruction": f"Say it {i}.", "output": synthetic_text(n, seed=i)} for i, n in enumerate(words)]
     (tmp_path / "sft.json").write_text(json.dumps(examples))
@@ -454,12 +454,20 @@ def test_packed_sft_trains_and_resumes_exactly(setup, tmp_path):
         assert (out / "checkpoints").exists(), r.stderr[-3000:]
         return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
-    packed = run(tmp_path / "full", "--pack", "--steps", "4")
-    run(tmp_path / "cut", "--pack", "--steps", "2")
-    resumed = run(tmp_path / "cut", "--pack", "--steps", "4", "--resume")
+    packed = run(tmp_path / "full", "--pack", "--steps", "8")
+    cut = tmp_path / "cut"
+    with open(tmp_path / "cut.out", "w") as log:
+        proc = train_cli(*common, "--out", cut, "--pack", "--steps", 1000, "--save-every", 1, background=True, log=log)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((cut / "checkpoints").glob("step-*"))) < 2:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(list((cut / "checkpoints").glob("step-*"))) >= 2, (tmp_path / "cut.out").read_text()[-3000:]
+    resumed = run(cut, "--pack", "--steps", "8", "--resume")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in packed]
     unpacked = run(tmp_path / "unpacked", "--steps", "2")
-    assert all(0 < r["real_tokens"] <= r["tokens"] <= 4 * 128 for r in packed + unpacked)  # 2 x 2 rows of at most 128
+    assert all(0 < r["real_tokens"] <= r["tokens"] <= 4 * 128 for r in packed + unpacked)  # 2 x 2 rows of <= 128
     assert max(r["padding"] for r in packed) < min(r["padding"] for r in unpacked)
     assert packed[-1]["loss"] < packed[0]["loss"]
 
