@@ -488,16 +488,14 @@ class PackedExamples:
     RoPE positions from 0). Each pass over the examples takes them in a fresh seeded order, as unpacked
     ones do, and packs them greedily, first fit: each example goes into the first row with room for it.
     The rows follow from the seed alone, so a resumed run packs the same rows. Every example is
-    tokenized once when the rows are first needed, to know its length."""
+    tokenized here, once, to know its length (train.py: before the model loads)."""
 
     def __init__(self, examples, seq_len, seed=0):
         self.sft, self.seq_len, self.seed, self.passes = examples, seq_len, seed, []
-        self.lengths = None
+        self.lengths = np.array([len(examples.example(j)[0]) for j in range(examples.n)])
 
     def rows(self, epoch):
         """The rows of pass `epoch`: lists of example indices, in the order they were opened."""
-        if self.lengths is None:
-            self.lengths = np.array([len(self.sft.example(j)[0]) for j in range(self.sft.n)])
         while len(self.passes) <= epoch:
             order = np.random.default_rng([self.seed, len(self.passes)]).permutation(self.sft.n)
             room, rows = np.full(self.sft.n + 1, self.seq_len), []  # room left in each row, opened or not

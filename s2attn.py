@@ -240,7 +240,7 @@ def _sdpa(q, k, v, G, first, pos=None):
 def _sdpa_segments(q, k, v, starts):
     """Causal attention inside the segments that `starts` (B, N) opens (segments), as _sdpa does with
     groups: every segment one batch entry of one dense SDPA call, zeros after its tokens up to the longest
-    segment's length L. The S segments' count and L are read on the host (one sync)."""
+    segment's length L. The S segments' count and L are read on the host (two syncs)."""
     B, N, Hq, D = q.shape
     flat = starts.flatten()  # (B * N,): each row starts a segment, so none spans two rows
     begin = flat.nonzero().squeeze(1)  # (S,) where each segment starts in the flattened batch
@@ -271,7 +271,7 @@ def _flash(q, k, v, G, first, pos=None):
     """Causal attention in the groups [0, first), [first, first + G), ... of every sequence, as the
     variable-length sequences of one packed batch: no padding, no wasted work.
     q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D). pos: packed documents, whose segments
-    (segments) are the sequences instead; their count and longest length are read on the host (one sync)."""
+    (segments) are the sequences instead; their count and longest length are read on the host (two syncs)."""
     B, N, Hq, D = q.shape
     first = min(first, N)
     i32 = dict(dtype=torch.int32, device=q.device)

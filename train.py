@@ -201,16 +201,16 @@ def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world,
 
 def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, start=0):
     """Gradients of the mean loss over every target of the step, on all processes, clipped to `clip`
-    (0: not clipped). Returns (mean loss, gradient norm, (positions, those that are not padding) over all
-    processes) as floats: everything stays on the device until that one read, so there is no host sync
-    inside the step and no CPU tensor in a collective. start: the position of the micro-batches' first
-    token (context parallelism: this process's slice)."""
-    targets = sum(int((t != data.IGNORE).sum()) for _, t, _, _ in micro)
-    counts = torch.tensor([float(targets), sum(x.numel() for x, *_ in micro), sum(r for *_, r in micro)], device=device)
+    (0: not clipped). Returns (mean loss, gradient norm, [positions, those that are not padding] over all
+    processes): everything stays on the device until that one read, so there is no host sync inside the
+    step (but packed rows' segment counts, in s2attn) and no CPU tensor in a collective. start: the
+    position of the micro-batches' first token (context parallelism: this process's slice)."""
+    counts = [sum(int((t != data.IGNORE).sum()) for _, t, _, _ in micro), sum(x.numel() for x, *_ in micro)]
+    counts = torch.tensor([*counts, sum(r for *_, r in micro)], dtype=torch.float64, device=device)  # exact past 2^24
     # copies from pageable memory wait for the GPU: all here, while it idles
     micro = [(x.to(device), t.to(device), d if d is None else d.to(device)) for x, t, d, _ in micro]
     dist.all_reduce(counts)
-    n_targets, loss_sum = counts[0], torch.zeros((), device=device)
+    n_targets, loss_sum = counts[0].float(), torch.zeros((), device=device)
     for x, t, documents in micro:
         loss = m(x, t, loss_chunk=loss_chunk, start=start, documents=documents)  # summed over its targets
         # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens (with
@@ -220,8 +220,9 @@ def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, st
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: on every rank
     dist.all_reduce(loss_sum)
-    loss, norm, *tokens = torch.stack([loss_sum / n_targets.clamp(min=1), grad_norm.float(), *counts[1:]]).tolist()
-    return loss, norm, tokens  # (the step's one sync)
+    loss, norm = (loss_sum / n_targets.clamp(min=1)).double(), grad_norm.double()
+    loss, norm, *tokens = torch.stack([loss, norm, *counts[1:]]).tolist()  # the step's one sync
+    return loss, norm, [int(n) for n in tokens]
 
 
 def train(args, rank, world, device, stop=None):
@@ -332,9 +333,16 @@ def train_flops(margs, seq_len, *, group_size=None, lora=True):
 
 
 def step_flops(margs, micro, parts, **kw):
-    """This process's share of the model FLOPs of a step's micro-batches: train_flops(**kw) per sequence;
-    with context parallelism each process holds 1/parts of every sequence."""
-    return sum(x.shape[0] * train_flops(margs, x.shape[1] * parts, **kw) for x, *_ in micro) / parts
+    """This process's share of the model FLOPs of a step's micro-batches: train_flops(**kw) per sequence
+    (per document of packed rows: each attends to itself); with context parallelism each process holds
+    1/parts of every sequence."""
+
+    def lengths(x, d):  # the sequences of a micro-batch: its rows, or the documents of its packed rows
+        if d is None:
+            return [x.shape[1] * parts] * x.shape[0]
+        return [int(n) for row in d for n in row.unique_consecutive(return_counts=True)[1]]
+
+    return sum(train_flops(margs, n, **kw) for x, _, d, _ in micro for n in lengths(x, d)) / parts
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -540,3 +540,23 @@ def test_packed_documents_errors():
         full_attention(q, k, v, documents=DOCUMENTS[:, :19])
     with pytest.raises(ValueError, match="packed documents are not supported"):
         s2_attention(q, k, v, 4, documents=DOCUMENTS, halo=lambda t: t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+@pytest.mark.parametrize("G,H,Hkv", [(8, 4, 2), (6, 9, 3), (None, 4, 2)])
+def test_packed_documents_match_naive_cuda(backend, G, H, Hkv):
+    """The real kernels (SDPA's and the varlen one) on packed documents, bf16, forward and backward."""
+    if backend == "flash" and "flash" not in s2attn.BACKENDS:
+        pytest.skip(CUDA_REASON)
+    q, k, v = qkv(3, DOCUMENTS.shape[1], H, Hkv, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    documents, w = DOCUMENTS.cuda(), torch.randn(3, DOCUMENTS.shape[1], H, 8, device="cuda")
+    grads = []
+    for b, xs in ((backend, (q, k, v)), ("naive", (q.float(), k.float(), v.float()))):
+        q.grad = k.grad = v.grad = None
+        out = attend_docs(*xs, G, b, documents).float()
+        (out * w).sum().backward()
+        grads.append((out.detach(), [x.grad.float() for x in (q, k, v)]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
