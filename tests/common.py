@@ -52,6 +52,18 @@ def hf_model(config, seed=0, vocab_size=96, **kw):
     return m.eval()
 
 
+def logits_hf(m, tok):
+    """A transformers model's logits."""
+    with torch.no_grad():
+        return m(tok).logits
+
+
+def logits(m, tok):
+    """Our model's logits."""
+    with torch.no_grad():
+        return m(tok)
+
+
 def tokens(n=2, N=24, vocab=TINY["vocab_size"], seed=1):
     return torch.randint(0, vocab, (n, N), generator=torch.Generator().manual_seed(seed))
 

@@ -9,7 +9,7 @@ import torch
 import hf
 import lora
 import model
-from common import hf_model, tiny_model, tokens
+from common import hf_model, logits, logits_hf, tiny_model, tokens
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is the independent reference: pip install -r requirements-dev.txt"
@@ -31,16 +31,6 @@ VARIANTS = {
     ),
 }
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
-
-
-def logits_hf(m, tok):
-    with torch.no_grad():
-        return m(tok).logits
-
-
-def logits(m, tok):
-    with torch.no_grad():
-        return m(tok)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

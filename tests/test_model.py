@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model
-from common import hf_model, tiny_model, tokens, write_meta_shards
+from common import hf_model, logits, logits_hf, tiny_model, tokens, write_meta_shards
 from model import ModelArgs, Transformer
 
 transformers = pytest.importorskip(
@@ -33,16 +33,6 @@ HF_CONFIGS = {  # transformers config kwargs -> the variants of Llama a loader m
     },
     "odd-heads": {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0},
 }
-
-
-def logits_hf(m, tok):
-    with torch.no_grad():
-        return m(tok).logits
-
-
-def logits(m, tok):
-    with torch.no_grad():
-        return m(tok)
 
 
 @pytest.mark.parametrize("variant", HF_CONFIGS)
