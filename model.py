@@ -32,7 +32,15 @@ from torch.utils.checkpoint import checkpoint
 import hf
 
 # ALL_BACKENDS, BACKENDS: set_attention's backends, and those this machine runs (train.py reads them here)
-from s2attn import ALL_BACKENDS, BACKENDS, cached_attention, check_config, full_attention, positions, s2_attention  # noqa: F401
+from s2attn import (  # noqa: F401
+    ALL_BACKENDS,
+    BACKENDS,
+    cached_attention,
+    check_config,
+    full_attention,
+    positions,
+    s2_attention,
+)
 
 
 @dataclass
@@ -306,9 +314,9 @@ class Transformer(nn.Module):
             raise ValueError("YaRN does not stack on Position Interpolation or Llama 3.1's scaling: use method='pi'")
         if method == "pi" and a.rope_yarn:
             raise ValueError(f"this model's RoPE is YaRN (factor {a.rope_scaling_factor:g}): use method='yarn'")
-        if method == "yarn" and not a.rope_yarn:
-            a.rope_yarn, a.rope_scaling_factor, a.rope_original_context = True, 1.0, a.max_seq_len
         if method == "yarn":
+            if not a.rope_yarn:  # the context so far becomes YaRN's original one
+                a.rope_yarn, a.rope_scaling_factor, a.rope_original_context = True, 1.0, a.max_seq_len
             a.rope_scaling_factor *= factor
         else:
             a.rope_interpolation *= factor
