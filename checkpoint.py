@@ -12,6 +12,7 @@ process writes its own), each process's RNG state, and state.json (the step, the
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -32,6 +33,7 @@ import hf
 import lora
 import model
 import parallel
+import quant
 
 
 def open_run_folder(out, resume):
@@ -143,6 +145,7 @@ SAME_ON_RESUME = (
     "rope_scale",
     "rope_method",
     "pack",
+    "quantize",
     "grad_accum",
     "dtype",
     "seed",
@@ -156,7 +159,7 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     """Restore trainable weights, optimizer and RNG from `ckpt`; returns its step."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        saved = {"rope_method": "pi", "pack": False, **state["args"]}  # runs from before these flags
+        saved = {"rope_method": "pi", "pack": False, "quantize": None, **state["args"]}  # runs from before these flags
         changed = [
             f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
             for k in SAME_ON_RESUME
@@ -203,7 +206,9 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
 
 def describe(args, m, trainable, world, device, start, loaded):
     """The run's first line: what trains, on what, how."""
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in m.parameters())
+    nf4 = [w for w in m.modules() if isinstance(w, quant.NF4Weight)]  # --quantize: numel counts its bytes
+    n_total = sum(p.numel() for p in m.parameters() if p.is_floating_point()) + sum(math.prod(w.shape) for w in nf4)
+    n_trainable = sum(p.numel() for p in trainable)
     P, G = args.context_parallel, f" (G={args.group_size})" if args.attn != "full" else ""
     parts = [f"{n_trainable:,} of {n_total:,} parameters train ({100 * n_trainable / n_total:.2f}%)"]
     parts.append(f"{world} process(es) on {device.type}")
@@ -214,6 +219,8 @@ def describe(args, m, trainable, world, device, start, loaded):
     parts.append(f"attention {args.attn}{G}, {args.backend}")
     rope = f"YaRN x{m.args.rope_scaling_factor:g}" if m.args.rope_yarn else f"positions / {m.args.rope_interpolation:g}"
     parts.append(f"RoPE {rope}")
+    if nf4:
+        parts.append(f"frozen block weights in NF4 ({sum(w.nbytes for w in nf4) / 2**30:.3g} GB over all processes)")
     parts += [f"resuming after step {start}"] if start else []
     return "; ".join(parts + [f"{loaded:.2f} GB host memory per process after loading"])
 
@@ -298,6 +305,8 @@ def export(out, m, args, rank, fmt="meta", tokenizer=None):
             hf_base = args.model if (Path(args.model) / "config.json").exists() else None
             if hf.save_peft(m.args, lora.lora_config(m), state, out / "adapter", base=hf_base):
                 folders.append(out / "adapter")
+            if args.quantize:  # the base as training saw it: quantized, then dequantized into its dtype
+                quant.dequantize_model(quant.quantize_model(base))
             lora.merge_lora(lora.load_trainable(base, out / "trainable.safetensors"))
         else:
             base.load_state_dict({k: v.to(base.tok_embeddings.weight.dtype) for k, v in state.items()}, assign=True)

@@ -27,7 +27,8 @@ class LoRALinear(nn.Module):
     """y = x W^T + (alpha / rank) * x A^T B^T with A (rank, in) Kaiming-uniform and B (out, rank) zero,
     so a fresh adapter leaves the output unchanged; set_trainable freezes W. The base weight keeps its
     name (`weight`), so the state dict still has Meta's names, plus `lora_a` and `lora_b`. A bias (Qwen2's
-    wq, wk, wv) stays as it is: frozen, and kept by the merge."""
+    wq, wk, wv) stays as it is: frozen, and kept by the merge. W may be a quant.NF4Weight (QLoRA), a module
+    with its own dequantize and linear; the adapters stay in the compute dtype."""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
@@ -44,15 +45,19 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         delta = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        if not isinstance(self.weight, torch.Tensor):  # quantized (quant.NF4Weight)
+            return self.weight.linear(x, self.bias) + delta
         return F.linear(x, self.weight, self.bias) + delta
 
     def merged(self):
-        """An nn.Linear with W + scale * B A (computed in float32 or wider, stored in W's dtype) and the bias."""
-        w = self.weight.detach()
+        """An nn.Linear with W + scale * B A (computed in float32 or wider, stored in W's dtype) and the bias.
+        A quantized W is dequantized first."""
+        base = self.weight if isinstance(self.weight, torch.Tensor) else self.weight.dequantize()
+        w = base.detach()
         dt = torch.promote_types(w.dtype, torch.float32)
         delta = (self.lora_b.detach().to(dt) @ self.lora_a.detach().to(dt)) * self.scale
         out = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None, device="meta")
-        out.weight = nn.Parameter((w.to(dt) + delta).to(w.dtype), requires_grad=self.weight.requires_grad)
+        out.weight = nn.Parameter((w.to(dt) + delta).to(w.dtype), requires_grad=base.requires_grad)
         if self.bias is not None:
             out.bias = self.bias
         return out

@@ -192,6 +192,8 @@ def materialize(m, device, rank, world, read):
     with torch.no_grad():
         for name, p in m.named_parameters():
             keep_rows(p, read(name), rank, world)
+        for name, b in m.named_buffers():  # not sharded: whole on every rank (quant.py's few statistics)
+            b.copy_(read(name))
     return m
 
 

@@ -40,6 +40,7 @@ import data
 import lora
 import model
 import parallel
+import quant
 
 # ----------------------------------------------------------------------------- the method
 
@@ -95,17 +96,21 @@ def build_model(
     checkpointing=True,
     offload=False,
     context_parallel=1,
+    quantize=None,
     **longlora,
 ):
     """The base model `base`, a (ModelArgs, Weights) pair (model.read_checkpoint's, or parallel.random_weights'),
     with LongLoRA applied (`longlora`: apply_longlora's settings), sharded over `world` processes: built on the
     meta device, LongLoRA applied and FSDP2 sharding it there, then each process allocates only its rows of
     every tensor and fills them from the weights, read one tensor at a time. Host memory per process: its
-    share, plus one tensor."""
+    share, plus one tensor. quantize="nf4": QLoRA, the blocks' frozen linear weights in NF4 (quant.py), each
+    quantized on the CPU as it is read, and sharded like the rest."""
     margs, weights = base
     with torch.device("meta"):
         m = model.Transformer(margs)
     apply_longlora(m, seed=seed, dtype=dtype, **longlora)
+    if quantize:
+        quant.quantize_model(m)
     parallel.parallelize(
         m,
         device=device,
@@ -116,9 +121,11 @@ def build_model(
         context_parallel=context_parallel,
     )
     adapters = fresh_adapters(m, seed, weights.dtype)
-    return parallel.materialize(
-        m, device, rank, world, lambda name: adapters[name] if name in adapters else weights[name]
-    )
+
+    def read(name):
+        return adapters[name] if name in adapters else weights[name]
+
+    return parallel.materialize(m, device, rank, world, quant.reader(m, read) if quantize else read)
 
 
 def fresh_adapters(m, seed, dtype):
@@ -372,6 +379,7 @@ def parse_args(argv=None):
     a.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
     a.add_argument("--lora-targets", default="wq,wk,wv,wo", help="layers with adapters (default wq,wk,wv,wo)")
     a.add_argument("--trainable", default="embed,norm", help="trained besides adapters: embed,norm is LoRA+; '' LoRA")
+    a.add_argument("--quantize", choices=("nf4",), help="QLoRA: the blocks' frozen weights in 4-bit NormalFloat")
     # optimisation
     a = p.add_argument_group("optimisation")
     a.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; the paper: 1e-5 at 70B)")
@@ -426,6 +434,8 @@ def check_args(p, args):
         p.error("--pack packs --sft examples into rows one process holds whole: give --sft, no --context-parallel")
     if args.init and (args.lora_rank or args.attn != "full"):
         p.error("--init pretrains a model from random weights: give it --lora-rank 0 and --attn full")
+    if args.quantize and not args.lora_rank:
+        p.error(f"--quantize {args.quantize} freezes the blocks' weights in 4 bits: train adapters (--lora-rank 8)")
     if args.offload_activations and args.no_activation_checkpointing:
         p.error("--offload-activations offloads the checkpointed block inputs: drop --no-activation-checkpointing")
     if args.attn != "full" and args.group_size > args.seq_len:
@@ -460,6 +470,7 @@ def build_settings(args):
         checkpointing=not args.no_activation_checkpointing,
         offload=args.offload_activations,
         context_parallel=args.context_parallel,
+        quantize=args.quantize,
         seq_len=args.seq_len,
         rope_scale=args.rope_scale,
         rope_method=args.rope_method,
