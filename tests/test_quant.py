@@ -1,0 +1,179 @@
+"""quant.py: NF4 against bitsandbytes (when installed) and against its own dequantized copy; QLoRA runs."""
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from test_train import run_train, setup  # noqa: F401  (the toy run folder fixture)
+
+import lora
+import model
+import quant
+from common import tiny_model
+
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
+
+
+def test_code_book_is_the_normal_quantiles():
+    """NF4_CODE is QLoRA's construction: 8 positive and 7 negative quantiles of N(0, 1) (offset 0.9677083),
+    zero, scaled into [-1, 1] (the published constants round the float32 quantiles within one ulp)."""
+    p = torch.linspace(0.9677083, 0.5, 9)[:-1].double()
+    n = torch.linspace(0.9677083, 0.5, 8)[:-1].double()
+    v = torch.cat([torch.special.ndtri(p), torch.zeros(1, dtype=torch.float64), -torch.special.ndtri(n)]).sort().values
+    torch.testing.assert_close(quant.NF4_CODE, (v / v.abs().max()).float(), rtol=0, atol=1.2e-7)
+    assert quant.NF4_CODE[7] == 0 and quant.NF4_CODE[0] == -1 and quant.NF4_CODE[-1] == 1
+
+
+WEIGHTS = {  # (out, in) matrices like trained ones: normal, heavy-tailed, rows of different scales
+    "normal": lambda g: torch.randn(256, 1024, generator=g) * 0.02,
+    "student-t": lambda g: torch.distributions.StudentT(2.5).sample((256, 1024)) * 0.02,
+    "scaled rows": lambda g: torch.randn(256, 1024, generator=g) * torch.rand(256, 1, generator=g) * 0.05,
+}
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(128, 256), (172, 64), (3, 70), (64, 11)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_equals_bitsandbytes(shape, dtype):
+    """Without double quantization: bitsandbytes' codes byte for byte and its dequantized weights element for
+    element (a last block shorter than 64 included)."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    ours = quant.quantize_nf4(w, double_quant=False)
+    assert torch.equal(ours.codes[: packed.numel()], packed.view(-1))
+    assert torch.equal(ours.dequantize(), dequantize_4bit(packed, state))  # in w's dtype, as bitsandbytes
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", WEIGHTS)
+def test_double_quantization_no_worse_than_bitsandbytes(kind):
+    """Double quantization (ours: 8-bit sqrt(absmax) per group of 256): mean squared reconstruction error no
+    more than bitsandbytes' compress_statistics=True, in at most 4.2 bits per weight."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    torch.manual_seed(0)
+    w = WEIGHTS[kind](torch.Generator().manual_seed(0))
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    theirs = (dequantize_4bit(packed, state) - w).pow(2).mean()
+    q = quant.quantize_nf4(w)
+    assert (q.dequantize() - w).pow(2).mean() <= theirs
+    assert q.nbytes * 8 / w.numel() <= 4.2
+
+
+def test_zero_blocks_and_constant_groups_stay_exact():
+    """Blocks of zeros dequantize to zeros, and a group whose absmax are all equal keeps them."""
+    w = torch.randn(8, 128)
+    w[2:4] = 0
+    q, single = quant.quantize_nf4(w).dequantize(), quant.quantize_nf4(w, double_quant=False).dequantize()
+    assert torch.equal(q[2:4], w[2:4]) and (q - w).pow(2).mean() <= 1.01 * (single - w).pow(2).mean()
+    c = torch.ones(4, 64)
+    assert torch.equal(quant.quantize_nf4(c).dequantize(), c)
+
+
+def qlora_pair(seed=0, **kw):
+    """A quantized LoRA+ model with non-zero adapters, and its dequantize_model copy."""
+    m = tiny_model(seed, **kw)
+    q = quant.quantize_model(m)
+    lora.add_lora(q, 4, 8, targets=("wq", "wk", "wv", "wo", "w2"))
+    lora.set_trainable(q)
+    with torch.no_grad():
+        for name, p in q.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.1)
+    return q, quant.dequantize_model(copy.deepcopy(q))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_quantized_model_equals_its_dequantized_copy(kv_heads):
+    """Logits, loss and every trainable gradient of a quantized LoRA+ model equal its dequantize_model copy's
+    (float32, within 1e-6 relative); only the embedding, norms and output head stay dense."""
+    q, d = qlora_pair(n_kv_heads=kv_heads)
+    tok = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(q(tok), d(tok))
+    q(tok, tok).backward()
+    d(tok, tok).backward()
+    gq = {n: p.grad for n, p in q.named_parameters() if p.requires_grad}
+    gd = {n: p.grad for n, p in d.named_parameters() if p.requires_grad}
+    assert gq.keys() == gd.keys() and len(gq) > 10
+    for k in gq:
+        torch.testing.assert_close(gq[k], gd[k], rtol=1e-6, atol=1e-7)
+    dense = {n for n, p in q.named_parameters() if p.is_floating_point() and not p.requires_grad}
+    assert dense == {"output.weight"}
+    assert all(t.dtype == torch.uint8 for n, t in q.state_dict().items() if ".weight." in n)
+
+
+def test_quantize_before_or_after_add_lora_and_merge():
+    """quantize_model then add_lora == add_lora then quantize_model; merge_lora(dequantize_model(m)) gives m's
+    logits (within float32 rounding of the fold)."""
+    q, _ = qlora_pair()
+    m = tiny_model(0)
+    lora.add_lora(m, 4, 8, targets=("wq", "wk", "wv", "wo", "w2"))
+    m.load_state_dict({k: v for k, v in q.state_dict().items() if "lora" in k}, strict=False)
+    quant.quantize_model(m)
+    tok = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(m(tok), q(tok))
+        merged = lora.merge_lora(quant.dequantize_model(m))
+        torch.testing.assert_close(merged(tok), q(tok), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(x, quant.NF4Weight) for x in merged.modules())
+
+
+def test_backward_keeps_no_dense_weight():
+    """What autograd saves for backward of a quantized model holds no dense (out, in) block weight: they are
+    dequantized again in backward (a plain nn.Linear saves its weight)."""
+    q, d = qlora_pair()
+    tok = torch.randint(0, 96, (1, 16))
+    shapes = {tuple(w.weight.shape) for w in d.modules() if isinstance(w, torch.nn.Linear)} - {(96, 64)}
+
+    def saved_shapes(m):
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
+            m(tok, tok)
+        return set(seen) & shapes
+
+    assert saved_shapes(d) and not saved_shapes(q)
+
+
+def test_reader_quantizes_a_meta_model_as_quantize_model_does():
+    """quant.reader fills a model quantized on the meta device (what train.py shards) with the tensors
+    quantize_model makes from the same weights."""
+    m = tiny_model(3)
+    with torch.device("meta"):
+        empty = quant.quantize_model(model.Transformer(m.args))
+    empty.to_empty(device="cpu")
+    weights = m.state_dict()
+    read = quant.reader(empty, weights.__getitem__)
+    with torch.no_grad():
+        for name, t in [*empty.named_parameters(), *empty.named_buffers()]:
+            t.copy_(read(name))
+    tok = torch.randint(0, 96, (1, 20))
+    assert torch.equal(empty(tok), quant.quantize_model(m)(tok))
+
+
+def test_qlora_run_trains_resumes_and_exports(setup, tmp_path):  # noqa: F811
+    """train.py --quantize nf4, LoRA+: the loss falls; a run cut after 2 steps and resumed gives the
+    uninterrupted losses bit for bit; merged/ is the dequantized base with the adapters folded in; the
+    checkpoints and trainable file hold no quantized tensor; --lora-rank 0 is refused."""
+    losses = {}
+    for name, steps, more in [("full", 6, []), ("cut", 2, []), ("cut", 6, ["--resume"])]:
+        run_train(setup, tmp_path / name, "--steps", str(steps), "--batch-size", "2", "--quantize", "nf4", *more)
+        losses[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    assert losses["cut"] == losses["full"] and losses["full"][-1] < losses["full"][0] - 0.3, losses
+    base = quant.dequantize_model(quant.quantize_model(model.load(setup / "base")))
+    rebuilt = lora.merge_lora(lora.load_trainable(base, tmp_path / "full" / "trainable.safetensors"))
+    tok = torch.randint(0, 320, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.load(tmp_path / "full" / "merged")(tok), rebuilt(tok))
+        plain = lora.merge_lora(
+            lora.load_trainable(model.load(setup / "base"), tmp_path / "full" / "trainable.safetensors")
+        )
+        assert not torch.allclose(plain(tok), rebuilt(tok))  # the export did merge into the quantized base
+    from safetensors.torch import load_file
+
+    assert not any(".weight." in k for k in load_file(tmp_path / "full" / "trainable.safetensors"))
+    r = run_train(setup, tmp_path / "refused", "--steps", "1", "--quantize", "nf4", "--lora-rank", "0", check=False)
+    assert r.returncode == 2 and "--lora-rank 8" in r.stderr
