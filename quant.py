@@ -22,6 +22,8 @@ tensors, which FSDP2 shards like any frozen parameter and never casts; the few f
 double quantization are buffers, copied whole to every process (train.py --quantize nf4).
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +38,12 @@ NF4_CODE = torch.tensor([
     0.7229568362236023, 1.0,
 ])  # fmt: skip
 GROUP = 256  # absmax values per group in double quantization
+
+
+@functools.cache
+def code_on(device):
+    """NF4_CODE on `device`, copied there once (not in every layer's forward: on CUDA a copy waits)."""
+    return NF4_CODE.to(device)
 
 
 class NF4Weight(nn.Module):
@@ -81,7 +89,7 @@ class NF4Weight(nn.Module):
         """The dense weight, in `dtype` (default: the dtype it was quantized from)."""
         codes = self.codes.to(torch.uint8)  # (a no-op; in case an FSDP version gathers integers as floats)
         idx = torch.stack((codes >> 4, codes & 15), dim=1).view(-1, self.block_size).long()
-        w = NF4_CODE.to(self.device)[idx] * self.block_absmax()[:, None]  # float32, one rounding
+        w = code_on(self.device)[idx] * self.block_absmax()[:, None]  # float32, one rounding
         return w.view(-1)[: self.shape[0] * self.shape[1]].view(self.shape).to(dtype or self.dtype)
 
     def linear(self, x, bias=None):
@@ -102,7 +110,7 @@ def quantize_nf4(w, block_size=64, double_quant=True):
     blocks = F.pad(flat, (0, q.codes.numel() * 2 - flat.numel())).view(-1, block_size)  # zeros leave absmax alone
     absmax = blocks.abs().amax(dim=1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
-    code = NF4_CODE.to(w.device)
+    code = code_on(w.device)
     idx = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8).view(-1, 2)
     q.codes.copy_(idx[:, 0] << 4 | idx[:, 1])
     if not double_quant:
