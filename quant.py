@@ -41,9 +41,11 @@ GROUP = 256  # absmax values per group in double quantization
 
 
 @functools.cache
-def code_on(device):
-    """NF4_CODE on `device`, copied there once (not in every layer's forward: on CUDA a copy waits)."""
-    return NF4_CODE.to(device)
+def pairs_on(device):
+    """The two weights each byte of codes stands for, (NF4_CODE[b >> 4], NF4_CODE[b & 15]) for b in 0..255,
+    on `device`: copied there once, not in every layer's forward (on CUDA a host-to-device copy waits)."""
+    b = torch.arange(256)
+    return torch.stack((NF4_CODE[b >> 4], NF4_CODE[b & 15]), dim=1).to(device)
 
 
 class NF4Weight(nn.Module):
@@ -88,8 +90,10 @@ class NF4Weight(nn.Module):
     def dequantize(self, dtype=None):
         """The dense weight, in `dtype` (default: the dtype it was quantized from)."""
         codes = self.codes.to(torch.uint8)  # (a no-op; in case an FSDP version gathers integers as floats)
-        idx = torch.stack((codes >> 4, codes & 15), dim=1).view(-1, self.block_size).long()
-        w = code_on(self.device)[idx] * self.block_absmax()[:, None]  # float32, one rounding
+        # one lookup per byte, into a (256, 2) table: 8 bytes per weight at the peak (the int64 indices of
+        # the bytes, and the float32 weights), then multiplied in place (one rounding) and cast
+        w = pairs_on(self.device)[codes.long()].view(-1, self.block_size)
+        w.mul_(self.block_absmax()[:, None])
         return w.view(-1)[: self.shape[0] * self.shape[1]].view(self.shape).to(dtype or self.dtype)
 
     def linear(self, x, bias=None):
@@ -110,7 +114,7 @@ def quantize_nf4(w, block_size=64, double_quant=True):
     blocks = F.pad(flat, (0, q.codes.numel() * 2 - flat.numel())).view(-1, block_size)  # zeros leave absmax alone
     absmax = blocks.abs().amax(dim=1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
-    code = code_on(w.device)
+    code = NF4_CODE.to(w.device)
     idx = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8).view(-1, 2)
     q.codes.copy_(idx[:, 0] << 4 | idx[:, 1])
     if not double_quant:
