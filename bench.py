@@ -53,6 +53,7 @@ import torch
 import data
 import model
 import parallel
+import quant
 import s2attn
 import train
 from eval import ints
@@ -60,6 +61,7 @@ from eval import ints
 SHAPES = {
     "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),  # Llama 2 7B
     "small": dict(dim=256, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=64),
+    "medium": dict(dim=1024, n_layers=8, n_heads=8, vocab_size=8192, multiple_of=256),  # weights matter on a CPU
 }
 
 
@@ -184,14 +186,17 @@ def bench_attention(args):
 # ----------------------------------------------------------------------------- training steps
 
 
-def ours(margs, N, attn, dtype, device, offload=False):
+def ours(margs, N, attn, dtype, device, offload=False, quantize=None):
     """Our LoRA+ model and its loss at N tokens, built by train.py's build_model with its defaults (rank 8,
     embedding and norms, groups of N/4): sharded (one process), random weights of the shape made on the
-    device instead of a checkpoint read from disk. offload: the checkpointed block inputs in host memory."""
+    device instead of a checkpoint read from disk. offload: the checkpointed block inputs in host memory;
+    quantize="nf4": QLoRA's frozen weights (train.py --quantize)."""
     parallel.setup_distributed(device.type)
     backend = parallel.default_backend(device.type == "cuda", dtype)
     base = parallel.random_weights(margs, 42, device)  # build_model's default seed, as before
-    m = train.build_model(base, 0, 1, device, dtype=dtype, offload=offload, seq_len=N, attn=attn, backend=backend)
+    m = train.build_model(
+        base, 0, 1, device, dtype=dtype, offload=offload, quantize=quantize, seq_len=N, attn=attn, backend=backend
+    )
     loss = lambda x: m(x[:, :-1], x[:, 1:]) / N  # noqa: E731
     return m, loss
 
@@ -254,10 +259,12 @@ def step_worker(cfg):
         train.train_flops(margs, N, group_size=group_size),
         parallel.peak_tflops(device, dtype),
     )
+    start_gb = parallel.peak_memory_gb(device)[0]  # on CPU: the process before the model (torch, Python)
     try:
         if impl == "ours":
-            m, loss_fn = ours(margs, N, attn, dtype, device, offload=cfg.get("offload", False))
-            cfg["impl"] = f"ours ({m.layers[0].attention.backend})"
+            m, loss_fn = ours(margs, N, attn, dtype, device, cfg.get("offload", False), cfg.get("quantize"))
+            nf4 = f", {cfg['quantize']}" if cfg.get("quantize") else ""
+            cfg["impl"] = f"ours ({m.layers[0].attention.backend}{nf4})"
         else:
             m, loss_fn, kernel = theirs(margs, dtype, device)
             cfg["impl"] = f"transformers + PEFT ({kernel})"
@@ -283,15 +290,17 @@ def step_worker(cfg):
             tflops=flops / t / 1e12,
             mfu=flops / t / 1e12 / peak if peak else None,
             peak_gb=parallel.peak_memory_gb(device)[0],
+            start_gb=start_gb,
         )
     except torch.OutOfMemoryError:
         cfg.update(oom=True)
     print("RESULT " + json.dumps(cfg), flush=True)
 
 
-def run_one(cfg, timeout=1800):
-    """step_worker in a fresh process: its own peak memory, and an OOM or a crash ends only it."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+def run_one(cfg, timeout=1800, **env):
+    """step_worker in a fresh process: its own peak memory, and an OOM or a crash ends only it. `env`: extra
+    environment variables."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **env}
     env.pop("RANK", None)
     try:
         r = subprocess.run(
@@ -311,11 +320,14 @@ def run_one(cfg, timeout=1800):
 
 
 def bench_steps(args):
+    """Every configuration at each length, --rounds times, interleaved (ours, theirs, ours, theirs ...: each
+    round runs each once, in a fresh process), so that a machine drifting over the run moves all of them
+    alike; a row is the median of its rounds, each round the median of --reps steps after a warm-up."""
     have_peft = not args.no_peft and all(_installed(p) for p in ("transformers", "peft"))
     print(
-        f"\n### One LoRA+ training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}; batch 1; median "
-        f"of {args.reps} steps after one "
-        f"warm-up; S2 groups of N/4"
+        f"\n### One LoRA+ training step, shape `{args.shape}`\n\n{machine(args.device)}; {args.dtype}; batch 1; "
+        f"median of {args.rounds} interleaved rounds, each the median of {args.reps} steps after one warm-up; "
+        "S2 groups of N/4"
         + ("" if have_peft or args.no_peft else "; transformers + peft not installed, so that row is missing")
         + "\n"
     )
@@ -325,22 +337,29 @@ def bench_steps(args):
     )
     for N in args.lengths:
         cfg = dict(shape=args.shape, N=N, dtype=args.dtype, reps=args.reps, device=args.device.type)
-        rows = [run_one(dict(cfg, attn=attn, impl="ours")) for attn in ("full", "s2")]
-        if have_peft:
-            rows.append(run_one(dict(cfg, attn="full", impl="hf")))
-        full_ms = rows[0].get("ms")
+        cfgs = [dict(cfg, attn=attn, impl="ours", quantize=q) for q in (None, args.quantize) for attn in ("full", "s2")]
+        cfgs = cfgs[: 4 if args.quantize else 2] + ([dict(cfg, attn="full", impl="hf")] if have_peft else [])
+        runs = [[run_one(c) for c in cfgs] for _ in range(args.rounds)]
+        rows = []
+        for i in range(len(cfgs)):
+            done = [r[i] for r in runs if "ms" in r[i]]
+            if not done:
+                rows.append(runs[-1][i])
+                continue
+            ms = statistics.median(r["ms"] for r in done)
+            rows.append({**done[0], "peak_gb": max(r["peak_gb"] for r in done), "ms": ms, "f": done[0]["ms"] / ms})
         for r in rows:
             if "ms" not in r:
                 why = "out of memory" if r.get("oom") else r.get("error", "failed")
                 print(f"| {N} | {r['impl']} | {r['attn']} | {why} | | | | | |", flush=True)
                 continue
-            mfu = f"{r['mfu']:.0%}" if r["mfu"] is not None else "n/a"
-            ratio = (
-                f"{full_ms / r['ms']:.2f}x" if r["attn"] == "s2" and r["impl"].startswith("ours") and full_ms else ""
-            )
+            f = r.pop("f")  # the first round's numbers, scaled to the median
+            mfu = f"{r['mfu'] * f:.0%}" if r["mfu"] is not None else "n/a"
+            full = next((x for x in rows if x["attn"] == "full" and x["impl"] == r["impl"] and "ms" in x), None)
+            ratio = f"{full['ms'] / r['ms']:.2f}x" if r["attn"] == "s2" and full else ""
             print(
-                f"| {N} | {r['impl']} | {r['attn']} | {r['ms']:.0f} | {r['tokens_per_s']:.0f} | {r['tflops']:.3g} | "
-                f"{mfu} | {r['peak_gb']:.1f} | {ratio} |",
+                f"| {N} | {r['impl']} | {r['attn']} | {r['ms']:.0f} | {r['tokens_per_s'] * f:.0f} | "
+                f"{r['tflops'] * f:.3g} | {mfu} | {r['peak_gb']:.1f} | {ratio} |",
                 flush=True,
             )
 
@@ -416,6 +435,7 @@ def bench_fit(args):
         return
     deadline = time.time() + 60 * args.fit_minutes
     cfg = dict(shape=args.shape, attn="s2", impl="ours", dtype=args.dtype, reps=1, device="cuda", offload=args.offload)
+    cfg["quantize"] = args.quantize
     lo, hi, cut, peak = 0, None, None, None  # lo fits, hi does not; cut: a length whose try the time limit stopped
     while cut is None and time.time() < deadline and (hi is None or hi - lo > args.step_tokens):
         # doubling, then bisection
@@ -434,9 +454,11 @@ def bench_fit(args):
     stopped += f" the {args.fit_minutes:g}-minute limit" if stopped else ""
     gb = torch.cuda.get_device_properties(args.device).total_memory / 2**30
     kw = dict(dtype=args.dtype, backend=parallel.default_backend(True, args.dtype), offload=args.offload)
+    kw["quantize"] = args.quantize
     model_says = f"the memory model predicts {on_device(memory_model(shape(args, lo), lo, **kw)):.1f} GB" if lo else ""
     print(
-        f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`{', offloaded' if args.offload else ''}\n\n"
+        f"\n### Longest LoRA+ S2 training step, shape `{args.shape}`{', offloaded' if args.offload else ''}"
+        f"{', ' + args.quantize if args.quantize else ''}\n\n"
         f"{machine(args.device)}; {args.dtype}: {found}{stopped}"
         + (f"; peak {peak:.1f} GB measured, {model_says}" if lo else "")
         + f"; longest predicted to fit in {gb:.0f} GB: {longest(shape(args, 0), gb * 2**30, **kw):,} tokens"
@@ -446,28 +468,42 @@ def bench_fit(args):
 # ----------------------------------------------------------------------------- memory model
 
 
-def memory_model(shape, N, *, world=1, P=1, groups=4, dtype="bfloat16", backend="sdpa", offload=False, loss_chunk=2048):
+def memory_model(
+    shape, N, *, world=1, P=1, groups=4, dtype="bfloat16", backend="sdpa", offload=False, loss_chunk=2048, quantize=None
+):
     """Predicted peak device memory, in bytes by part, of one process of a LoRA+ S2 run with train.py's
     defaults (rank 8 on wq wk wv wo, embedding and norms trained, AdamW, batch 1, activation
     checkpointing) with S2 groups of N / `groups` tokens, over `world` processes, each sequence split
     over P of them (a slice holds groups / P groups, so P divides `groups`); offload: the checkpointed
-    block inputs live in host memory (the "host" entry) instead. `shape`: ModelArgs or a dict of its
-    fields. docs/memory.md writes each term out."""
+    block inputs live in host memory (the "host" entry) instead; quantize="nf4": QLoRA, the blocks' frozen
+    linear weights in NF4 as quant.quantize_model stores them. `shape`: ModelArgs or a dict of its fields.
+    docs/memory.md writes each term out."""
     if groups % P:
         raise ValueError(f"groups of N/{groups} do not split over {P} processes: P must divide {groups}")
     a = shape if isinstance(shape, model.ModelArgs) else model.ModelArgs(**shape)
     with torch.device("meta"):
         m = train.apply_longlora(model.Transformer(a), seq_len=a.max_seq_len)  # LoRA+ as train.py makes it
-    trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
-    per_block = sum(p.numel() for p in m.layers[0].parameters())
+        if quantize:
+            quant.quantize_model(m)
     e = torch.finfo(getattr(torch, dtype)).bits // 8  # bytes per element of activations and gathered weights
+
+    def stored(params):  # bytes in the run's dtype: NF4's codes and absmax are uint8, never cast
+        return sum(p.numel() * (1 if p.dtype == torch.uint8 else e) for p in params)
+
+    nf4 = [w for w in m.modules() if isinstance(w, quant.NF4Weight)]
+    trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    frozen = stored(p for p in m.parameters() if not p.requires_grad)
+    per_block = stored(m.layers[0].parameters())
     n, G, d, D = N // P, N // groups, a.dim, a.head_dim
     head = a.vocab_size * d * (1 if a.tie_embeddings else 2)  # embedding and output head
     parts = {
-        "weights (shards)": (frozen * e + trained * 4) / world,  # trained weights stay float32
+        "weights (shards)": (frozen + trained * 4) / world,  # trained weights stay float32
+        # NF4's float32 statistics: buffers, whole on every process
+        "NF4 scales (every process)": sum(b.numel() * 4 for w in nf4 for b in w.buffers()),
         "gradients + AdamW (shards)": trained * (4 + 8) / world,
-        "gathered weights": (head + 2 * per_block) * e,  # FSDP2: the root's, the block running and the next
+        "gathered weights": head * e + 2 * per_block,  # FSDP2: the root's, the block running and the next
+        # NF4: the largest linear weight while it is dequantized (int64 byte indices and float32, quant.py)
+        "one dequantized weight": max((w.shape[0] * w.shape[1] * 8 for w in nf4), default=0),
         "embedding gradient": a.vocab_size * d * (e + 4),  # unsharded, then float32 for the reduce-scatter
         "block inputs": 0 if offload else a.n_layers * n * d * e,  # what activation checkpointing keeps
         "one block's recompute": n * block_bytes_per_token(a, n, G, e, backend, halo=P > 1),
@@ -476,6 +512,8 @@ def memory_model(shape, N, *, world=1, P=1, groups=4, dtype="bfloat16", backend=
         "halo": 2 * halo_bytes(a, 1, G, e) if P > 1 else 0,  # the tail sent and the one received
     }
     parts["host"] = a.n_layers * n * d * e if offload else 0
+    if not quantize:
+        del parts["NF4 scales (every process)"], parts["one dequantized weight"]
     return parts
 
 
@@ -509,11 +547,12 @@ def bench_memory(args):
     """The memory model's parts at --seq-len, and the longest context it predicts for --gpu-gb."""
     a, N, P = shape(args, args.seq_len), args.seq_len, args.context_parallel
     kw = dict(world=args.world, P=P, groups=args.groups, dtype=args.dtype, backend=args.backend, offload=args.offload)
+    kw["quantize"] = args.quantize
     parts = memory_model(a, N, **kw)
     print(
         f"\n### Memory model: shape `{args.shape}`, LoRA+ S2, {N:,} tokens, {args.world} process(es), context "
         f"parallel {P}, groups of N/{args.groups}, {args.dtype}, {args.backend}"
-        f"{', offload' if args.offload else ''}\n\n"
+        f"{', offload' if args.offload else ''}{', ' + args.quantize if args.quantize else ''}\n\n"
         "| part | GB per process |\n|---|---|"
     )
     for k, v in parts.items():
@@ -522,6 +561,36 @@ def bench_memory(args):
     print(
         f"\nLongest context predicted to fit in {args.gpu_gb:g} GB per GPU: "
         f"{longest(a, args.gpu_gb * 2**30, step=args.groups * 1024, **kw):,} tokens (90% of the memory)"
+    )
+    if args.measure:
+        measure_memory(args, a, kw)
+
+
+def measure_memory(args, a, kw):
+    """One LoRA+ S2 step at --seq-len in a fresh process (bench.py's step, one process) against the memory
+    model for the backend that step runs. On CPU the peak is the process's resident memory less what it held
+    before building the model (Python, torch), and includes the host share of offload; glibc's malloc is told
+    to return every freed block over 64 KiB at once (MALLOC_MMAP_THRESHOLD_), or the resident memory would
+    count the blocks it keeps for reuse (measured: 1.7 GB instead of 0.96 for `--shape medium --seq-len
+    2048`)."""
+    if args.world > 1 or args.context_parallel > 1 or args.groups != 4:
+        raise ValueError("--measure runs one process with groups of N/4: leave --world, --context-parallel, --groups")
+    cfg = dict(shape=args.shape, N=args.seq_len, attn="s2", impl="ours", dtype=args.dtype, reps=1)
+    cfg.update(device=args.device.type, offload=args.offload, quantize=args.quantize)
+    r = run_one(cfg, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if args.device.type == "cpu" else {}))
+    if "ms" not in r:
+        print(f"\nMeasured: the step failed ({'out of memory' if r.get('oom') else r.get('error')})")
+        return
+    backend = parallel.default_backend(args.device.type == "cuda", args.dtype)
+    parts = memory_model(a, args.seq_len, **{**kw, "backend": backend})
+    predicted = on_device(parts) + (parts["host"] / 2**30 if args.device.type == "cpu" else 0)
+    measured = r["peak_gb"] - r["start_gb"]
+    print(
+        f"\nMeasured on {machine(args.device)}: {r['impl']}, one step of {args.seq_len:,} tokens peaks at "
+        f"{measured:.2f} GB"
+        + (f" above the {r['start_gb']:.2f} GB the process held before" if r["start_gb"] else "")
+        + f"; the memory model ({backend}) predicts {predicted:.2f} GB ({measured / predicted:.2f}x); "
+        f"{r['ms'] / 1e3:.1f} s per step"
     )
 
 
@@ -622,6 +691,10 @@ def parser(gpu):
         a.add_argument("--shape", choices=SHAPES, default="7b" if gpu else "small", help="model shape")
     for c in ("all", "fit", "memory"):
         parsers[c].add_argument("--offload", action="store_true", help="checkpointed block inputs in host memory")
+    for c in ("all", "step", "fit", "memory"):
+        parsers[c].add_argument(
+            "--quantize", choices=("nf4",), help="QLoRA's frozen weights (train.py --quantize; step: extra rows)"
+        )
     a = parsers["memory"]
     a.add_argument("--seq-len", type=int, default=100_000, help="tokens per sequence (default 100000)")
     a.add_argument("--world", type=int, default=1, help="processes (GPUs) sharding the model (default 1)")
@@ -629,6 +702,7 @@ def parser(gpu):
     a.add_argument("--groups", type=int, default=4, help="S2 groups per sequence, G = N / groups (default 4)")
     a.add_argument("--backend", choices=("sdpa", "flash"), default="flash", help="attention backend (default flash)")
     a.add_argument("--gpu-gb", type=float, default=80, help="memory per GPU for the longest context (default 80)")
+    a.add_argument("--measure", action="store_true", help="also run one step at --seq-len and measure its peak")
     for c in ("all", "step"):
         parsers[c].add_argument(
             "--step-lengths",
@@ -637,6 +711,7 @@ def parser(gpu):
             default=ints("8192,16384,32768,65536" if gpu else "2048,4096,8192"),
         )
         parsers[c].add_argument("--no-peft", action="store_true", help="leave out the transformers + PEFT rows")
+        parsers[c].add_argument("--rounds", type=int, default=3, help="interleaved rounds, median kept (default 3)")
     for c in ("all", "fit"):
         parsers[c].add_argument("--start", type=int, default=32768, help="first length tried (default 32768)")
         parsers[c].add_argument("--step-tokens", type=int, default=4096, help="search resolution (default 4096)")

@@ -19,7 +19,8 @@ every device.
 A quantized weight is dequantized when it is used, one layer at a time, and again in the backward
 pass (NF4Linear's autograd function keeps no dense copy of it for backward). Its codes are integer
 tensors, which FSDP2 shards like any frozen parameter and never casts; the few float32 statistics of
-double quantization are buffers, copied whole to every process (train.py --quantize nf4).
+double quantization are buffers, copied whole to every process (train.py --quantize nf4; the memory
+per process: docs/memory.md).
 """
 
 import functools

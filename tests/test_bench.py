@@ -42,6 +42,10 @@ def test_all_tables_on_a_cpu():
             "128",
             "--reps",
             "1",
+            "--rounds",
+            "1",
+            "--quantize",
+            "nf4",
             "--sdpa-kernels",
             "flash,cudnn",
             "--length",
@@ -62,12 +66,11 @@ def test_all_tables_on_a_cpu():
     assert float(attn[0][4]) > 0 and attn[0][6].endswith("x")
     steps = table(r.stdout, "One LoRA+ training step")
     with_peft = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
-    assert [(row[1], row[2]) for row in steps] == [("ours (sdpa)", "full"), ("ours (sdpa)", "s2")] + (
-        [("transformers + PEFT (sdpa)", "full")] if with_peft else []
-    )
+    ours = [(f"ours (sdpa{q})", attn) for q in ("", ", nf4") for attn in ("full", "s2")]
+    assert [(row[1], row[2]) for row in steps] == ours + ([("transformers + PEFT (sdpa)", "full")] if with_peft else [])
     # ms, peak GB; no MFU on CPU
     assert all(float(row[3]) > 0 and float(row[7]) > 0 and row[6] == "n/a" for row in steps)
-    assert steps[1][8].endswith("x")  # the S2 speed-up
+    assert steps[1][8].endswith("x") and steps[3][8].endswith("x")  # the S2 speed-up, against its own full row
     assert "`fit` needs a CUDA GPU" in r.stdout
     pack = table(r.stdout, "Packed sequences")
     assert [row[0] for row in pack] == ["one example per step", "padded batches of 4", "--pack"]
@@ -160,13 +163,16 @@ def test_memory_command_and_its_limits(capsys):
     plain = capsys.readouterr().out
     bench.main(["memory", "--shape", "7b", "--dtype", "bfloat16", "--seq-len", "100000", "--offload"])
     offloaded = capsys.readouterr().out
+    bench.main(["memory", "--shape", "7b", "--dtype", "bfloat16", "--seq-len", "100000", "--quantize", "nf4"])
+    quantized = capsys.readouterr().out
+    assert "one dequantized weight" in quantized and "one dequantized weight" not in plain
     for part in ("weights (shards)", "block inputs", "one block's recompute", "loss", "device total"):
         assert part in plain and part in offloaded
 
     def longest(text):
         return int(text.split("per GPU: ")[1].split(" tokens")[0].replace(",", ""))
 
-    assert longest(offloaded) > longest(plain) > 0
+    assert longest(offloaded) > longest(plain) > 0 and longest(quantized) > longest(plain)
     a = bench.shape(bench.argparse.Namespace(shape="7b"), 100_000)
     parts = bench.memory_model(a, 100_000, offload=True)
     assert parts["block inputs"] == 0 and parts["host"] == 32 * 100_000 * 4096 * 2

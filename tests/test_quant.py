@@ -3,15 +3,23 @@
 import copy
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from test_train import run_train, setup  # noqa: F401  (the toy run folder fixture)
 
+import bench
 import lora
 import model
 import quant
+import train
 from common import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
 
@@ -136,6 +144,54 @@ def test_backward_keeps_no_dense_weight():
         return set(seen) & shapes
 
     assert saved_shapes(d) and not saved_shapes(q)
+
+
+DEQUANTIZE_PEAK = """
+import os, resource, torch, quant
+n = 4096
+q = quant.NF4Weight((n, n), torch.bfloat16)
+q.codes.data = torch.randint(0, 256, q.codes.shape, dtype=torch.uint8)
+q.absmax.data = torch.randint(0, 256, q.absmax.shape, dtype=torch.uint8)
+q.absmax_step.fill_(1e-3)
+quant.NF4Weight((64, 64), torch.bfloat16).dequantize()  # the lookup table made, the allocator warm
+start = int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+w = q.dequantize(torch.bfloat16)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start) / n**2)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the process's memory from /proc (Linux)")
+def test_dequantize_peaks_at_eight_bytes_per_weight():
+    """Dequantizing one weight holds at most 8 bytes per weight at once (int64 indices of its bytes, float32
+    weights), as bench.memory_model counts it: measured as the peak resident memory of a fresh process."""
+    r = subprocess.run([sys.executable, "-c", DEQUANTIZE_PEAK], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 7.5 < float(r.stdout) < 8.5  # the two 16M-weight tensors: 8 bytes; the old stack-and-index path: 16
+
+
+def test_memory_model_counts_what_nf4_stores():
+    """bench.memory_model(quantize="nf4") at one process: the weights are what a quantized LoRA+ model
+    holds (NF4Weight.nbytes for the block linears, the run's dtype for the other frozen tensors, float32
+    for the trained), the gathered block is its NF4 bytes, and one dequantized weight is 8 bytes per weight
+    of the largest."""
+    a = model.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
+    m = quant.quantize_model(train.apply_longlora(model.Transformer(a), seq_len=64))
+    nf4 = [w for w in m.modules() if isinstance(w, quant.NF4Weight)]
+    frozen = [p for n, p in m.named_parameters() if not p.requires_grad and ".weight." not in n]  # not in nf4
+    trained = [p for p in m.parameters() if p.requires_grad]
+    parts = bench.memory_model(a, 64, dtype="bfloat16", quantize="nf4")
+    buffers = sum(b.numel() * 4 for w in nf4 for b in w.buffers())
+    assert parts["weights (shards)"] + parts["NF4 scales (every process)"] == (
+        sum(w.nbytes for w in nf4) + 2 * sum(p.numel() for p in frozen) + 4 * sum(p.numel() for p in trained)
+    )
+    assert parts["NF4 scales (every process)"] == buffers > 0
+    block = m.layers[0]
+    in_nf4 = sum(w.nbytes for w in block.modules() if isinstance(w, quant.NF4Weight))
+    rest = sum(p.numel() for n, p in block.named_parameters() if ".weight." not in n)
+    head = 2 * 96 * 128 * 2
+    assert parts["gathered weights"] == head + 2 * (in_nf4 - sum(b.numel() * 4 for b in block.buffers()) + 2 * rest)
+    assert parts["one dequantized weight"] == 8 * a.dim * m.layers[0].feed_forward.w1.weight.shape[0]
+    assert "one dequantized weight" not in bench.memory_model(a, 64)
 
 
 def test_reader_quantizes_a_meta_model_as_quantize_model_does():
