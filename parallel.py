@@ -339,6 +339,11 @@ def known_peak(name):
 
 def peak_memory_gb(device):
     """(device, host) peak memory of this process so far in GiB: the GPU's allocations on CUDA, the
-    process's resident memory on CPU; and the process's resident memory (ru_maxrss: KiB on Linux)."""
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    process's resident memory on CPU; and the process's peak resident memory: VmHWM on Linux, since
+    ru_maxrss keeps the parent's peak across exec (a worker started by a 2 GB process reads 2 GB)."""
+    try:
+        with open("/proc/self/status") as f:
+            host = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, bytes on macOS
     return (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else host), host

@@ -147,20 +147,23 @@ def test_backward_keeps_no_dense_weight():
 
 
 DEQUANTIZE_PEAK = """
-import os, resource, torch, quant
+import torch, quant
 n = 4096
 q = quant.NF4Weight((n, n), torch.bfloat16)
 q.codes.data = torch.randint(0, 256, q.codes.shape, dtype=torch.uint8)
 q.absmax.data = torch.randint(0, 256, q.absmax.shape, dtype=torch.uint8)
 q.absmax_step.fill_(1e-3)
 quant.NF4Weight((64, 64), torch.bfloat16).dequantize()  # the lookup table made, the allocator warm
-start = int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status(key):  # KiB
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from what is resident now
+start = status("VmRSS:")
 w = q.dequantize(torch.bfloat16)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start) / n**2)
+print((status("VmHWM:") - start) * 1024 / n**2)
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the process's memory from /proc (Linux)")
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads the process's memory from /proc (Linux)")
 def test_dequantize_peaks_at_eight_bytes_per_weight():
     """Dequantizing one weight holds at most 8 bytes per weight at once (int64 indices of its bytes, float32
     weights), as bench.memory_model counts it: measured as the peak resident memory of a fresh process."""
