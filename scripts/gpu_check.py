@@ -412,6 +412,7 @@ def part_bench(c):
 def part_step(c):
     s = c.size["step"]
     cmd = [sys.executable, "bench.py", "step", "--device", c.device, "--shape", s["shape"], "--reps", 1, "--no-peft"]
+    cmd += ["--rounds", 1]  # one process per row: the budget is short, and no peer row to interleave with
     return by_length(c, "step", cmd, "--step-lengths", s["lengths"], lambda cells: is_number(cells[3]))
 
 
