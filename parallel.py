@@ -165,16 +165,23 @@ class Stopped(Exception):
 # ----------------------------------------------------------------------------- sharding
 
 
-def parallelize(m, *, device, world, dtype="bfloat16", checkpointing=True, offload=False, context_parallel=1):
+def parallelize(
+    m, *, device, world, dtype="bfloat16", checkpointing=True, offload=False, context_parallel=1, compile=False
+):
     """Activation checkpointing per block, then FSDP2 over `world` processes: each block is one unit, then
     the root; parameters gathered in `dtype`, gradients reduced in float32. offload=True: the checkpointed
     block inputs wait for backward in host memory (pinned on CUDA) instead of the device's.
-    context_parallel=P: each process runs S2-Attn on one of P slices of every sequence (halo_exchange)."""
+    context_parallel=P: each process runs S2-Attn on one of P slices of every sequence (halo_exchange).
+    compile=True: each block's forward through torch.compile (regional compilation: one graph per block
+    class, reused by every block; FSDP2's gathers and the checkpointing stay outside it, in eager mode). It
+    compiles at the first length, again at a second with the length dynamic, and reuses that for every other."""
     if context_parallel > 1:
         a = m.layers[0].attention
         m.set_attention(a.group_size, a.backend, a.shift, halo=halo_exchange(context_group(context_parallel)))
-    if checkpointing:
-        for block in m.layers:
+    for block in m.layers:
+        if compile:
+            block.forward = torch.compile(block.forward)
+        if checkpointing:
             block.forward = functools.partial(checkpointed, block.forward, offload=offload, pin=device.type == "cuda")
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     mesh = init_device_mesh(device.type, (world,))

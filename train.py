@@ -97,6 +97,7 @@ def build_model(
     offload=False,
     context_parallel=1,
     quantize=None,
+    compile=False,
     **longlora,
 ):
     """The base model `base`, a (ModelArgs, Weights) pair (model.read_checkpoint's, or parallel.random_weights'),
@@ -119,6 +120,7 @@ def build_model(
         checkpointing=checkpointing,
         offload=offload,
         context_parallel=context_parallel,
+        compile=compile,
     )
     adapters = fresh_adapters(m, seed, weights.dtype)
 
@@ -402,6 +404,7 @@ def parse_args(argv=None):
     a.add_argument("--offload-activations", action="store_true", help="checkpointed inputs in pinned host memory")
     a.add_argument("--context-parallel", type=int, default=1, metavar="P", help="each sequence over P processes")
     a.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="cuda: one process a GPU")
+    a.add_argument("--compile", action="store_true", help="torch.compile each block (twice: 1st length, then all)")
     a.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for the MFU (default: known GPUs')")
     # checkpoints and output
     a = p.add_argument_group("checkpoints and output")
@@ -471,6 +474,7 @@ def build_settings(args):
         offload=args.offload_activations,
         context_parallel=args.context_parallel,
         quantize=args.quantize,
+        compile=args.compile,
         seq_len=args.seq_len,
         rope_scale=args.rope_scale,
         rope_method=args.rope_method,
