@@ -186,16 +186,26 @@ def bench_attention(args):
 # ----------------------------------------------------------------------------- training steps
 
 
-def ours(margs, N, attn, dtype, device, offload=False, quantize=None):
+def ours(margs, N, attn, dtype, device, offload=False, quantize=None, compile=False):
     """Our LoRA+ model and its loss at N tokens, built by train.py's build_model with its defaults (rank 8,
     embedding and norms, groups of N/4): sharded (one process), random weights of the shape made on the
     device instead of a checkpoint read from disk. offload: the checkpointed block inputs in host memory;
-    quantize="nf4": QLoRA's frozen weights (train.py --quantize)."""
+    quantize="nf4": QLoRA's frozen weights (train.py --quantize); compile: each block compiled (--compile)."""
     parallel.setup_distributed(device.type)
     backend = parallel.default_backend(device.type == "cuda", dtype)
     base = parallel.random_weights(margs, 42, device)  # build_model's default seed, as before
     m = train.build_model(
-        base, 0, 1, device, dtype=dtype, offload=offload, quantize=quantize, seq_len=N, attn=attn, backend=backend
+        base,
+        0,
+        1,
+        device,
+        dtype=dtype,
+        offload=offload,
+        quantize=quantize,
+        compile=compile,
+        seq_len=N,
+        attn=attn,
+        backend=backend,
     )
     loss = lambda x: m(x[:, :-1], x[:, 1:]) / N  # noqa: E731
     return m, loss
@@ -262,9 +272,9 @@ def step_worker(cfg):
     start_gb = parallel.peak_memory_gb(device)[0]  # on CPU: the process before the model (torch, Python)
     try:
         if impl == "ours":
-            m, loss_fn = ours(margs, N, attn, dtype, device, cfg.get("offload", False), cfg.get("quantize"))
-            nf4 = f", {cfg['quantize']}" if cfg.get("quantize") else ""
-            cfg["impl"] = f"ours ({m.layers[0].attention.backend}{nf4})"
+            q, c = cfg.get("quantize"), cfg.get("compile", False)
+            m, loss_fn = ours(margs, N, attn, dtype, device, cfg.get("offload", False), q, c)
+            cfg["impl"] = f"ours ({m.layers[0].attention.backend}{', ' + q if q else ''}{', compiled' if c else ''})"
         else:
             m, loss_fn, kernel = theirs(margs, dtype, device)
             cfg["impl"] = f"transformers + PEFT ({kernel})"
@@ -283,7 +293,7 @@ def step_worker(cfg):
             optim.zero_grad(set_to_none=True)
             sync(device)
             times.append(time.perf_counter() - t)
-        t = statistics.median(times[1:])
+        t = statistics.median(times[1:])  # times[0]: the warm-up, with compilation under compile
         cfg.update(
             ms=t * 1e3,
             tokens_per_s=N / t,
@@ -291,6 +301,7 @@ def step_worker(cfg):
             mfu=flops / t / 1e12 / peak if peak else None,
             peak_gb=parallel.peak_memory_gb(device)[0],
             start_gb=start_gb,
+            first_s=times[0],
         )
     except torch.OutOfMemoryError:
         cfg.update(oom=True)
@@ -337,8 +348,9 @@ def bench_steps(args):
     )
     for N in args.lengths:
         cfg = dict(shape=args.shape, N=N, dtype=args.dtype, reps=args.reps, device=args.device.type)
-        cfgs = [dict(cfg, attn=attn, impl="ours", quantize=q) for q in (None, args.quantize) for attn in ("full", "s2")]
-        cfgs = cfgs[: 4 if args.quantize else 2] + ([dict(cfg, attn="full", impl="hf")] if have_peft else [])
+        variants = [{}] + [dict(quantize=args.quantize)] * bool(args.quantize) + [dict(compile=True)] * args.compile
+        cfgs = [dict(cfg, attn=attn, impl="ours", **v) for v in variants for attn in ("full", "s2")]
+        cfgs += [dict(cfg, attn="full", impl="hf")] if have_peft else []
         runs = [[run_one(c) for c in cfgs] for _ in range(args.rounds)]
         rows = []
         for i in range(len(cfgs)):
@@ -362,6 +374,10 @@ def bench_steps(args):
                 f"{r['tflops'] * f:.3g} | {mfu} | {r['peak_gb']:.1f} | {ratio} |",
                 flush=True,
             )
+        compiled = [r for r in rows if r.get("compile") and "ms" in r]
+        if compiled:
+            first = ", ".join(f"{r['attn']} {r['first_s']:.0f} s" for r in compiled)
+            print(f"\nN = {N}: the compiled rows' first step (compilation included, not in ms / step): {first}\n")
 
 
 # ----------------------------------------------------------------------------- packed sequences
@@ -712,6 +728,7 @@ def parser(gpu):
         )
         parsers[c].add_argument("--no-peft", action="store_true", help="leave out the transformers + PEFT rows")
         parsers[c].add_argument("--rounds", type=int, default=3, help="interleaved rounds, median kept (default 3)")
+        parsers[c].add_argument("--compile", action="store_true", help="also our rows with each block compiled")
     for c in ("all", "fit"):
         parsers[c].add_argument("--start", type=int, default=32768, help="first length tried (default 32768)")
         parsers[c].add_argument("--step-tokens", type=int, default=4096, help="search resolution (default 4096)")
