@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import run_train, setup  # noqa: F401  (the toy run folder fixture)
+from test_train import peft_logits, run_train, setup  # noqa: F401  (the toy run folder fixture)
 
 import bench
 import lora
@@ -236,3 +236,21 @@ def test_qlora_run_trains_resumes_and_exports(setup, tmp_path):  # noqa: F811
     assert not any(".weight." in k for k in load_file(tmp_path / "full" / "trainable.safetensors"))
     r = run_train(setup, tmp_path / "refused", "--steps", "1", "--quantize", "nf4", "--lora-rank", "0", check=False)
     assert r.returncode == 2 and "--lora-rank 8" in r.stderr
+
+
+def test_qlora_adapter_opens_in_peft_on_the_unquantized_base(setup, tmp_path):  # noqa: F811
+    """A --quantize nf4 run on a Hugging Face base writes adapter/ as other LoRA runs do: PEFT puts it on the
+    unquantized base (no bitsandbytes needed) and computes our unquantized base + merged adapters, to 1e-4.
+    (merged/ is made from the dequantized base instead: test_qlora_run_trains_resumes_and_exports.)"""
+    model.save(tiny_model(vocab_size=320), tmp_path / "base", format="hf")
+    out = tmp_path / "run"
+    flags = ["--model", str(tmp_path / "base"), "--steps", "3", "--lr", "3e-2", "--warmup", "0", "--save-every", "0"]
+    run_train(setup, out, *flags, "--quantize", "nf4")
+    x = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
+    base = model.load(tmp_path / "base")
+    base.beyond_context = True  # 100 tokens, past its 64
+    with torch.no_grad():
+        before = base(x)
+        plain = lora.merge_lora(lora.load_trainable(base, out / "trainable.safetensors"))(x)  # merges into base
+    assert (plain - before).abs().max() > 1e-2  # training changed the model
+    torch.testing.assert_close(peft_logits(tmp_path / "base", out / "adapter", x), plain, rtol=0, atol=1e-4)
