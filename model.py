@@ -145,13 +145,13 @@ def yarn_scale(freqs, args):
     return freqs / factor * ramp + freqs * (1 - ramp), attention
 
 
-def apply_rotary_emb(x, freqs_cis):
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, N, heads, D) as in Meta's reference;
-    freqs_cis: (N, D/2), or (B, N, D/2) for rows of packed documents."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, N, heads, D/2)
-    fc = freqs_cis.reshape(-1, xc.shape[1], 1, xc.shape[-1])  # (1 or B, N, 1, D/2)
-    out = torch.view_as_real(xc * fc).flatten(3)  # (B, N, heads, D)
-    return out.type_as(x)
+def apply_rotary_emb(x, rope):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, N, heads, D) as in Meta's reference, the
+    complex product (x0 + i x1) e^{i t f} written out in real numbers (which torch.compile can fuse); rope:
+    view_as_real(precompute_freqs_cis(...)), (N, D/2, 2) cos and sin, or (B, N, D/2, 2) for packed rows."""
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (B, N, heads, D/2) each
+    cos, sin = rope.reshape(-1, x.shape[1], 1, x0.shape[-1], 2).unbind(-1)  # (1 or B, N, 1, D/2) each
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(3).type_as(x)  # (B, N, heads, D)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -183,14 +183,14 @@ class Attention(nn.Module):
         self.shift = True  # False: groups without the shift (the paper's Table 1 ablation)
         self.halo = None  # context parallelism: the exchange with the neighbouring slices (s2attn._with_halo)
 
-    def forward(self, x, freqs_cis, cache=None, documents=None):
+    def forward(self, x, rope, cache=None, documents=None):
         B, N, _ = x.shape
         q = self.wq(x).view(B, N, self.n_heads, self.head_dim)  # (B, N, H, D)
         k = self.wk(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
         v = self.wv(x).view(B, N, self.n_kv_heads, self.head_dim)  # (B, N, Hkv, D)
         if self.q_norm is not None:  # Qwen3: each head of q and of k normalised
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
         if cache is not None:  # generation: this layer's keys and values of the earlier tokens
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)  # (B, Nk, Hkv, D)
@@ -226,8 +226,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, cache=None, documents=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, cache, documents)
+    def forward(self, x, rope, cache=None, documents=None):
+        h = x + self.attention(self.attention_norm(x), rope, cache, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -285,8 +285,9 @@ class Transformer(nn.Module):
         freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]  # (N, D/2)
         if documents is not None:
             freqs_cis = freqs_cis[positions(documents, tokens)]  # (B, N, D/2): positions per document
+        rope = torch.view_as_real(freqs_cis)  # (..., D/2, 2): cos, sin
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, None if cache is None else cache.layers[i], documents)
+            h = layer(h, rope, None if cache is None else cache.layers[i], documents)
         if cache is not None:
             cache.pos += tokens.shape[1]
         h = self.norm(h)

@@ -110,7 +110,7 @@ def saved_bytes_of_one_block(shape, N, dtype, halo=False, backend="sdpa"):
 
     m.set_attention(group_size=N // 4, backend=backend, halo=fake_halo if halo else None)
     x = torch.randn(1, N, a.dim, dtype=dtype, requires_grad=True)
-    freqs = model.precompute_freqs_cis(a, N)
+    freqs = torch.view_as_real(model.precompute_freqs_cis(a, N))  # what the blocks take
     skip = {p.untyped_storage().data_ptr() for p in m.parameters()} | {freqs.untyped_storage().data_ptr()}
     seen = {}
 
