@@ -346,17 +346,46 @@ IGNORE = -100  # a target the loss skips (as torch's cross_entropy): prompts of 
 def chunked_nll(h, w, targets, chunk, recompute=False):
     """-log p(target) at every position: h (B, N, dim) final hidden states, w (vocab, dim) the output
     weight, targets (B, N) -> (B, N) in float32 or wider, 0 where the target is IGNORE. The projection and the loss
-    run over `chunk` positions at a time; with `recompute`, each chunk's logits are recomputed in
-    backward instead of being kept for it."""
-
-    def one(hs, ts):
-        logits = F.linear(hs, w)  # (B, chunk, vocab)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in float32
-        # classes on the last dim: on CPU, cross_entropy's (B, vocab, chunk) layout is ten times less accurate
-        return F.cross_entropy(logits.flatten(0, 1), ts.flatten(), ignore_index=IGNORE, reduction="none").view(ts.shape)
-
+    run over `chunk` positions at a time; with `recompute` (training), no chunk's logits are kept for backward:
+    a trained w recomputes them there, a frozen one has the gradient made in the forward (_NLLFrozenHead)."""
+    if recompute and not w.requires_grad:  # a frozen head (LoRA): d nll / d h made in the forward instead
+        return _NLLFrozenHead.apply(h, w, targets, chunk)
+    one = lambda hs, ts: nll_of(F.linear(hs, w), ts)  # noqa: E731
     run = functools.partial(checkpoint, one, use_reentrant=False) if recompute else one
     return torch.cat([run(hs, ts) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))], dim=1)
+
+
+def nll_of(logits, targets):
+    """(B, n, vocab) logits, (B, n) targets -> (B, n) -log p(target), in float32 or wider; 0 at IGNORE."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in float32
+    # classes on the last dim: on CPU, cross_entropy's (B, vocab, chunk) layout is ten times less accurate
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return nll.view(targets.shape)
+
+
+class _NLLFrozenHead(torch.autograd.Function):
+    """chunked_nll for an output weight w that does not train. Per position the gradient of -log p(t) with
+    respect to h is (softmax(logits) - onehot(t)) @ w, so each chunk computes it right after its loss and
+    drops its logits; backward only scales it by the incoming gradient. The head runs twice per chunk
+    instead of three times (forward, its recompute, the gradient), and no logits wait for backward."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk):
+        nll, dh = [], []
+        for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1)):
+            logits = F.linear(hs, w)  # (B, chunk, vocab)
+            nll.append(nll_of(logits, ts))
+            p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+            keep = (ts != IGNORE)[..., None]
+            p.scatter_add_(-1, ts.clamp(min=0)[..., None], -keep.to(p.dtype)).mul_(keep)  # - onehot; IGNORE: 0
+            dh.append(F.linear(p.to(w.dtype), w.t()))  # (B, chunk, dim)
+        ctx.save_for_backward(torch.cat(dh, 1))
+        return torch.cat(nll, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (dh,) = ctx.saved_tensors
+        return (g[..., None] * dh).to(dh.dtype), None, None, None
 
 
 def default_dtype(device):

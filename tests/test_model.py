@@ -397,6 +397,26 @@ def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     torch.testing.assert_close(m(x, last_only=True), m(x)[:, -1:], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 2048])
+def test_loss_with_a_frozen_head_has_the_gradients_of_cross_entropy(chunk):
+    """A frozen output weight (LoRA): the chunked loss makes d loss / d h in the forward (model._NLLFrozenHead);
+    with per-token weights on the loss (any incoming gradient), every trained parameter's gradient is that
+    of the cross-entropy of the logits, IGNORE targets skipped."""
+    m = tiny_model(dtype=torch.float64)
+    m.output.weight.requires_grad_(False)
+    x, t = tokens(n=2, N=24), tokens(n=2, N=24, seed=2)
+    t[1, :5] = model.IGNORE
+    weights = torch.rand(t.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = torch.nn.functional.cross_entropy(
+        m(x).flatten(0, 1), t.flatten(), ignore_index=model.IGNORE, reduction="none"
+    ).view(t.shape)
+    ours = m(x, t, reduction="none", loss_chunk=chunk)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    trained = [p for p in m.parameters() if p.requires_grad]
+    for a, b in zip(*[torch.autograd.grad((loss * weights).sum(), trained) for loss in (ours, ref)]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_extend_context_and_the_refusal_past_it():
     """extend_context(s) divides positions by s and lengthens the context s times; a longer sequence is a
     clear error unless beyond_context is set; a cache counts the tokens it has seen."""
