@@ -350,16 +350,21 @@ def chunked_nll(h, w, targets, chunk, recompute=False):
     a trained w recomputes them there, a frozen one has the gradient made in the forward (_NLLFrozenHead)."""
     if recompute and not w.requires_grad:  # a frozen head (LoRA): d nll / d h made in the forward instead
         return _NLLFrozenHead.apply(h, w, targets, chunk)
-    one = lambda hs, ts: nll_of(F.linear(hs, w), ts)  # noqa: E731
+    one = lambda hs, ts: nll_of(log_probs(F.linear(hs, w)), ts)  # noqa: E731
     run = functools.partial(checkpoint, one, use_reentrant=False) if recompute else one
     return torch.cat([run(hs, ts) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))], dim=1)
 
 
-def nll_of(logits, targets):
-    """(B, n, vocab) logits, (B, n) targets -> (B, n) -log p(target), in float32 or wider; 0 at IGNORE."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in float32
-    # classes on the last dim: on CPU, cross_entropy's (B, vocab, chunk) layout is ten times less accurate
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+def log_probs(logits):
+    """log softmax over the vocabulary (the last dim), in float32 or wider: bf16 logits get a float32 loss."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+
+
+def nll_of(logp, targets):
+    """(B, n, vocab) log probabilities, (B, n) targets -> (B, n) -log p(target); 0 at IGNORE. With log_probs
+    this is cross_entropy, as torch computes it; classes on the last dim: on CPU, the (B, vocab, chunk) layout
+    is ten times less accurate."""
+    nll = F.nll_loss(logp.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
     return nll.view(targets.shape)
 
 
@@ -373,9 +378,9 @@ class _NLLFrozenHead(torch.autograd.Function):
     def forward(ctx, h, w, targets, chunk):
         nll, dh = [], []
         for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1)):
-            logits = F.linear(hs, w)  # (B, chunk, vocab)
-            nll.append(nll_of(logits, ts))
-            p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+            logp = log_probs(F.linear(hs, w))  # (B, chunk, vocab)
+            nll.append(nll_of(logp, ts))
+            p = logp.exp_()  # softmax, in logp's place
             keep = (ts != IGNORE)[..., None]
             p.scatter_add_(-1, ts.clamp(min=0)[..., None], -keep.to(p.dtype)).mul_(keep)  # - onehot; IGNORE: 0
             dh.append(F.linear(p.to(w.dtype), w.t()))  # (B, chunk, dim)
