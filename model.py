@@ -346,13 +346,16 @@ IGNORE = -100  # a target the loss skips (as torch's cross_entropy): prompts of 
 def chunked_nll(h, w, targets, chunk, recompute=False):
     """-log p(target) at every position: h (B, N, dim) final hidden states, w (vocab, dim) the output
     weight, targets (B, N) -> (B, N) in float32 or wider, 0 where the target is IGNORE. The projection and the loss
-    run over `chunk` positions at a time; with `recompute` (training), no chunk's logits are kept for backward:
-    a trained w recomputes them there, a frozen one has the gradient made in the forward (_NLLFrozenHead)."""
+    run over `chunk` positions at a time (of the B * N, rows one after another: each chunk a contiguous
+    (chunk, dim) matrix, so its projection is one matmul); with `recompute` (training), no chunk's logits are
+    kept for backward: a trained w recomputes them there, a frozen one has the gradient made in the forward
+    (_NLLFrozenHead)."""
     if recompute and not w.requires_grad:  # a frozen head (LoRA): d nll / d h made in the forward instead
         return _NLLFrozenHead.apply(h, w, targets, chunk)
     one = lambda hs, ts: nll_of(log_probs(F.linear(hs, w)), ts)  # noqa: E731
     run = functools.partial(checkpoint, one, use_reentrant=False) if recompute else one
-    return torch.cat([run(hs, ts) for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1))], dim=1)
+    hs, ts = h.flatten(0, 1).split(chunk), targets.flatten().split(chunk)
+    return torch.cat([run(*c) for c in zip(hs, ts)]).view(targets.shape)
 
 
 def log_probs(logits):
@@ -361,10 +364,10 @@ def log_probs(logits):
 
 
 def nll_of(logp, targets):
-    """(B, n, vocab) log probabilities, (B, n) targets -> (B, n) -log p(target); 0 at IGNORE. With log_probs
+    """(..., vocab) log probabilities, (...) targets -> (...) -log p(target); 0 at IGNORE. With log_probs
     this is cross_entropy, as torch computes it; classes on the last dim: on CPU, the (B, vocab, chunk) layout
     is ten times less accurate."""
-    nll = F.nll_loss(logp.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    nll = F.nll_loss(logp.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="none")
     return nll.view(targets.shape)
 
 
@@ -377,15 +380,15 @@ class _NLLFrozenHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, chunk):
         nll, dh = [], []
-        for hs, ts in zip(h.split(chunk, 1), targets.split(chunk, 1)):
-            logp = log_probs(F.linear(hs, w))  # (B, chunk, vocab)
+        for hs, ts in zip(h.flatten(0, 1).split(chunk), targets.flatten().split(chunk)):
+            logp = log_probs(F.linear(hs, w))  # (chunk, vocab)
             nll.append(nll_of(logp, ts))
             p = logp.exp_()  # softmax, in logp's place
-            keep = (ts != IGNORE)[..., None]
-            p.scatter_add_(-1, ts.clamp(min=0)[..., None], -keep.to(p.dtype)).mul_(keep)  # - onehot; IGNORE: 0
-            dh.append(F.linear(p.to(w.dtype), w.t()))  # (B, chunk, dim)
-        ctx.save_for_backward(torch.cat(dh, 1))
-        return torch.cat(nll, 1)
+            keep = (ts != IGNORE)[:, None]
+            p.scatter_add_(-1, ts.clamp(min=0)[:, None], -keep.to(p.dtype)).mul_(keep)  # - onehot; IGNORE: 0
+            dh.append(p.to(w.dtype) @ w)  # (chunk, dim)
+        ctx.save_for_backward(torch.cat(dh).view(h.shape))
+        return torch.cat(nll).view(targets.shape)
 
     @staticmethod
     def backward(ctx, g):
