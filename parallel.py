@@ -174,7 +174,9 @@ def parallelize(
     context_parallel=P: each process runs S2-Attn on one of P slices of every sequence (halo_exchange).
     compile=True: each block's forward through torch.compile (regional compilation: one graph per block
     class, reused by every block; FSDP2's gathers and the checkpointing stay outside it, in eager mode). It
-    compiles at the first length, again at a second with the length dynamic, and reuses that for every other."""
+    compiles at the first length, again at a second with the length dynamic, and reuses that for every other.
+    With context_parallel, the halo's send and receive (torch.distributed.P2POp, which dynamo leaves to eager
+    mode) split each block's attention into a graph before and one after them."""
     if context_parallel > 1:
         a = m.layers[0].attention
         m.set_attention(a.group_size, a.backend, a.shift, halo=halo_exchange(context_group(context_parallel)))

@@ -258,6 +258,7 @@ def test_offloaded_activations_train_the_same(setup, tmp_path):
 
 
 SGD = ["--steps", "2", "--optim", "sgd", "--lr", "0.5", "--save-every", "0"]
+COMPILED = ("--compile", "--offload-activations")
 
 
 @pytest.fixture(scope="module")
@@ -280,16 +281,20 @@ def one_process_sgd(setup, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("nproc,P,base", [(2, 2, "gqa"), (4, 4, "gqa"), (4, 2, "gqa"), (2, 2, "odd")])
-def test_context_parallel_trains_like_one_process(setup, one_process_sgd, tmp_path, nproc, P, base):
+@pytest.mark.parametrize(
+    "nproc,P,base,extra",
+    [(2, 2, "gqa", ()), (4, 4, "gqa", ()), (4, 2, "gqa", ()), (2, 2, "odd", ()), (2, 2, "gqa", COMPILED)],
+)
+def test_context_parallel_trains_like_one_process(setup, one_process_sgd, tmp_path, nproc, P, base, extra):
     """Each sequence split into P slices over P processes (--seq-len 128, groups of 32: P = 2 gives slices of
     two groups, P = 4 of one, and the shifted groups straddle every border), beside data parallelism over
     nproc / P groups: the same losses and trained weights as one process with the same global batch.
-    Plain SGD, as in test_one_and_two_processes_agree."""
+    Plain SGD, as in test_one_and_two_processes_agree. COMPILED: also each block compiled, with the halo's
+    collectives inside the compiled forward and the checkpointed inputs offloaded (to float32 rounding)."""
     flags, one = one_process_sgd(base)
     out = tmp_path / "run"
     r = run_train(
-        setup, out, *SGD, *flags, "--batch-size", str(2 * P // nproc), "--context-parallel", str(P), nproc=nproc
+        setup, out, *SGD, *flags, *extra, "--batch-size", str(2 * P // nproc), "--context-parallel", str(P), nproc=nproc
     )
     assert f"{nproc // P} data-parallel x {P} context-parallel: slices of {128 // P} tokens" in r.stdout
     torch.testing.assert_close(losses(out), losses(one), rtol=1e-5, atol=1e-6)
