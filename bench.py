@@ -732,12 +732,11 @@ def parser(gpu):
     for c in ("all", "fit"):
         parsers[c].add_argument("--start", type=int, default=32768, help="first length tried (default 32768)")
         parsers[c].add_argument("--step-tokens", type=int, default=4096, help="search resolution (default 4096)")
+        parsers[c].add_argument("--fit-minutes", type=float, default=20, help="time limit of the search (default 20)")
     for c in ("all", "pack"):
         parsers[c].add_argument("--length", type=int, default=32768 if gpu else 2048, help="--seq-len of the rows")
         parsers[c].add_argument("--examples", type=int, default=32, help="examples per pass (default 32)")
         parsers[c].add_argument("--batch", type=int, default=4, help="examples per padded batch (default 4)")
-    for c in ("all", "fit"):
-        parsers[c].add_argument("--fit-minutes", type=float, default=20, help="time limit of the search (default 20)")
     for a in parsers.values():
         a.add_argument(
             "--device",

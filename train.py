@@ -296,6 +296,8 @@ def train(args, rank, world, device, stop=None):
         *mem, asked = parallel.max_over_ranks([*parallel.peak_memory_gb(device), stop.code()], device)
         if rank == 0:
             checkpoint.write_log(log, bar, step, loss, lr, norm, tokens, dt, flops, peak, mem)
+            if args.compile and step == start + 1:  # said once: this step's time and speed count the compiling
+                bar.write(f"step {step}: {dt:.1f} s, compiling the blocks included (--compile)")
         if (asked or args.save_every and step % args.save_every == 0) and step < args.steps:  # outside the timing
             checkpoint.save_checkpoint(out, step, m, optim, args, rank, world, device)
             saved = step

@@ -38,7 +38,7 @@ and pytest.
                 choice, SDPA forced to FlashAttention-2 and to cuDNN, and the varlen (flash) backend,
                 each row naming the kernels that ran
     step        bench.py step at 8k and 32k: one LoRA+ step of Llama 2 7B's shape (random bf16 weights),
-                S2 against full attention, with MFU
+                S2 against full attention, eager and --compile, with MFU
 With --device cpu the same parts run at toy size (tests/test_gpu_check.py).
 """
 
@@ -69,8 +69,8 @@ SIZES = {
         step=dict(shape="7b", lengths=(8192, 32768)),
         compare_tokens=1024,
         decode=(1024, 32),
-        need={"cuda-tests": 45, "train": 80, "export": 20, "eval": 40, "decode": 15, "bench": 15, "step": 40},
-        cap={"cuda-tests": 240, "train": 240, "export": 120, "eval": 120, "decode": 120, "bench": 120, "step": 240},
+        need={"cuda-tests": 45, "train": 80, "export": 20, "eval": 40, "decode": 15, "bench": 15, "step": 80},
+        cap={"cuda-tests": 240, "train": 240, "export": 120, "eval": 120, "decode": 120, "bench": 120, "step": 300},
     ),
     "cpu": dict(
         seq_len=512,
@@ -413,6 +413,7 @@ def part_step(c):
     s = c.size["step"]
     cmd = [sys.executable, "bench.py", "step", "--device", c.device, "--shape", s["shape"], "--reps", 1, "--no-peft"]
     cmd += ["--rounds", 1]  # one process per row: the budget is short, and no peer row to interleave with
+    cmd += ["--compile"] * (c.device == "cuda")  # MFU with and without it (on a CPU: tests/test_bench.py)
     return by_length(c, "step", cmd, "--step-lengths", s["lengths"], lambda cells: is_number(cells[3]))
 
 

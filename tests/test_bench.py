@@ -78,6 +78,38 @@ def test_all_tables_on_a_cpu():
     assert int(pack[0][1]) == 6 and int(pack[2][1]) < 6 and pack[2][5] == "1.00x"  # fewer, fuller rows
 
 
+def test_step_rounds_interleave_and_rows_are_medians(monkeypatch, capsys):
+    """bench.py step without running a step (run_one replaced): each round runs every configuration once,
+    in the same order (ours, ..., theirs), so drift moves them alike; a row's ms is the median of its
+    rounds; --compile adds our compiled rows and prints their first step (the compilation) once."""
+    calls, results = [], []
+
+    def fake(cfg):
+        calls.append(cfg)
+        rnd = (len(calls) - 1) // n_cfgs  # round 1 is slow, round 2 fast: the median is round 3's
+        ms = {0: 30.0, 1: 10.0, 2: 14.0}[rnd]  # mean 18
+        compiled = ", compiled" if cfg.get("compile") else ""
+        impl = f"ours (sdpa{compiled})" if cfg["impl"] == "ours" else "transformers + PEFT (sdpa)"
+        figures = dict(tokens_per_s=1e3 / ms, tflops=1e-3, mfu=None, peak_gb=len(calls) / 10, first_s=7.0)
+        results.append({**cfg, "impl": impl, "ms": ms, **figures})
+        return results[-1]
+
+    with_peft = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+    n_cfgs = 4 + with_peft
+    monkeypatch.setattr(bench, "run_one", fake)
+    bench.main(["step", "--device", "cpu", "--step-lengths", "128", "--rounds", "3", "--compile"])
+    out = capsys.readouterr().out
+    kinds = [(c["impl"], c["attn"], c.get("compile", False)) for c in calls]
+    first = [("ours", "full", False), ("ours", "s2", False), ("ours", "full", True), ("ours", "s2", True)]
+    assert kinds == (first + [("hf", "full", False)] * with_peft) * 3
+    rows = table(out, "One LoRA+ training step")
+    ours = [(f"ours (sdpa{c})", a) for c in ("", ", compiled") for a in ("full", "s2")]
+    assert [(r[1], r[2]) for r in rows][:4] == ours
+    assert all(r[3] == "14" for r in rows)  # the median round's ms
+    assert all(float(r[7]) == max(c["peak_gb"] for c in results[i::n_cfgs]) for i, r in enumerate(rows))  # the highest
+    assert out.count("the compiled rows' first step (compilation included, not in ms / step): full 7 s, s2 7 s") == 1
+
+
 def test_attention_kernels_names_what_ran():
     import torch
 

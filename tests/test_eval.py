@@ -203,35 +203,38 @@ def test_cli_ppl_json_and_passkey(tmp_path, tok):
         ["length", "depth", "0%", "depth", "100%"],
         ["200"] + [f"{a:.0%}" for a in accuracy.values()],
     ]
-    r = run_eval("ppl", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32")
-    assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_cli_errors_name_the_fix(tmp_path, tok, capsys):
+    """eval.main in this process (the CLI's runs are above): a missing model, a vocabulary the data or the
+    tokenizer overruns, bad flags and a length past the context end in one line that says what to do,
+    no traceback; --beyond-context runs past the context."""
+    model.save(tiny_model(vocab_size=320, max_seq_len=256), tmp_path / "m")
     model.save(tiny_model(vocab_size=200), tmp_path / "small")
-    for cmd in (
-        ["ppl", "--data", str(tmp_path / "t.bin"), "--seq-len", "32"],
-        ["passkey", "--tokenizer", tok.name, "--lengths", "200", "--trials", "1"],
-    ):
-        r = run_eval(cmd[0], "--model", str(tmp_path / "small"), *cmd[1:])
-        assert (
-            r.returncode != 0
-            and "but the model's vocabulary has 200 tokens" in r.stderr
-            and "Traceback" not in r.stderr
-        ), r.stderr
+    tokens = np.random.default_rng(0).integers(0, 320, 300).astype(np.uint16)
+    tokens.tofile(tmp_path / "t.bin")
+    (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "tokens": 300, "max_id": int(tokens.max())}))
+    ppl = ["ppl", "--data", str(tmp_path / "t.bin"), "--seq-len"]
+
+    def error(*argv):  # what the command exits with: an argparse status (its message on stderr) or the message
+        with pytest.raises(SystemExit) as e:
+            ev.main(list(argv))
+        return e.value.code if isinstance(e.value.code, str) else (e.value.code, capsys.readouterr().err)
+
+    assert error(*ppl, "32", "--model", str(tmp_path / "nope")).startswith("error:")
+    for cmd in (ppl + ["32"], ["passkey", "--tokenizer", tok.name, "--lengths", "200", "--trials", "1"]):
+        assert "but the model's vocabulary has 200 tokens" in error(*cmd, "--model", str(tmp_path / "small"))
     for flags, expect in (
         (["--group-size", "0", "--attn", "s2"], "--group-size 0: an S2-Attn group holds at least 1 token"),
         (["--seq-len", "1"], "--seq-len takes lengths of at least 2 tokens"),
     ):
-        r = run_eval(
-            "ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", *flags
-        )
-        assert r.returncode == 2 and expect in r.stderr, r.stderr
-    r = run_eval("ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "300")
-    assert (
-        r.returncode == 1 and "length 300 is past the model's context of 256 tokens: pass --beyond-context" in r.stderr
-    ), r.stderr
-    r = run_eval(
-        "ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "300", "--beyond-context"
-    )
-    assert r.returncode == 0, r.stderr
+        code, err = error(*ppl, "32", "--model", str(tmp_path / "m"), *flags)
+        assert code == 2 and expect in err, err
+    too_long = error(*ppl, "300", "--model", str(tmp_path / "m"))
+    assert "length 300 is past the model's context of 256 tokens: pass --beyond-context" in too_long
+    ev.main([*ppl, "300", "--model", str(tmp_path / "m"), "--beyond-context"])
+    out = capsys.readouterr().out.split()
+    assert out[:3] == ["length", "perplexity", "300"] and float(out[3]) > 0, out
 
 
 def test_plot_or_a_clear_message(tmp_path):

@@ -112,13 +112,15 @@ def test_the_kit_runs_every_part_on_a_simulated_node(kit, tmp_path):
 @needs_pack
 def test_a_small_budget_skips_parts_and_says_so(kit, tmp_path):
     env, _ = node(tmp_path)
-    out, budget = tmp_path / "out", 15
+    # 30 s: less than train needs (40) after the machine check (over 12 s on a slow 2-core CPU)
+    out, budget = tmp_path / "out", 30
     r, took = run_check(kit, out, budget, env)
     assert took <= budget + 10 and r.returncode == 0, r.stderr[-3000:]
     parts = json.loads((out / "summary.json").read_text())["parts"]
     assert parts["train"]["status"] == "skipped" and "budget" in parts["train"]["reason"]
     assert parts["export"]["status"] == "skipped" and "needs train" in parts["export"]["reason"]
-    assert parts["step"]["status"] == "skipped" and "budget" in parts["step"]["reason"]
+    # what ran in the rest of the budget depends on the machine's speed; nothing failed, the rest says why
+    assert all(p["status"] == "pass" or "budget" in p["reason"] or "needs" in p["reason"] for p in parts.values())
 
 
 @needs_pack

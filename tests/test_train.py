@@ -107,7 +107,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     run_train(setup, tmp_path / "full", "--steps", "4", "--batch-size", "2", "--compile")
     run_train(setup, tmp_path / "cut", "--steps", "2", "--batch-size", "2", "--compile")
     (tmp_path / "cut" / "checkpoints" / ".partial-step-0000003").mkdir()  # a save that a kill interrupted
-    run_train(setup, tmp_path / "cut", "--steps", "4", "--batch-size", "2", "--resume", "--compile")
+    r = run_train(setup, tmp_path / "cut", "--steps", "4", "--batch-size", "2", "--resume", "--compile")
+    assert r.stdout.count("compiling the blocks included (--compile)") == 1 and "step 3: " in r.stdout
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # bit-identical, optimizer state included
     a, b = load_file(tmp_path / "full" / "trainable.safetensors"), load_file(tmp_path / "cut" / "trainable.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
