@@ -1,6 +1,7 @@
 """--compile: each block through torch.compile (parallel.parallelize), under FSDP2 and activation checkpointing
-as train.py runs it. Compiling takes tens of seconds on the CPU, so the compiled paths are checked by few tests:
-this one (the eager model's loss and gradients, and what recompiles) and test_train's exact resume."""
+as train.py runs it. Compiling takes tens of seconds on the CPU, so the compiled paths are checked by few tests,
+each marked `compile` (`-m "not compile"` leaves them out): these (the eager model's loss and gradients, and what
+recompiles), and in test_train the exact resume and context parallelism with offload."""
 
 import json
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.compile
 
 COMPARE = """
 import json, torch, model, parallel, train

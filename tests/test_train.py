@@ -101,6 +101,7 @@ def test_loss_falls_and_outputs_load(setup, tmp_path):
     assert "tok_embeddings.weight" in trained and "norm.weight" in trained and "output.weight" not in trained
 
 
+@pytest.mark.compile
 def test_resume_equals_uninterrupted(setup, tmp_path):
     """A compiled run (--compile) stopped after step 2 and resumed gives the uninterrupted run's losses and
     weights bit for bit. (Eager runs resume exactly too: the SIGTERM and packed-SFT tests.)"""
@@ -284,7 +285,8 @@ def one_process_sgd(setup, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "nproc,P,base,extra",
-    [(2, 2, "gqa", ()), (4, 4, "gqa", ()), (4, 2, "gqa", ()), (2, 2, "odd", ()), (2, 2, "gqa", COMPILED)],
+    [(2, 2, "gqa", ()), (4, 4, "gqa", ()), (4, 2, "gqa", ()), (2, 2, "odd", ())]
+    + [pytest.param(2, 2, "gqa", COMPILED, marks=pytest.mark.compile, id="2-2-gqa-compiled")],
 )
 def test_context_parallel_trains_like_one_process(setup, one_process_sgd, tmp_path, nproc, P, base, extra):
     """Each sequence split into P slices over P processes (--seq-len 128, groups of 32: P = 2 gives slices of
