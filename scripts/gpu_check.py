@@ -413,7 +413,7 @@ def part_step(c):
     s = c.size["step"]
     cmd = [sys.executable, "bench.py", "step", "--device", c.device, "--shape", s["shape"], "--reps", 1, "--no-peft"]
     cmd += ["--rounds", 1]  # one process per row: the budget is short, and no peer row to interleave with
-    cmd += ["--compile"] * (c.device == "cuda")  # MFU with and without it (on a CPU: tests/test_bench.py)
+    cmd += ["--compile"] * (c.device == "cuda")  # MFU with and without it (the toy CPU run leaves it out)
     return by_length(c, "step", cmd, "--step-lengths", s["lengths"], lambda cells: is_number(cells[3]))
 
 
