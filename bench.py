@@ -739,10 +739,7 @@ def parser(gpu):
         parsers[c].add_argument("--batch", type=int, default=4, help="examples per padded batch (default 4)")
     for a in parsers.values():
         a.add_argument(
-            "--device",
-            choices=("auto", "cuda", "cpu"),
-            default="auto",
-            help="auto (default): cuda when a GPU is visible",
+            "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto (default): cuda if a GPU is visible"
         )
         a.add_argument(
             "--dtype", choices=("bfloat16", "float32"), default=model.default_dtype("cuda" if gpu else "cpu")

@@ -354,8 +354,12 @@ def chunked_nll(h, w, targets, chunk, recompute=False):
         return _NLLFrozenHead.apply(h, w, targets, chunk)
     one = lambda hs, ts: nll_of(log_probs(F.linear(hs, w)), ts)  # noqa: E731
     run = functools.partial(checkpoint, one, use_reentrant=False) if recompute else one
-    hs, ts = h.flatten(0, 1).split(chunk), targets.flatten().split(chunk)
-    return torch.cat([run(*c) for c in zip(hs, ts)]).view(targets.shape)
+    return torch.cat([run(hs, ts) for hs, ts in chunks(h, targets, chunk)]).view(targets.shape)
+
+
+def chunks(h, targets, chunk):
+    """(hs, ts) pairs of `chunk` positions of the flattened (B * N, dim) states and their (B * N) targets."""
+    return zip(h.flatten(0, 1).split(chunk), targets.flatten().split(chunk))
 
 
 def log_probs(logits):
@@ -380,7 +384,7 @@ class _NLLFrozenHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, chunk):
         nll, dh = [], []
-        for hs, ts in zip(h.flatten(0, 1).split(chunk), targets.flatten().split(chunk)):
+        for hs, ts in chunks(h, targets, chunk):
             logp = log_probs(F.linear(hs, w))  # (chunk, vocab)
             nll.append(nll_of(logp, ts))
             p = logp.exp_()  # softmax, in logp's place
