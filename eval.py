@@ -131,7 +131,7 @@ QUESTION = "What is the pass key? The pass key is"
 ANSWER_TOKENS = 8  # generated after the prompt: enough for a key of up to 5 digits
 
 
-def passkey_prompt(tok, length, depth, key, answer_tokens=0):
+def passkey_prompt(tok, length, depth, key, answer_tokens=0, needle=NEEDLE, question=QUESTION):
     """Token ids of the passkey prompt, at most `length - answer_tokens` tokens (room left for the answer):
     the task, filler, the needle after a fraction `depth` of the filler, more filler, the question."""
     room = length - answer_tokens
@@ -139,7 +139,7 @@ def passkey_prompt(tok, length, depth, key, answer_tokens=0):
     def build(n):
         before = round(depth * n)
         text = " ".join(
-            [TASK, " ".join([FILLER] * before), NEEDLE.format(key=key), " ".join([FILLER] * (n - before)), QUESTION]
+            [TASK, " ".join([FILLER] * before), needle.format(key=key), " ".join([FILLER] * (n - before)), question]
         )
         return tok.encode(re.sub(" +", " ", text), bos=True)
 

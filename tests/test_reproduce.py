@@ -1,7 +1,9 @@
-"""scripts/reproduce.py end to end at a toy scale: the demo model (context 128) extended to 512 with one
-step per row. Checks the plumbing: every row trained with the same budget, every table filled from the
-files the runs wrote, and a re-run that regenerates the same REPRODUCTION.md without training again."""
+"""scripts/reproduce.py end to end at a toy scale: the demo preset (128 -> 256, 512, 1024) with one step
+of 1024 tokens per row. Checks the plumbing: every row trained with the same budget, every table
+filled from results.json, a second seed added to one row, a re-run that trains nothing and writes the
+same report, a study of another recipe refused without touching the files; and the verdict rule."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,63 +12,79 @@ from pathlib import Path
 from common import needs_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = needs_shakespeare
+spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+TOY = ["--steps", "1", "--tokens-per-step", "1024", "--warmup", "1", "--eval-tokens", "2048"]
 
 
+def run(tmp_path, *args):
+    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--out", str(tmp_path), *TOY, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@needs_shakespeare
 def test_study_at_toy_scale(tmp_path):
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "reproduce.py"),
-        "--model",
-        str(ROOT / "demo" / "model"),
-        "--tokenizer",
-        str(ROOT / "demo" / "model"),
-        "--out",
-        str(tmp_path),
-        "--seq-len",
-        "512",
-        "--eval-lengths",
-        "128,512",
-        "--eval-tokens",
-        "2048",
-        "--steps",
-        "1",
-        "--grad-accum",
-        "1",
-        "--lr",
-        "1e-4",
-        "--warmup",
-        "1",
-        "--passkey-lengths",
-        "512",
-        "--depths",
-        "0.5",
-        "--trials",
-        "1",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    r = run(tmp_path, "--seeds", "42")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(tmp_path, "--seeds", "1", "--rows", "s2")  # a second seed of one row: its mean and spread
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    trained = [k for k, v in res.items() if "steps" in v]
-    assert (
-        len(trained) == 8 and {res[k]["tokens"] for k in trained} == {512} and {res[k]["steps"] for k in trained} == {1}
-    )
-    assert set(res["base"]["ppl"]) == {"128"} and all(
-        set(res[k]["ppl"]) == {"128", "512"} for k in trained + ["pi_only"]
-    )
+    trained = {f"{name}/{seed}": v for name, seeds in res["runs"].items() for seed, v in seeds.items()}
+    assert set(res["runs"]) == set(reproduce.rows(reproduce.PRESETS["demo"])) - set(reproduce.OPTIONAL)
+    assert {v["steps"] for v in trained.values()} == {1} and {v["tokens"] for v in trained.values()} == {1024}
+    assert set(res["runs"]["s2"]) == {"42", "1"} and set(res["runs"]["full"]) == {"42"}
+    assert set(res["untrained"]) == {"base", "pi_x2", "pi_x4", "pi_x8"}
+    assert all(set(v["ppl"]["full"]) == {"128", "256", "512", "1024"} for v in trained.values())
+    assert set(res["runs"]["len1024"]["42"]["ppl"]["own"]) == {"1024"} and "own" not in res["runs"]["full"]["42"]["ppl"]
+    assert "--group-size 512" in res["runs"]["len1024"]["42"]["command"]
+    assert "--seq-len 256" in res["runs"]["len256"]["42"]["command"]
+    assert set(res["passkey"]) == {
+        "base at 128",
+        "base at 512",
+        "PI x4 alone at 512",
+        "s2, seed 42, at 512",
+        "full, seed 42, at 512",
+    }
+
     report = (tmp_path / "REPRODUCTION.md").read_text()
-    for name in (
-        "Table 1",
-        "Table 3",
-        "Table 11",
-        "Passkey",
-        "short attention (no shift), LoRA+",
-        "--attn short",
-        "--trainable norm",
-    ):
-        assert name in report
-    assert f"{res['s2_lora+']['ppl']['512']:.2f}" in report
-    mtime = (tmp_path / "runs" / "s2_lora+" / "log.jsonl").stat().st_mtime
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    for title in ("Table 1", "Table 2", "Table 3", "Table 11", "Table 4", "Passkey"):
+        assert f"## {title}" in report
+    s2 = [res["runs"]["s2"][seed]["ppl"]["full"]["512"] for seed in ("42", "1")]
+    assert f"**{(s2[0] + s2[1]) / 2:.2f}** ({s2[0]:.2f}, {s2[1]:.2f})" in report  # the mean, then each seed
+    assert f"| {res['untrained']['pi_x4']['ppl']['full']['512']:.2f} |" in report
+    assert "not run" not in report.replace("is not a setting of train.py; not run", "")
+
+    r = run(tmp_path, "--seeds", "42")
     assert r.returncode == 0 and (tmp_path / "REPRODUCTION.md").read_text() == report
-    assert (tmp_path / "runs" / "s2_lora+" / "log.jsonl").stat().st_mtime == mtime  # nothing trained again
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == res["runs"]  # nothing trained again
+    mtime = (tmp_path / "results.json").stat().st_mtime
+    r = run(tmp_path, "--seeds", "42", "--lr", "5e-4")  # another recipe into the same folder
+    assert r.returncode != 0 and "another recipe" in r.stderr and "--report" in r.stderr
+    assert (tmp_path / "REPRODUCTION.md").read_text() == report and (tmp_path / "results.json").stat().st_mtime == mtime
+
+
+def test_verdicts_weigh_the_difference_against_the_seeds_spread():
+    v = reproduce.verdict
+    st = lambda mean, spread: ([mean], mean, spread)  # noqa: E731
+    assert v(st(50.0, 0.4), "<", st(51.0, 0.2)) == "holds"
+    assert v(st(50.0, 0.4), "<", st(50.3, 0.2)).startswith("within noise (-0.30")
+    assert v(st(51.0, 0.4), "<", st(50.0, 0.2)).startswith("does not hold (+1.00, noise 0.40")
+    assert v(st(50.0, 0.4), "≈", st(50.3, 0.0)) == "holds (within noise)"
+    assert v(st(51.0, 0.4), "≈", st(50.0, 0.0)).startswith("does not hold (+1.00")
+    assert v(None, "<", st(50.0, 0.0)) == "not run"
+
+
+def test_every_row_changes_one_setting_of_the_recipe():
+    p = reproduce.PRESETS["demo"]
+    rows = reproduce.rows(p)
+    recipe = rows["s2"][1]
+    assert "g2" not in rows  # groups of N/2 are the demo's recipe: the row is s2 itself
+    for name, (_, s) in rows.items():
+        changed = {k for k in s if s[k] != recipe[k]}
+        assert len(changed) == (name != "s2") or name == "lora_r64", (name, changed)
+        flags = reproduce.train_flags(p, s, 42)
+        L = s["length"]
+        sequences = int(flags[flags.index("--batch-size") + 1]) * int(flags[flags.index("--grad-accum") + 1])
+        assert sequences * L == p["tokens_per_step"]  # the same tokens per step at every training length
