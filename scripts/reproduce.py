@@ -328,7 +328,7 @@ def write_report(res, p, args, context):
     labels = {**{k: v[0] for k, v in rows(p).items()}, **{k: v[0] for k, v in untrained(p, context).items()}}
     st = lambda name, mode="full", at=L: stats(res, name, mode, at)  # noqa: E731
     runs = res["runs"]
-    first = next(iter(next(iter(runs.values())).values()), {}) if runs else {}
+    first = next(iter(runs.get("s2", {}).values()), None)
     seeds = ", ".join(str(s) for s in p["seeds"])
     wall = sum(r["train_s"] + r["eval_s"] for rs in runs.values() for r in rs.values())
     wall += sum(r["eval_s"] for r in res["untrained"].values())
@@ -343,16 +343,18 @@ def write_report(res, p, args, context):
         "with full attention unless said. A cell is the mean (bold) and each seed's value. "
         "Verdicts: a difference within the larger seed range of the two rows is noise.",
         "",
-        f"Machine: {res['machine']}. Wall time of the rows here: {wall / 60:.0f} min. "
+        f"Machine: {res['machine']}. The runs and evaluations here took {wall / 60:.0f} min in all. "
         f"Command: `{sh(['python', 'scripts/reproduce.py', *args.argv])}`; each run's own command is in results.json"
         + (f" (the recipe's: `{first['command']}`)." if first else "."),
     ]
+    if args.preset == "demo":
+        lines += ["", "What these numbers say, and why some claims do not hold at this scale: [docs/demo.md]"
+                  "(docs/demo.md#what-the-study-says)."]  # fmt: skip
 
     def table(title, head, body, claims):
-        nonlocal lines
-        lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
-        lines += [""] + [f"- {text}: {verdict(a, op, b)}" for text, a, op, b in claims]
+        lines.extend(["", f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"])
+        lines.extend("| " + " | ".join(str(c) for c in r) + " |" for r in body)
+        lines.extend([""] + [f"- {text}: {verdict(a, op, b)}" for text, a, op, b in claims])
 
     paper = lambda t, k: "" if PAPER[t].get(k) is None else f"{PAPER[t][k]:.2f}"  # noqa: E731
     t1 = [pi, "full", "short", "s2"]

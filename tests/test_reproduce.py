@@ -60,6 +60,9 @@ def test_study_at_toy_scale(tmp_path):
     assert r.returncode == 0 and (tmp_path / "REPRODUCTION.md").read_text() == report
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == res["runs"]  # nothing trained again
     mtime = (tmp_path / "results.json").stat().st_mtime
+    r = run(tmp_path / "again", "--rows", "pi_x4", "--compare", str(tmp_path / "results.json"))  # another machine
+    assert r.returncode == 0 and all(line.endswith("+0.00%") for line in r.stdout.splitlines() if "pi_x4" in line)
+    assert len([line for line in r.stdout.splitlines() if line.startswith("pi_x4")]) == 4  # 128, 256, 512, 1024
     r = run(tmp_path, "--seeds", "42", "--lr", "5e-4")  # another recipe into the same folder
     assert r.returncode != 0 and "another recipe" in r.stderr and "--report" in r.stderr
     assert (tmp_path / "REPRODUCTION.md").read_text() == report and (tmp_path / "results.json").stat().st_mtime == mtime
