@@ -257,8 +257,8 @@ def study(args, p):
 
 def passkey_study(p, res, out, device, context, words):
     """{case: {depth: accuracy}} at depths 0, 0.5, 1, 10 keys each: the untouched model at its own context,
-    the same model and PI alone at the training length, and there every seed of the recipe (s2) and of
-    full attention. Keys are names (passkey_words) or, with words=False, eval.py's numbers."""
+    the same model and PI alone at the training length, and every seed of the recipe (s2) and of full
+    attention at both. Keys are names (passkey_words) or, with words=False, eval.py's numbers."""
     tok = data.load_tokenizer(p["model"])
     N, f = p["seq_len"], math.ceil(p["seq_len"] / context)
     cases = {
@@ -268,7 +268,8 @@ def passkey_study(p, res, out, device, context, words):
     }
     for name in ("s2", "full"):
         for seed in res["runs"].get(name, {}):
-            cases[f"{name}, seed {seed}, at {N}"] = (out / "runs" / f"{name}-seed{seed}" / "merged", 1, N)
+            for L in (context, N):  # at N, and at the base's context: has fine-tuning kept the copying?
+                cases[f"{name}, seed {seed}, at {L}"] = (out / "runs" / f"{name}-seed{seed}" / "merged", 1, L)
     depths, acc = [0.0, 0.5, 1.0], {}
     for case, (path, pi, L) in cases.items():
         m = load(path, p, device, pi)
@@ -330,7 +331,7 @@ def write_report(res, p, args, context):
     runs = res["runs"]
     first = next(iter(runs.get("s2", {}).values()), None)
     seeds = ", ".join(str(s) for s in p["seeds"])
-    wall = sum(r["train_s"] + r["eval_s"] for rs in runs.values() for r in rs.values())
+    wall = sum(r["train_s"] + r["eval_s"] for n, rs in runs.items() for r in rs.values() if n not in OPTIONAL)
     wall += sum(r["eval_s"] for r in res["untrained"].values())
     lines = [
         "# LongLoRA's claims, re-checked at a small scale",
@@ -343,7 +344,7 @@ def write_report(res, p, args, context):
         "with full attention unless said. A cell is the mean (bold) and each seed's value. "
         "Verdicts: a difference within the larger seed range of the two rows is noise.",
         "",
-        f"Machine: {res['machine']}. The runs and evaluations here took {wall / 60:.0f} min in all. "
+        f"Machine: {res['machine']}. The runs and evaluations of the default rows took {wall / 60:.0f} min. "
         f"Command: `{sh(['python', 'scripts/reproduce.py', *args.argv])}`; each run's own command is in results.json"
         + (f" (the recipe's: `{first['command']}`)." if first else "."),
     ]
@@ -393,11 +394,11 @@ def write_report(res, p, args, context):
         "|---" * (len(buckets) + 1) + "|",
     ]
     lines += [f"| {labels[r]} | " + " | ".join(cell(st(r, "by_context", b)) for b in buckets) + " |" for r in at_n]
-    t3 = ["full_ft", "lora", "lora_r64", "lora_norm", "lora_embed", "s2"]
+    t3 = [r for r in ("full_ft", "lora", "lora_r64", "lora_norm", "lora_embed", "s2") if r in runs or r != "lora_r64"]
     table(
         f"Table 3: what trains (S2-Attn), at {N} tokens",
-        ["trained", "paper, 32768", f"ours, {N}"],
-        [[labels[r], paper("Table 3", r), cell(st(r))] for r in t3 if r != "lora_r64" or r in runs],
+        ["trained", "paper, 32768", f"ours, {N}", f"ours, {context} (the base's context)"],
+        [[labels[r], paper("Table 3", r), cell(st(r)), cell(st(r, at=str(context)))] for r in t3],
         [
             ("LoRA+ beats plain LoRA (8.12 against 11.44)", st("s2"), "<", st("lora")),
             ("trained norms help plain LoRA (10.49 against 11.44)", st("lora_norm"), "<", st("lora")),

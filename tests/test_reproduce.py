@@ -46,6 +46,8 @@ def test_study_at_toy_scale(tmp_path):
         "PI x4 alone at 512",
         "s2, seed 42, at 512",
         "full, seed 42, at 512",
+        "s2, seed 42, at 128",
+        "full, seed 42, at 128",
     }
 
     report = (tmp_path / "REPRODUCTION.md").read_text()
