@@ -214,6 +214,8 @@ def study(args, p):
             "folder, or the same settings"
         )
     res["machine"] = args.machine
+    if not args.rows or "command" not in res:  # the study's command, not that of a --rows addition
+        res["command"] = sh(["python", "scripts/reproduce.py", *args.argv])
     trained, bare = rows(p), untrained(p, context)
     wanted = args.rows or [*bare, *(r for r in trained if r not in OPTIONAL), "passkey"]
     unknown = [r for r in wanted if r not in trained and r not in bare and r != "passkey"]
@@ -330,7 +332,7 @@ def write_report(res, p, args, context):
     st = lambda name, mode="full", at=L: stats(res, name, mode, at)  # noqa: E731
     runs = res["runs"]
     first = next(iter(runs.get("s2", {}).values()), None)
-    seeds = ", ".join(str(s) for s in p["seeds"])
+    seeds = ", ".join(dict.fromkeys(seed for rs in runs.values() for seed in rs))  # as run, in order
     wall = sum(r["train_s"] + r["eval_s"] for n, rs in runs.items() for r in rs.values() if n not in OPTIONAL)
     wall += sum(r["eval_s"] for r in res["untrained"].values())
     lines = [
@@ -345,7 +347,7 @@ def write_report(res, p, args, context):
         "Verdicts: a difference within the larger seed range of the two rows is noise.",
         "",
         f"Machine: {res['machine']}. The runs and evaluations of the default rows took {wall / 60:.0f} min. "
-        f"Command: `{sh(['python', 'scripts/reproduce.py', *args.argv])}`; each run's own command is in results.json"
+        f"Command: `{res['command']}`; each run's own command is in results.json"
         + (f" (the recipe's: `{first['command']}`)." if first else "."),
     ]
     if args.preset == "demo":
