@@ -343,8 +343,9 @@ def write_report(res, p, args, context):
         f"{p['warmup']} warm-up steps then {p['schedule']}, LoRA rank 8 (alpha 16) with the embedding and norms "
         f"trained (LoRA+), S2-Attn groups of N/{p['group']}, seeds {seeds}; a row changes one of these. "
         f"Perplexity of the first {p['eval_tokens']:,} tokens of five held-out plays in non-overlapping windows, "
-        "with full attention unless said. A cell is the mean (bold) and each seed's value. "
-        "Verdicts: a difference within the larger seed range of the two rows is noise.",
+        "with full attention unless said. A cell is the mean (bold) and each seed's value, or a single run's value. "
+        "Verdicts: a difference within the larger seed range of the two rows is noise; in brackets, the left side "
+        "minus the right, and that range.",
         "",
         f"Machine: {res['machine']}. The runs and evaluations of the default rows took {wall / 60:.0f} min. "
         f"Command: `{res['command']}`; each run's own command is in results.json"
@@ -406,8 +407,8 @@ def write_report(res, p, args, context):
             ("trained norms help plain LoRA (10.49 against 11.44)", st("lora_norm"), "<", st("lora")),
             ("LoRA+ is close to full fine-tuning (8.12 against 8.08)", st("s2"), "≈", st("full_ft")),
         ]
-        + ([("a higher rank does not help plain LoRA (11.96 at 64 against 11.44 at 8)", st("lora"), "≈",
-             st("lora_r64"))] if "lora_r64" in runs else []),
+        + ([("a higher rank does not close the gap (11.44 at rank 8 against 11.96 at 64): rank 8 < rank 64",
+             st("lora"), "<", st("lora_r64"))] if "lora_r64" in runs else []),
     )  # fmt: skip
     g = {2: "g2", 4: "g4", 8: "g8"}
     g[p["group"]] = "s2"
