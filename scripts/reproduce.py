@@ -242,15 +242,6 @@ def study(args, p):
             own = (s["attn"], s["length"] // s["group"], s["length"]) if s["attn"] != "full" else None
             res["runs"].setdefault(name, {})[str(seed)] = {**info, **evaluate(run / "merged", p, held, device, own=own)}
             save()
-    for name, entry in [(n, e) for n, e in res["untrained"].items() if "by_context" not in e and n in bare]:
-        entry["by_context"] = by_context_at_n(load(p["model"], p, device, bare[name][1]), p, held)[1]
-        save()
-    for name, seeds in res["runs"].items():  # results.json written before by_context was measured
-        for seed, entry in seeds.items():
-            if "by_context" not in entry and (out / "runs" / f"{name}-seed{seed}" / "merged").exists():
-                m = load(out / "runs" / f"{name}-seed{seed}" / "merged", p, device)
-                entry["by_context"] = by_context_at_n(m, p, held)[1]
-                save()
     if "passkey" in wanted and "passkey" not in res and str(p["seeds"][0]) in res["runs"].get("s2", {}):
         res["passkey"] = passkey_study(p, res, out, device, context, words=args.preset == "demo")
     save()
@@ -300,8 +291,8 @@ def stats(res, name, mode, L):
     perplexity at length L with mode "full" or "own" attention, or with mode "by_context", of the
     predictions in bucket L ("128-255") at the study's length."""
     entries = [res["untrained"][name]] if name in res["untrained"] else res["runs"].get(name, {}).values()
-    pick = (lambda e: e.get("by_context", {})) if mode == "by_context" else (lambda e: e["ppl"].get(mode, {}))  # noqa: E731
-    vals = [pick(e)[L] for e in entries if L in pick(e)]
+    found = [e.get("by_context", {}) if mode == "by_context" else e["ppl"].get(mode, {}) for e in entries]
+    vals = [values[L] for values in found if L in values]
     return (vals, statistics.mean(vals), max(vals) - min(vals)) if vals else None
 
 
