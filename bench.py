@@ -649,7 +649,7 @@ def kv_heads_per_half(a):
     """(kv heads of the unshifted half, kv heads of the shifted half) as s2attn splits them: a kv head that
     serves query heads in both halves is repeated, one per query head."""
     q, k = (torch.empty(1, 1, heads, 1, device="meta") for heads in (a.n_heads, a.n_kv_heads))
-    (_, k1, _), (_, k2, _) = s2attn._split_heads(q, k, k)
+    (_, k1, _), (_, k2, _) = s2attn.split_heads(q, k, k)
     return k1.shape[2], k2.shape[2]
 
 

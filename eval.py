@@ -171,7 +171,7 @@ def generate(m, ids, max_new_tokens, eos_id=None):
     cache = model.KVCache(len(m.layers)) if use_cache else None
     out = []
     with torch.no_grad():
-        logits = m(x, cache=cache, last_only=True)  # the next token's logits: (1, 1, vocab), not (1, N, vocab)
+        logits = m(x, positions=cache)  # the next token's logits: (1, 1, vocab), not (1, N, vocab)
         for _ in range(max_new_tokens):
             nxt = int(logits[0, -1].argmax())
             if nxt == eos_id:
@@ -184,7 +184,7 @@ def generate(m, ids, max_new_tokens, eos_id=None):
                 if use_cache
                 else torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
             )
-            logits = m(x, cache=cache, last_only=True)
+            logits = m(x, positions=cache)
     return out
 
 

@@ -38,9 +38,9 @@ from s2attn import (  # noqa: F401
     cached_attention,
     check_config,
     full_attention,
-    positions,
     s2_attention,
 )
+from s2attn import positions as document_positions
 
 
 @dataclass
@@ -181,7 +181,7 @@ class Attention(nn.Module):
         self.group_size = None  # None: full causal attention; an int: S2-Attn with groups of that many tokens
         self.backend = "sdpa"
         self.shift = True  # False: groups without the shift (the paper's Table 1 ablation)
-        self.halo = None  # context parallelism: the exchange with the neighbouring slices (s2attn._with_halo)
+        self.s2_attention = s2_attention  # parallel.py swaps in its own for context parallelism
 
     def forward(self, x, rope, cache=None, documents=None):
         B, N, _ = x.shape
@@ -202,8 +202,8 @@ class Attention(nn.Module):
         elif self.group_size is None:
             out = full_attention(q, k, v, backend=self.backend, documents=documents)
         else:
-            kw = dict(backend=self.backend, shift=self.shift, halo=self.halo, documents=documents)
-            out = s2_attention(q, k, v, self.group_size, **kw)
+            kw = dict(backend=self.backend, shift=self.shift, documents=documents)
+            out = self.s2_attention(q, k, v, self.group_size, **kw)
         return self.wo(out.reshape(B, N, -1))  # (B, N, H * D) -> (B, N, dim)
 
 
@@ -233,7 +233,7 @@ class TransformerBlock(nn.Module):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so that generation computes each new
-    token from its own projections alone: m(prompt, cache=c), then m(next_token, cache=c), ..."""
+    token from its own projections alone: m(prompt, positions=c), then m(next_token, positions=c), ..."""
 
     def __init__(self, n_layers):
         self.layers = [{} for _ in range(n_layers)]
@@ -252,30 +252,22 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.beyond_context = False  # True: run sequences longer than args.max_seq_len (to measure what happens)
 
-    def forward(
-        self,
-        tokens,
-        targets=None,
-        *,
-        reduction="sum",
-        loss_chunk=2048,
-        last_only=False,
-        cache=None,
-        start=0,
-        documents=None,
-    ):
-        """tokens (B, N) LongTensor -> logits (B, N, vocab_size); last_only: the last position's, (B, 1, vocab).
-        With targets (B, N), the next-token loss instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed
-        (reduction="sum") or per position (reduction="none", (B, N)), 0 where a target is IGNORE.
-        With a KVCache, `tokens` continue the ones the cache has seen (generation). start: the position
-        of tokens[:, 0] (context parallelism: this process's slice of the sequence starts there).
-        documents (B, N): ids of the documents packed into each row (s2attn.s2_attention): each attends only
-        to itself and its RoPE positions start at 0, as if it ran alone."""
+    def forward(self, tokens, targets=None, *, reduction="sum", loss_chunk=2048, positions=None):
+        """tokens (B, N) LongTensor -> logits (B, N, vocab_size). With targets (B, N), the next-token loss
+        instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed (reduction="sum") or per position
+        (reduction="none", (B, N)), 0 where a target is IGNORE; computed loss_chunk positions at a time.
+        positions: where the tokens sit, if not at 0, 1, ..., N - 1 of whole sequences:
+            a KVCache  they continue the tokens it has seen (generation): the last position's logits, (B, 1, vocab);
+            an int p   they are at p, p + 1, ... of longer sequences (context parallelism: this process's slice);
+            a tensor   (B, N) ids of the documents packed into each row (s2attn.s2_attention's documents):
+                       each attends only to itself and its positions start at 0, as if it ran alone."""
         if reduction not in ("sum", "none"):
             raise ValueError(f"reduction={reduction!r}: 'sum' (the summed loss) or 'none' (per token)")
-        if documents is not None and (cache is not None or start):
-            raise ValueError("packed documents run whole rows: no KV cache, no slice of a row (start=0)")
-        start = cache.pos if cache is not None else start
+        cache = positions if isinstance(positions, KVCache) else None
+        documents = positions if torch.is_tensor(positions) else None
+        start = cache.pos if cache is not None else positions if isinstance(positions, int) else 0
+        if not (positions is None or cache or documents is not None or isinstance(positions, int) and start >= 0):
+            raise TypeError(f"positions: a KVCache, a first position >= 0 or (B, N) document ids, not {positions!r}")
         if start + tokens.shape[1] > self.args.max_seq_len and not self.beyond_context:
             raise ValueError(
                 f"{start + tokens.shape[1]} tokens are more than the model's context of {self.args.max_seq_len}: "
@@ -284,7 +276,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, N, dim)
         freqs_cis = precompute_freqs_cis(self.args, start + tokens.shape[1], device=h.device)[start:]  # (N, D/2)
         if documents is not None:
-            freqs_cis = freqs_cis[positions(documents, tokens)]  # (B, N, D/2): positions per document
+            freqs_cis = freqs_cis[document_positions(documents, tokens)]  # (B, N, D/2): positions per document
         rope = torch.view_as_real(freqs_cis)  # (..., D/2, 2): cos, sin
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, None if cache is None else cache.layers[i], documents)
@@ -293,7 +285,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         if targets is None:
-            return F.linear(h[:, -1:] if last_only else h, w)
+            return F.linear(h if cache is None else h[:, -1:], w)
         # The loss runs here, in the forward, and not on logits returned to the caller: with FSDP2 the
         # output weight is gathered only during the root module's forward; and chunked, because the
         # float32 logits of a whole sequence (32k tokens x 32k vocabulary: 4 GB) need never exist.
@@ -324,19 +316,14 @@ class Transformer(nn.Module):
         a.max_seq_len = int(a.max_seq_len * factor)
         return self
 
-    def set_attention(self, group_size=None, backend=None, shift=True, halo=None):
+    def set_attention(self, group_size=None, backend=None, shift=True):
         """Switch every layer to full attention (group_size=None) or S2-Attn, and optionally the backend;
-        shift=False keeps every head in unshifted groups (short attention, an ablation). halo: context
-        parallelism's exchange of keys and values with the neighbouring slices (s2attn._with_halo; parallel.py
-        makes it), for S2-Attn on a slice of each sequence that starts at forward's `start`."""
+        shift=False keeps every head in unshifted groups (short attention, an ablation)."""
         check_config(group_size, backend or self.layers[0].attention.backend)
-        if halo is not None and group_size is None:
-            raise ValueError("a halo splits S2-Attn's groups over processes: full attention needs whole sequences")
         for layer in self.layers:
             layer.attention.group_size = group_size
             layer.attention.backend = backend or layer.attention.backend
             layer.attention.shift = shift
-            layer.attention.halo = halo
         return self
 
 

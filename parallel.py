@@ -29,6 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 import model
+import s2attn
 
 # ----------------------------------------------------------------------------- processes
 
@@ -178,8 +179,7 @@ def parallelize(
     With context_parallel, the halo's send and receive (torch.distributed.P2POp, which dynamo leaves to eager
     mode) split each block's attention into a graph before and one after them."""
     if context_parallel > 1:
-        a = m.layers[0].attention
-        m.set_attention(a.group_size, a.backend, a.shift, halo=halo_exchange(context_group(context_parallel)))
+        split_sequences(m, halo_exchange(context_group(context_parallel)))
     for block in m.layers:
         if compile:
             block.forward = torch.compile(block.forward)
@@ -263,8 +263,50 @@ def context_group(P):
     return group
 
 
+def split_sequences(m, halo):
+    """Context parallelism on model `m`: every layer's S2-Attn runs on this process's slice of each sequence
+    (s2_attention_on_slice), exchanging keys and values with the neighbouring slices through `halo`
+    (halo_exchange's, or a stand-in that carries them in one process). The model's forward then takes the
+    slice's first position (its `positions`)."""
+    a = m.layers[0].attention
+    if a.group_size is None:
+        raise ValueError("a halo splits S2-Attn's groups over processes: full attention needs whole sequences")
+    for layer in m.layers:
+        layer.attention.s2_attention = functools.partial(s2_attention_on_slice, halo=halo)
+    return m
+
+
+def s2_attention_on_slice(q, k, v, group_size, backend="sdpa", shift=True, documents=None, *, halo):
+    """s2attn.s2_attention on one slice of each sequence, the slice starting on a group border and a
+    multiple of G long. The unshifted heads need nothing from outside it. The shifted heads' first group
+    here, [0, G/2), is the end of a group that began h = G - G // 2 tokens earlier, on the previous slice:
+    halo(tail) sends this slice's last h keys and values, tail (B, h, 2 Hkv, D), to the next slice, and
+    returns the previous slice's, (B, h, 2 Hkv, D), or (B, 0, 2 Hkv, D) on the first slice; its backward
+    returns their gradients. Prepended to this slice's keys and values, they make the groups [0, G),
+    [G, 2G), ... of a sequence of h + N tokens (or [0, G/2), [G/2, 3G/2), ... without them)."""
+    G, (B, N) = group_size, q.shape[:2]
+    if N % G:
+        raise ValueError(f"a slice of {N} tokens: context parallelism needs slices a multiple of group_size={G} long")
+    if backend == "naive":
+        raise ValueError("the naive backend is the definition, on whole sequences: use sdpa or flash with a halo")
+    if documents is not None:
+        raise ValueError("context parallelism (a halo) splits rows of one document: packed documents are not supported")
+    if not shift or G == 1:  # every group lies inside the slice
+        return s2attn.s2_attention(q, k, v, G, backend=backend, shift=shift)
+    (q1, k1, v1), (q2, k2, v2) = s2attn.split_heads(q, k, v)
+    out1 = s2attn.group_attention(q1, k1, v1, G, first=G, backend=backend)  # (B, N, H // 2, D)
+    h = G - G // 2
+    kv = halo(torch.cat([k2[:, -h:], v2[:, -h:]], dim=2))  # (B, L, 2 Hkv, D), L = h or 0 (the first slice)
+    L = kv.shape[1]
+    k_prev, v_prev = kv.chunk(2, dim=2)  # (B, L, Hkv, D) each
+    q2 = torch.cat([q2.new_zeros(B, L, *q2.shape[2:]), q2], dim=1)  # the halo's tokens ask nothing: zero queries
+    k2, v2 = torch.cat([k_prev, k2], dim=1), torch.cat([v_prev, v2], dim=1)
+    out2 = s2attn.group_attention(q2, k2, v2, G, first=L + G // 2, backend=backend)[:, L:]  # zero queries dropped
+    return torch.cat([out1, out2], dim=2)  # (B, N, H, D)
+
+
 def halo_exchange(group):
-    """S2-Attn's halo for the context group `group` (s2attn._with_halo): halo(tail) sends this slice's
+    """S2-Attn's halo for the context group `group` (s2_attention_on_slice): halo(tail) sends this slice's
     tail (B, h, ...) to the next slice's process and returns the previous slice's, or (B, 0, ...) on the
     first slice; backward sends the gradient of what it received back, and returns the gradient of the
     tail (zero on the last slice, whose tail went nowhere). The first and last slices take part in both

@@ -27,21 +27,13 @@ is shorter). All three backends compute exactly this function, and the tests che
 
     naive  the definition: an explicit (H, N, N) mask, scores and softmax in float32. O(N^2) memory.
     sdpa   groups folded into the batch dimension, one causal scaled_dot_product_attention call per
-           half of the heads. SDPA picks the kernel: on CPU a fused flash-style one; on CUDA in bf16
-           FlashAttention-2, except that torch >= 2.11 with cuDNN >= 9.15 on Hopper prefers cuDNN's
-           attention (`python bench.py attn` names the kernel each row ran).
-    flash  variable-length segments (cu_seqlens) through flash-attn's flash_attn_varlen_func, or
-           PyTorch's own varlen kernel (the same FlashAttention-2 code) on CUDA without flash-attn;
-           torch < 2.13's takes no GQA, so there k and v are repeated per query head (flash_repeats_kv).
+           half of the heads; SDPA picks its kernel (`python bench.py attn` names the one each row ran).
+    flash  the groups as the variable-length sequences (cu_seqlens) of flash-attn's
+           flash_attn_varlen_func, or of PyTorch's own FlashAttention-2 varlen kernel without it.
 
 Packed documents (`documents=`, several documents per row): S2-Attn runs on each document alone, its
 groups counted from its first token. Groups and documents are both segments, in which attention is causal;
 `segments` is the one rule that says where they start, for every backend and for `s2_mask`.
-
-S2-Attn's groups are local, which is what lets one sequence be split over processes (context
-parallelism, train.py --context-parallel): with each slice starting on a group border, the unshifted
-heads need nothing from another slice, and the shifted heads only the previous slice's last G/2 keys
-and values, a "halo" (s2_attention's `halo`), where full attention would need every earlier token.
 """
 
 import functools
@@ -64,103 +56,33 @@ ALL_BACKENDS = ("naive", "sdpa", "flash")
 _HAS_VARLEN = flash_attn_varlen_func is not None or torch_varlen_attn is not None
 BACKENDS = ALL_BACKENDS if (torch.cuda.is_available() and _HAS_VARLEN) else ("naive", "sdpa")
 
-
-def full_attention(q, k, v, backend="sdpa", documents=None):
-    """Causal attention over the whole sequence. q: (B, N, H, D), k, v: (B, N, Hkv, D) -> (B, N, H, D).
-    documents: (B, N) ids of packed documents (see s2_attention); each token reads only its own."""
-    _check(q, k, v, backend)
-    N, pos = q.shape[1], positions(documents, q)
-    if backend == "naive":
-        return _naive(q, k, v, s2_mask(N, q.shape[2], group_size=None, device=q.device, documents=documents))
-    return _KERNELS[backend](q, k, v, G=N, first=N, pos=pos)  # one group: the whole sequence (or document)
-
-
-def s2_attention(q, k, v, group_size, backend="sdpa", shift=True, halo=None, documents=None):
-    """Shifted sparse attention with groups of `group_size` tokens (see the module docstring).
-    shift=False: every head attends in the unshifted groups, the "short attention" that the paper's
-    Table 1 shows fails to carry over to full attention at inference.
-    halo: context parallelism, where q, k, v are one slice of a longer sequence (see _with_halo).
-    documents: (B, N) integer ids, non-decreasing along each row, of several documents packed into each
-    row: S2-Attn then runs on each document alone, its groups counted from its first token (segments)."""
-    _check(q, k, v, backend)
-    check_config(group_size, backend)
-    if group_size is None:
-        raise ValueError("s2_attention needs a group_size in tokens; for full attention call full_attention")
-    G, N, H = group_size, q.shape[1], q.shape[2]
-    if halo is not None and N % G:
-        raise ValueError(f"a slice of {N} tokens: context parallelism needs slices a multiple of group_size={G} long")
-    if halo is not None and backend == "naive":
-        raise ValueError("the naive backend is the definition, on whole sequences: use sdpa or flash with a halo")
-    if halo is not None and documents is not None:
-        raise ValueError("context parallelism (a halo) splits rows of one document: packed documents are not supported")
-    if backend == "naive":
-        return _naive(q, k, v, s2_mask(N, H, G, device=q.device, shift=shift, documents=documents))
-    # attend(q, k, v, G, first, pos): causal attention in groups [0, first), [first, first + G), ... (of each
-    # document, where pos, the tokens' positions in their documents, says where documents start)
-    attend, pos = _KERNELS[backend], positions(documents, q)
-    if not shift:
-        return attend(q, k, v, G, first=G, pos=pos)
-    (q1, k1, v1), (q2, k2, v2) = _split_heads(q, k, v)  # heads [0, H // 2) and [H // 2, H)
-    # The first half of the heads: groups [0, G), [G, 2G), ...
-    out1 = attend(q1, k1, v1, G, first=G, pos=pos) if H > 1 else q1  # (B, N, H // 2, D); H = 1: no head here
-    # The second half: groups shifted by half a group. The paper rolls these heads by -G/2, which wraps
-    # the first half-group around to the end of the sequence, where it reads the future. We start a new
-    # group at G/2 instead, [0, G/2), [G/2, 3G/2), ...: nothing wraps. (G = 1 has no half-group.)
-    if halo is None or G == 1:
-        out2 = attend(q2, k2, v2, G, first=G // 2 or G, pos=pos)  # (B, N, H - H // 2, D)
-    else:
-        out2 = _with_halo(attend, q2, k2, v2, G, halo)
-    return torch.cat([out1, out2], dim=2)  # (B, N, H, D)
-
-
-def _with_halo(attend, q, k, v, G, halo):
-    """The shifted heads' attention on one slice of a sequence split into slices over processes (context
-    parallelism): the slice starts on a group border and is a multiple of G long, so the unshifted heads
-    need nothing from outside it. The shifted heads' first group here, [0, G/2), is the end of a group
-    that began h = G - G // 2 tokens earlier, on the previous slice: halo(tail) sends this slice's last h
-    keys and values, tail (B, h, 2 Hkv, D), to the next slice, and returns the previous slice's, (B, h,
-    2 Hkv, D), or (B, 0, 2 Hkv, D) on the first slice; its backward returns their gradients. Prepended to
-    this slice's keys and values, they make the groups [0, G), [G, 2G), ... of a sequence of h + N tokens
-    (or [0, G/2), [G/2, 3G/2), ... without them). q, k, v: (B, N, heads, D) -> (B, N, Hq, D)."""
-    B, N, Hq, D = q.shape
-    h = G - G // 2
-    kv = halo(torch.cat([k[:, -h:], v[:, -h:]], dim=2))  # (B, L, 2 Hkv, D), L = h or 0 (the first slice)
-    L = kv.shape[1]
-    k_halo, v_halo = kv.chunk(2, dim=2)  # (B, L, Hkv, D) each
-    q = torch.cat([q.new_zeros(B, L, Hq, D), q], dim=1)  # the halo's tokens ask nothing: zero queries, dropped
-    out = attend(q, torch.cat([k_halo, k], dim=1), torch.cat([v_halo, v], dim=1), G, first=L + G // 2)
-    return out[:, L:]  # (B, N, Hq, D)
-
-
-def cached_attention(q, k, v):
-    """Causal attention for generation with a KV cache: the Nq queries are the last Nq of the Nk positions
-    that k and v hold. q: (B, Nq, H, D), k, v: (B, Nk, Hkv, D) -> (B, Nq, H, D). Always full attention,
-    through SDPA: decoding steps are small."""
-    Nq, Nk = q.shape[1], k.shape[1]
-    # key j <= Nk - Nq + i
-    mask = None if Nq == 1 else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)
-    # (B, Nq, H, D)
-    return _sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+# ----------------------------------------------------------------------------- the definition
 
 
 def s2_mask(N, H, group_size, device=None, shift=True, documents=None):
-    """The definition of S2-Attn as a mask: (H, N, N) bool, True where query i of head h may read key j:
-    j <= i, in the same segment (segments). group_size=None: full attention; shift=False: no head is
-    shifted. documents (B, N): the mask of each row, (B, H, N, N), a segment never spanning two documents."""
-    i = torch.arange(N, device=device)
-    causal = i[None, :] <= i[:, None]  # (N, N): key j <= query i
-    pos = i[None] if documents is None else positions(documents)  # (1 or B, N): positions in the documents
-    G = group_size or N  # full attention: one group per document
-    same = lambda first: _same(segments(pos, G, first).cumsum(-1)) & causal  # noqa: E731  (B, N, N)
-    shifted = H - H // 2 if shift and group_size else 0  # heads [H//2, H): [0, G/2), [G/2, 3G/2), ...
-    heads = [same(G)] * (H - shifted) + ([same(G // 2 or G)] * shifted if shifted else [])  # [0, H//2): [0, G), ...
-    mask = torch.stack(heads, dim=1)  # (1 or B, H, N, N)
+    """S2-Attn as a mask: (H, N, N) bool, True where query i of head h may read key j, i.e. j <= i and
+    both lie in one segment: a group [0, G), [G, 2G), ... for heads h < H // 2, a shifted group [0, G/2),
+    [G/2, 3G/2), ... for the others (segments). group_size=None: full attention; shift=False: no head
+    is shifted. documents (B, N): the mask of each row, (B, H, N, N), no segment spanning two documents."""
+    pos = torch.arange(N, device=device)[None] if documents is None else positions(documents)  # (1 or B, N)
+    G = group_size or N  # full attention: one group (per document)
+
+    def same_segment(first):  # (1 or B, N, N): key j <= query i, both in one segment
+        segment = segments(pos, G, first).cumsum(-1)  # (1 or B, N): each token's segment number
+        return (segment[:, :, None] == segment[:, None, :]) & torch.ones(N, N, dtype=torch.bool, device=device).tril()
+
+    plain, shifted = same_segment(G), same_segment(G // 2 or G)  # (G = 1 has no half-group)
+    is_shifted = lambda h: shift and group_size is not None and h >= H // 2  # noqa: E731
+    mask = torch.stack([shifted if is_shifted(h) else plain for h in range(H)], dim=1)  # (1 or B, H, N, N)
     return mask[0] if documents is None else mask
 
 
-def _same(segment):
-    """(B, N, N) bool: tokens i and j lie in the same segment; segment (B, N) numbers them."""
-    return segment[:, :, None] == segment[:, None, :]
+def segments(pos, G, first):
+    """THE boundary rule of every backend and of s2_mask: (B, N) bool, True where a segment (a group in
+    which attention is causal) starts. pos (B, N): each token's position in its document. A segment starts
+    at every document's first token and, inside a document, at positions first, first + G, first + 2G, ...
+    (the unshifted heads: first = G; the shifted: first = G // 2; full attention: G = first = N)."""
+    return (pos == 0) | ((pos >= first) & ((pos - first) % G == 0))
 
 
 def positions(documents, like=None):
@@ -179,40 +101,101 @@ def positions(documents, like=None):
     return i - torch.where(new, i, 0).cummax(dim=1).values  # minus its document's first position
 
 
-def segments(pos, G, first):
-    """THE boundary rule of every backend and of s2_mask: (B, N) bool, True where a segment (a group in
-    which attention is causal) starts. pos (B, N): each token's position in its document. A segment starts
-    at every document's first token and, inside a document, at positions first, first + G, first + 2G, ...
-    (the unshifted heads: first = G; the shifted: first = G // 2; full attention: G = first = N)."""
-    return (pos == 0) | ((pos >= first) & ((pos - first) % G == 0))
+# ----------------------------------------------------------------------------- attention
+
+
+def s2_attention(q, k, v, group_size, backend="sdpa", shift=True, documents=None):
+    """Shifted sparse attention with groups of `group_size` tokens (see the module docstring).
+    shift=False: every head attends in the unshifted groups, the "short attention" that the paper's
+    Table 1 shows fails to carry over to full attention at inference.
+    documents: (B, N) integer ids, non-decreasing along each row, of several documents packed into each
+    row: S2-Attn then runs on each document alone, its groups counted from its first token (segments)."""
+    _check(q, k, v, backend)
+    check_config(group_size, backend)
+    if group_size is None:
+        raise ValueError("s2_attention needs a group_size in tokens; for full attention call full_attention")
+    G, pos = group_size, positions(documents, q)
+    if backend == "naive":
+        return _naive(q, k, v, s2_mask(q.shape[1], q.shape[2], G, device=q.device, shift=shift, documents=documents))
+    if not shift:
+        return group_attention(q, k, v, G, first=G, backend=backend, pos=pos)
+    (q1, k1, v1), (q2, k2, v2) = split_heads(q, k, v)  # heads [0, H // 2) and [H // 2, H)
+    # The first half of the heads: groups [0, G), [G, 2G), ...
+    out1 = group_attention(q1, k1, v1, G, first=G, backend=backend, pos=pos)  # (B, N, H // 2, D)
+    # The second half: groups shifted by half a group. The paper rolls these heads by -G/2, which wraps
+    # the first half-group around to the end of the sequence, where it reads the future. We start a new
+    # group at G/2 instead, [0, G/2), [G/2, 3G/2), ...: nothing wraps. (G = 1 has no half-group.)
+    out2 = group_attention(q2, k2, v2, G, first=G // 2 or G, backend=backend, pos=pos)  # (B, N, H - H // 2, D)
+    return torch.cat([out1, out2], dim=2)  # (B, N, H, D)
+
+
+def full_attention(q, k, v, backend="sdpa", documents=None):
+    """Causal attention over the whole sequence. q: (B, N, H, D), k, v: (B, N, Hkv, D) -> (B, N, H, D).
+    documents: (B, N) ids of packed documents (see s2_attention); each token reads only its own."""
+    _check(q, k, v, backend)
+    N = q.shape[1]
+    if backend == "naive":
+        return _naive(q, k, v, s2_mask(N, q.shape[2], group_size=None, device=q.device, documents=documents))
+    return group_attention(q, k, v, N, first=N, backend=backend, pos=positions(documents, q))  # one group
+
+
+def group_attention(q, k, v, G, first, backend="sdpa", pos=None):
+    """Causal attention inside the groups [0, first), [first, first + G), [first + G, first + 2G), ... of
+    each sequence, through the sdpa or flash kernel: the step that S2-Attn's two halves of the heads,
+    and full attention (one group), are made of. q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D).
+    pos (B, N): each token's position in its packed document (positions); the groups are then counted in
+    each document, and a document's first token starts a group too (segments)."""
+    if q.shape[2] == 0:  # no heads (the first half of H = 1)
+        return q
+    _check(q, k, v, backend)
+    if backend not in _KERNELS:
+        raise ValueError(f"group_attention runs the sdpa and flash kernels, not {backend!r} (the definition: s2_mask)")
+    return _KERNELS[backend](q, k, v, G, first, pos)
+
+
+def split_heads(q, k, v):
+    """(q, k, v) of heads [0, H//2) and of heads [H//2, H), each with the kv heads it reads."""
+    H, Hkv = q.shape[2], k.shape[2]
+    half, r = H // 2, H // Hkv  # query heads in the first half; query heads per kv head
+    if half % r:  # a kv head serves query heads in both halves: give each half its own copy
+        (k, v), r = repeat_kv(k, v, r, dim=2), 1  # (B, N, H, D)
+    kv = half // r  # kv heads of the first half
+    return (q[:, :, :half], k[:, :, :kv], v[:, :, :kv]), (q[:, :, half:], k[:, :, kv:], v[:, :, kv:])
+
+
+def cached_attention(q, k, v):
+    """Causal attention for generation with a KV cache: the Nq queries are the last Nq of the Nk positions
+    that k and v hold. q: (B, Nq, H, D), k, v: (B, Nk, Hkv, D) -> (B, Nq, H, D). Always full attention,
+    through SDPA: decoding steps are small."""
+    Nq, Nk = q.shape[1], k.shape[1]
+    # key j <= Nk - Nq + i
+    mask = None if Nq == 1 else torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)
+    # (B, Nq, H, D)
+    return _sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+
+
+def repeat_kv(k, v, r, dim):
+    """k and v with each head repeated r times along `dim`, for a step that needs one kv head per query head."""
+    return k.repeat_interleave(r, dim=dim), v.repeat_interleave(r, dim=dim)
+
+
+# ----------------------------------------------------------------------------- the kernels
 
 
 def _naive(q, k, v, mask):
     """The reference: explicit scores, mask and softmax (float32 or wider). mask: (H, N, N) bool."""
     B, N, H, D = q.shape
-    r = H // k.shape[2]
     dt = torch.promote_types(q.dtype, torch.float32)
     qt, kt, vt = (x.transpose(1, 2).to(dt) for x in (q, k, v))  # (B, H or Hkv, N, D)
-    kt, vt = kt.repeat_interleave(r, dim=1), vt.repeat_interleave(r, dim=1)  # (B, H, N, D)
+    kt, vt = repeat_kv(kt, vt, H // k.shape[2], dim=1)  # (B, H, N, D)
     scores = qt @ kt.transpose(-2, -1) / math.sqrt(D)  # (B, H, N, N)
     scores = scores.masked_fill(~mask, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ vt  # (B, H, N, D)
     return out.transpose(1, 2).to(q.dtype)  # (B, N, H, D)
 
 
-def _split_heads(q, k, v):
-    """(q, k, v) of heads [0, H//2) and of heads [H//2, H), each with the kv heads it reads."""
-    H, Hkv = q.shape[2], k.shape[2]
-    half, r = H // 2, H // Hkv  # query heads in the first half; query heads per kv head
-    if half % r:  # a kv head serves query heads in both halves: give each half its own copy
-        k, v, r = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2), 1  # (B, N, H, D)
-    kv = half // r  # kv heads of the first half
-    return (q[:, :, :half], k[:, :, :kv], v[:, :, :kv]), (q[:, :, half:], k[:, :, kv:], v[:, :, kv:])
-
-
 def _sdpa(q, k, v, G, first, pos=None):
-    """Causal attention in the groups [0, first), [first, first + G), [first + G, first + 2G), ...
-    q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D). pos: packed documents (_sdpa_segments).
+    """group_attention through scaled_dot_product_attention. pos: packed documents (_sdpa_segments).
 
     Zeros pad every group to G tokens: the first group after its `first` tokens, the last at the end.
     Padding only ever sits after the real tokens of its group, where the causal mask hides it, so no
@@ -263,15 +246,14 @@ def _sdpa_call(q, k, v, **kw):
     float32 scores. There the kv heads are repeated instead, which costs only k and v's size."""
     r = q.shape[1] // k.shape[1]
     if r > 1 and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
-        k, v, r = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1), 1
+        (k, v), r = repeat_kv(k, v, r, dim=1), 1
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=r > 1, **kw)
 
 
 def _flash(q, k, v, G, first, pos=None):
-    """Causal attention in the groups [0, first), [first, first + G), ... of every sequence, as the
-    variable-length sequences of one packed batch: no padding, no wasted work.
-    q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D). pos: packed documents, whose segments
-    (segments) are the sequences instead; their count and longest length are read on the host (two syncs)."""
+    """group_attention as the variable-length sequences of one packed batch: no padding, no wasted work.
+    pos: packed documents, whose segments (segments) are the sequences instead; their count and longest
+    length are read on the host (two syncs)."""
     B, N, Hq, D = q.shape
     first = min(first, N)
     i32 = dict(dtype=torch.int32, device=q.device)
@@ -294,14 +276,19 @@ def _flash(q, k, v, G, first, pos=None):
     return out.view(B, N, Hq, D)
 
 
+_KERNELS = {"sdpa": _sdpa, "flash": _flash}
+
+# ----------------------------------------------------------------------------- kernel versions and checks
+# What differs across torch releases, in one place (the facts: docs/training.md, "Attention kernels").
+
+
 def _torch_varlen(q, k, v, cu, max_len):
-    """torch.nn.attention.varlen.varlen_attn, whose signature changed across releases: 2.10 takes
-    is_causal; 2.11 takes window_size, (-1, 0) being causal, and no GQA; 2.13 adds enable_gqa."""
+    """torch.nn.attention.varlen.varlen_attn: 2.10 takes is_causal; 2.11 window_size, (-1, 0) being
+    causal, and no GQA; 2.13 adds enable_gqa."""
     kw = {"is_causal": True} if "is_causal" in _parameters(torch_varlen_attn) else {"window_size": (-1, 0)}  # causal
     if k.shape[1] != q.shape[1]:
         if flash_repeats_kv():
-            r = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (B * N, Hq, D)
+            k, v = repeat_kv(k, v, q.shape[1] // k.shape[1], dim=1)  # (B * N, Hq, D)
         else:
             kw["enable_gqa"] = True
     return torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
@@ -322,9 +309,6 @@ def flash_repeats_kv():
 def _parameters(kernel):
     """The names `kernel` takes: read once, not in every attention call."""
     return tuple(inspect.signature(kernel).parameters)
-
-
-_KERNELS = {"sdpa": _sdpa, "flash": _flash}
 
 
 def check_config(group_size, backend):

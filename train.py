@@ -221,7 +221,8 @@ def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, st
     dist.all_reduce(counts)
     n_targets, loss_sum = counts[0].float(), torch.zeros((), device=device)
     for x, t, documents in micro:
-        loss = m(x, t, loss_chunk=loss_chunk, start=start, documents=documents)  # summed over its targets
+        where = start if documents is None else documents  # a slice's first position, or packed documents
+        loss = m(x, t, loss_chunk=loss_chunk, positions=where)  # summed over its targets
         # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens (with
         # context parallelism too: each slice's gradient includes what its halo carried to the next slice)
         (loss * world / n_targets.clamp(min=1)).backward()

@@ -569,9 +569,9 @@ def worker_decode(merged, tokens, device, n_prompt, n_new):
     seq = torch.tensor([prompt + picks], device=device)
     with torch.no_grad():
         cache, stepped = model.KVCache(len(m.layers)), []  # the same path, keeping every step's logits
-        stepped.append(m(seq[:, : len(prompt)], cache=cache, last_only=True))
+        stepped.append(m(seq[:, : len(prompt)], positions=cache))
         for i in range(len(prompt), seq.shape[1] - 1):
-            stepped.append(m(seq[:, i : i + 1], cache=cache, last_only=True))
+            stepped.append(m(seq[:, i : i + 1], positions=cache))
         stepped = torch.cat(stepped, dim=1)[0].float()  # (picks, vocab)
         m.set_attention(group_size=None, backend="naive")
         naive = m(seq)[0, len(prompt) - 1 : -1].float()  # (picks, vocab)

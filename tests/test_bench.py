@@ -129,6 +129,7 @@ def saved_bytes_of_one_block(shape, N, dtype, halo=False, backend="sdpa"):
 
     import lora
     import model
+    import parallel
 
     a = model.ModelArgs(**shape, n_layers=1, vocab_size=64, max_seq_len=N)
     m = model.Transformer(a)
@@ -140,7 +141,9 @@ def saved_bytes_of_one_block(shape, N, dtype, halo=False, backend="sdpa"):
     def fake_halo(tail):  # a slice that is not the first: the "previous" tail is this one's
         return last.setdefault("tail", tail.detach().clone().requires_grad_())
 
-    m.set_attention(group_size=N // 4, backend=backend, halo=fake_halo if halo else None)
+    m.set_attention(group_size=N // 4, backend=backend)
+    if halo:
+        parallel.split_sequences(m, fake_halo)
     x = torch.randn(1, N, a.dim, dtype=dtype, requires_grad=True)
     freqs = torch.view_as_real(model.precompute_freqs_cis(a, N))  # what the blocks take
     skip = {p.untyped_storage().data_ptr() for p in m.parameters()} | {freqs.untyped_storage().data_ptr()}

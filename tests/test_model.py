@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model
+import parallel
 from common import hf_model, logits, logits_hf, tiny_model, tokens, write_meta_shards
 from model import ModelArgs, Transformer
 
@@ -166,9 +167,9 @@ def test_attention_switches_at_run_time():
 
 @pytest.mark.parametrize("P,G,heads", [(2, 8, (4, 2)), (4, 6, (3, 1))])
 def test_slices_with_a_halo_give_the_whole_sequence_loss(P, G, heads):
-    """The model run on P slices of each sequence (forward's `start`: RoPE at the slice's positions; the
-    halo carried from slice to slice in this process, layer by layer, as train.py carries it between
-    processes) gives the unsplit loss, and the same gradients, in float64."""
+    """The model run on P slices of each sequence (forward's int `positions`: RoPE at the slice's positions;
+    parallel.split_sequences with the halo carried from slice to slice in this process, layer by layer, as
+    train.py carries it between processes) gives the unsplit loss, and the same gradients, in float64."""
     H, Hkv = heads
     m = tiny_model(dtype=torch.float64, dim=16 * H, n_heads=H, n_kv_heads=Hkv, max_seq_len=128).train()
     x, t = tokens(N=24 * P), tokens(N=24 * P, seed=2)
@@ -183,32 +184,34 @@ def test_slices_with_a_halo_give_the_whole_sequence_loss(P, G, heads):
     grads = []
     for split in (False, True):
         m.zero_grad()
-        m.set_attention(group_size=G, halo=halo if split else None)
+        m.set_attention(group_size=G)
+        if split:
+            parallel.split_sequences(m, halo)
         n = x.shape[1] // P if split else x.shape[1]
-        loss = sum(m(x[:, i : i + n], t[:, i : i + n], start=i) for i in range(0, x.shape[1], n))
+        loss = sum(m(x[:, i : i + n], t[:, i : i + n], positions=i) for i in range(0, x.shape[1], n))
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="full attention needs whole sequences"):
-        m.set_attention(group_size=None, halo=halo)
+        parallel.split_sequences(m.set_attention(group_size=None), halo)
 
 
 def test_kv_cache_gives_the_logits_of_a_full_forward():
     m, tok = tiny_model(), tokens(N=20)
     cache = model.KVCache(m.args.n_layers)
     with torch.no_grad():
-        parts = (
-            [m(tok[:, :12], cache=cache)]
-            + [m(tok[:, t : t + 1], cache=cache) for t in range(12, 17)]
-            + [m(tok[:, 17:], cache=cache)]
-        )
+        # a prompt, then tokens one at a time, then a chunk: each call gives its last position's logits
+        parts = [m(tok[:, : t + 1] if t == 0 else tok[:, t : t + 1], positions=cache) for t in range(12)]
+        parts.append(m(tok[:, 12:20], positions=cache))
     assert cache.pos == 20
-    torch.testing.assert_close(torch.cat(parts, dim=1), logits(m, tok), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, dim=1), logits(m, tok)[:, [*range(12), 19]], rtol=1e-5, atol=1e-5)
     m.set_attention(group_size=8)
     with pytest.raises(ValueError, match="uses full attention"), torch.no_grad():
-        m(tok[:, :1], cache=cache)
+        m(tok[:, :1], positions=cache)
+    with pytest.raises(TypeError, match="positions: a KVCache"):
+        m(tok, positions=-1)
 
 
 def test_model_is_causal():
@@ -394,7 +397,7 @@ def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     grads = [torch.autograd.grad(loss, list(m.parameters())) for loss in (m(x, t, loss_chunk=chunk), ref.sum())]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(m(x, last_only=True), m(x)[:, -1:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m(x, positions=model.KVCache(m.args.n_layers)), m(x)[:, -1:], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 2048])
@@ -436,8 +439,8 @@ def test_extend_context_and_the_refusal_past_it():
     ref = tiny_model(max_seq_len=32, rope_interpolation=2.0)
     torch.testing.assert_close(stretched, ref(x), rtol=0, atol=0)
     cache = model.KVCache(len(m.layers))
-    m(x[:, :30], cache=cache)
+    m(x[:, :30], positions=cache)
     with pytest.raises(ValueError, match="33 tokens are more than"):
-        m(x[:, :3], cache=cache)
+        m(x[:, :3], positions=cache)
     with pytest.raises(ValueError, match="at least 1"):
         m.extend_context(0.5)

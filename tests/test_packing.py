@@ -51,7 +51,7 @@ def test_packed_rows_give_the_loss_and_gradients_of_their_documents_alone(monkey
     m = tiny_model(dim=dim, n_heads=heads[0], n_kv_heads=heads[1], dtype=torch.float64)
     m.set_attention(group_size=G, backend=kernel)
     alone, (x, t, documents) = documents_and_rows(LENGTHS)
-    loss, grads = loss_and_grads(m, x, t, documents=documents)
+    loss, grads = loss_and_grads(m, x, t, positions=documents)
     m.zero_grad()
     expected = sum(m(xd[None], td[None], loss_chunk=7) for xd, td in alone)
     expected.backward()
@@ -66,14 +66,7 @@ def test_packed_rows_differ_from_unpacked_ones():
     could not fail otherwise)."""
     m = tiny_model(dtype=torch.float64).set_attention(group_size=8)
     _, (x, t, documents) = documents_and_rows(LENGTHS)
-    assert (m(x, t, documents=documents) - m(x, t)).abs() > 1e-3
-
-
-def test_documents_refuse_a_cache_and_a_slice():
-    m = tiny_model()
-    _, (x, _, documents) = documents_and_rows(LENGTHS)
-    with pytest.raises(ValueError, match="no KV cache, no slice of a row"):
-        m(x, documents=documents, start=8)
+    assert (m(x, t, positions=documents) - m(x, t)).abs() > 1e-3
 
 
 class Examples:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import parallel
 import s2attn
 from s2attn import full_attention, s2_attention
 
@@ -395,18 +396,17 @@ def test_short_attention_without_shift(backend, N, G, H, Hkv):
 
 
 def in_slices(q, k, v, G, P, backend="sdpa", shift=True):
-    """s2_attention on P consecutive slices of the sequence, as P processes run it, with the halo carried
-    from each slice to the next in this process (train.py carries it between processes). Returns the
-    joined output and how many times the halo was asked."""
+    """parallel.s2_attention_on_slice on P consecutive slices of the sequence, as P processes run it, with
+    the halo carried from each slice to the next in this process (train.py carries it between processes).
+    Returns the joined output and how many times the halo was asked."""
     tails = []
 
     def halo(tail):  # (B, h, 2 Hkv, D): this slice's; returns the previous slice's (0 tokens on the first)
         tails.append(tail)
         return tails[-2] if len(tails) > 1 else tail[:, :0]
 
-    outs = [
-        s2_attention(*xs, G, backend=backend, shift=shift, halo=halo) for xs in zip(*(x.chunk(P, 1) for x in (q, k, v)))
-    ]
+    slices = zip(*(x.chunk(P, 1) for x in (q, k, v)))
+    outs = [parallel.s2_attention_on_slice(*xs, G, backend=backend, shift=shift, halo=halo) for xs in slices]
     return torch.cat(outs, dim=1), len(tails)
 
 
@@ -445,9 +445,9 @@ def test_slices_with_a_halo_equal_the_whole_sequence(monkeypatch, backend, P, N,
 def test_halo_errors():
     q, k, v = qkv(1, 12, 4, 4)
     with pytest.raises(ValueError, match="multiple of group_size=8"):
-        s2_attention(q, k, v, 8, halo=lambda t: t)
+        parallel.s2_attention_on_slice(q, k, v, 8, halo=lambda t: t)
     with pytest.raises(ValueError, match="use sdpa or flash with a halo"):
-        s2_attention(q, k, v, 4, backend="naive", halo=lambda t: t)
+        parallel.s2_attention_on_slice(q, k, v, 4, backend="naive", halo=lambda t: t)
 
 
 # ----------------------------------------------------------------------------- packed documents
@@ -539,7 +539,7 @@ def test_packed_documents_errors():
     with pytest.raises(ValueError, match=r"documents \(3, 19\) must be \(B, N\) = \(3, 20\)"):
         full_attention(q, k, v, documents=DOCUMENTS[:, :19])
     with pytest.raises(ValueError, match="packed documents are not supported"):
-        s2_attention(q, k, v, 4, documents=DOCUMENTS, halo=lambda t: t)
+        parallel.s2_attention_on_slice(q, k, v, 4, documents=DOCUMENTS, halo=lambda t: t)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
