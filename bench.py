@@ -194,18 +194,9 @@ def ours(margs, N, attn, dtype, device, offload=False, quantize=None, compile=Fa
     parallel.setup_distributed(device.type)
     backend = parallel.default_backend(device.type == "cuda", dtype)
     base = parallel.random_weights(margs, 42, device)  # build_model's default seed, as before
+    cfg = train.LongLoRA(seq_len=N, attn=attn)
     m = train.build_model(
-        base,
-        0,
-        1,
-        device,
-        dtype=dtype,
-        offload=offload,
-        quantize=quantize,
-        compile=compile,
-        seq_len=N,
-        attn=attn,
-        backend=backend,
+        base, cfg, 0, 1, device, backend=backend, dtype=dtype, quantize=quantize, offload=offload, compile=compile
     )
     loss = lambda x: m(x[:, :-1], x[:, 1:]) / N  # noqa: E731
     return m, loss
@@ -266,7 +257,7 @@ def step_worker(cfg):
     group_size = None if attn == "full" else N // 4
     # the same count for both
     flops, peak = (
-        train.train_flops(margs, N, group_size=group_size),
+        parallel.train_flops(margs, N, group_size=group_size),
         parallel.peak_tflops(device, dtype),
     )
     start_gb = parallel.peak_memory_gb(device)[0]  # on CPU: the process before the model (torch, Python)
@@ -412,7 +403,7 @@ def bench_pack(args):
     parallel.setup_distributed(args.device.type)
     margs = model.ModelArgs(**SHAPES[args.shape], max_seq_len=N)
     m = train.build_model(
-        parallel.random_weights(margs, 42, args.device), 0, 1, args.device, dtype=args.dtype, seq_len=N,
+        parallel.random_weights(margs, 42, args.device), train.LongLoRA(seq_len=N), 0, 1, args.device, dtype=args.dtype,
         backend=parallel.default_backend(args.device.type == "cuda", args.dtype),
     )  # fmt: skip
     trainable = [p for p in m.parameters() if p.requires_grad]
@@ -498,7 +489,9 @@ def memory_model(
         raise ValueError(f"groups of N/{groups} do not split over {P} processes: P must divide {groups}")
     a = shape if isinstance(shape, model.ModelArgs) else model.ModelArgs(**shape)
     with torch.device("meta"):
-        m = train.apply_longlora(model.Transformer(a), seq_len=a.max_seq_len)  # LoRA+ as train.py makes it
+        m = train.apply_longlora(
+            model.Transformer(a), train.LongLoRA(seq_len=a.max_seq_len)
+        )  # LoRA+ as train.py makes it
         if quantize:
             quant.quantize_model(m)
     e = torch.finfo(getattr(torch, dtype)).bits // 8  # bytes per element of activations and gathered weights

@@ -396,6 +396,21 @@ class TokenWindows:
         return x[:-1], x[1:]
 
 
+def check_token_file(path, meta, vocab_size, tokenizer=None, whose="the model's own tokenizer"):
+    """Refuse the token file `path` (meta: read_tokens') for a model of `vocab_size` tokens if it holds ids
+    past the vocabulary, or was made with another tokenizer than `tokenizer` (a path; None: not checked)."""
+    other = f"it was tokenized with another tokenizer ({meta.get('tokenizer', 'not recorded')})"
+    if meta["max_id"] >= vocab_size:
+        raise ValueError(
+            f"{path} holds token ids up to {meta['max_id']}, but the model's vocabulary has {vocab_size}: {other}"
+        )
+    made = meta.get("tokenizer_sha256")  # (token files made before it was recorded have none)
+    if tokenizer and made and made != fingerprint(load_tokenizer(tokenizer)):
+        raise ValueError(
+            f"{path}: {other}, not with {whose} ({tokenizer}): tokenize it with that one, or pass --tokenizer"
+        )
+
+
 def write_tokens(ids, out, meta, overwrite=False):
     """Write the token ids `ids` (a numpy array) as the token file `out` (FILE.bin, with `meta`, which
     gains the count, as FILE.json), as `tokenize` does: refused if it exists unless `overwrite`, and put

@@ -71,6 +71,19 @@ def init_adapter(a, b):
     nn.init.zeros_(b)
 
 
+def fresh_adapters(model, seed, dtype):
+    """The whole tensors of every LoRA adapter in `model` (on the meta device, or sharded), made as add_lora
+    makes them in one process (seeded, in its order), so that every world size trains the same adapters."""
+    torch.manual_seed(seed)
+    adapters = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            a, b = (torch.empty(p.shape, dtype=dtype) for p in (m.lora_a, m.lora_b))
+            init_adapter(a, b)
+            adapters[f"{name}.lora_a"], adapters[f"{name}.lora_b"] = a, b
+    return adapters
+
+
 def add_lora(model, rank, alpha, targets=("wq", "wk", "wv", "wo"), dropout=0.0):
     """Replace every nn.Linear whose name is in `targets` by a LoRALinear. Returns the model."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -85,8 +98,7 @@ def add_lora(model, rank, alpha, targets=("wq", "wk", "wv", "wo"), dropout=0.0):
         )
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, LoRALinear(m, rank, alpha, dropout))
+            model.set_submodule(name, LoRALinear(m, rank, alpha, dropout))
     return model
 
 
@@ -116,8 +128,7 @@ def merge_lora(model):
     """Fold every adapter into its base weight and put a plain nn.Linear back. Returns the model."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, m.merged())
+            model.set_submodule(name, m.merged())
     return model
 
 

@@ -357,6 +357,29 @@ def default_backend(on_cuda, dtype):
     return "flash" if on_cuda and "flash" in model.BACKENDS and dtype == "bfloat16" else "sdpa"
 
 
+def train_flops(margs, seq_len, *, group_size=None, lora=True):
+    """Model FLOPs of one training pass over one sequence, for MFU (the recompute of activation
+    checkpointing is not counted). Backward is 2x forward where weights train (gradients of inputs and
+    weights), 1x for frozen matmuls (inputs only: LoRA's base weights and head), 2x for attention (q, k, v).
+    The adapters' own rank-r matmuls are left out: under 1% at rank 8. group_size=None: full attention;
+    lora=False: every weight trains."""
+    f = model.forward_flops(margs, seq_len, group_size)
+    return 3 * f["attn"] + 2 * (f["proj"] + f["ffn"] + f["others"]) if lora else 3 * sum(f.values())
+
+
+def step_flops(margs, micro, parts, **kw):
+    """This process's share of the model FLOPs of a step's micro-batches: train_flops(**kw) per sequence
+    (per document of packed rows: each attends to itself); with context parallelism each process holds
+    1/parts of every sequence."""
+
+    def lengths(x, d):  # the sequences of a micro-batch: its rows, or the documents of its packed rows
+        if d is None:
+            return [x.shape[1] * parts] * x.shape[0]
+        return [int(n) for row in d for n in row.unique_consecutive(return_counts=True)[1]]
+
+    return sum(train_flops(margs, n, **kw) for x, _, d, _ in micro for n in lengths(x, d)) / parts
+
+
 # Dense bf16 peaks (TFLOP/s): NVIDIA's datasheet figures "with sparsity", halved. Matched against
 # torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", ...): the first key it contains
 # wins, so every variant comes before its family's SXM entry (and GB200 before B200).

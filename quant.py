@@ -163,18 +163,17 @@ class NF4Linear(nn.Linear):
 
 
 def _layers(model):
-    """(parent, attribute, module) of every linear layer of the transformer blocks."""
+    """(name in model.layers, module) of every linear layer of the transformer blocks."""
     for name, mod in list(model.layers.named_modules()):
         if isinstance(mod, nn.Linear) or hasattr(mod, "lora_a"):
-            parent, _, child = name.rpartition(".")
-            yield model.layers.get_submodule(parent), child, mod
+            yield name, mod
 
 
 def quantize_model(model, block_size=64, double_quant=True):
     """Every linear weight of the blocks in NF4, in place (LoRA adapters, if any, stay as they are; their
     base weights are quantized). The embedding, the norms and the output head stay in their dtype, as in
     QLoRA. On the meta device it makes the quantized tensors' shapes only. Returns the model."""
-    for parent, child, mod in _layers(model):
+    for name, mod in _layers(model):
         if isinstance(mod.weight, NF4Weight):
             continue
         if hasattr(mod, "lora_a"):  # a LoRALinear: its base weight in NF4
@@ -182,7 +181,7 @@ def quantize_model(model, block_size=64, double_quant=True):
             del mod.weight
             mod.weight = quantize_nf4(w.detach(), block_size, double_quant)
         else:
-            setattr(parent, child, NF4Linear(mod, block_size, double_quant))
+            model.layers.set_submodule(name, NF4Linear(mod, block_size, double_quant))
     return model
 
 
@@ -190,14 +189,14 @@ def dequantize_model(model):
     """The inverse of quantize_model, in place: every NF4 weight back as a dense frozen one in the dtype it
     was quantized from (an NF4Linear becomes an nn.Linear). What merge_lora then folds the adapters into.
     Returns the model."""
-    for parent, child, mod in _layers(model):
+    for name, mod in _layers(model):
         if not isinstance(mod.weight, NF4Weight):
             continue
         w = nn.Parameter(mod.weight.dequantize(), requires_grad=False)
         if isinstance(mod, NF4Linear):
             dense = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
             dense.weight, dense.bias = w, mod.bias
-            setattr(parent, child, dense)
+            model.layers.set_submodule(name, dense)
         else:
             del mod.weight
             mod.weight = w

@@ -29,7 +29,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,102 +47,95 @@ import quant
 # ----------------------------------------------------------------------------- the method
 
 
-def apply_longlora(
-    m,
-    *,
-    seq_len,
-    rope_scale=None,
-    rope_method="pi",
-    lora_rank=8,
-    lora_alpha=16,
-    lora_targets=("wq", "wk", "wv", "wo"),
-    trainable=("embed", "norm"),
-    attn="s2",
-    group_size=None,
-    backend="sdpa",
-    dtype="bfloat16",
-    seed=42,
-):
-    """LongLoRA's three switches on model `m`, in place: Position Interpolation (or `rope_method` "yarn") to
-    reach `seq_len` (by `rope_scale`, default the smallest integer factor that does), LoRA+ (adapters of
-    `lora_rank` on `lora_targets`, and the `trainable` groups), and the attention `attn` ("s2", "full" or
-    "short") in groups of `group_size` (default seq_len / 4). Frozen weights in `dtype`, trainable in float32."""
+def setting(default, help, **flag):
+    """A field of LongLoRA: its default, and its command-line flag's help (and choices, type)."""
+    return field(default=default, metadata=dict(help=help, **flag))
+
+
+@dataclass(frozen=True)
+class LongLoRA:
+    """LongLoRA's settings, each default the paper's; the one list of them. train.py's flags are made from
+    it (--seq-len, --group-size, ...); apply_longlora applies it to a model. Kernels, parallelism and
+    precision are not LongLoRA's: build_model takes them apart."""
+
+    seq_len: int = setting(8192, "training length in tokens (default 8192; §4.1: 8192 to 100k)")
+    attn: str = setting("s2", "s2, full, or short: S2 unshifted (Table 1)", choices=("s2", "full", "short"))
+    group_size: Optional[int] = setting(None, "S2-Attn group size in tokens (default seq-len/4, Table 11)")
+    rope_scale: Optional[float] = setting(None, "Position Interpolation factor (default ceil(seq-len/context), §3)")
+    rope_method: str = setting("pi", "Position Interpolation or YaRN (not the paper's)", choices=("pi", "yarn"))
+    lora_rank: int = setting(8, "LoRA rank (default 8, §4.1); 0 = full fine-tuning")
+    lora_alpha: float = setting(16, "LoRA alpha (default 16, §4.1)")
+    lora_targets: tuple = setting(("wq", "wk", "wv", "wo"), "layers with adapters (default wq,wk,wv,wo, §4.1)")
+    trainable: tuple = setting(("embed", "norm"), "trained besides adapters: embed,norm is LoRA+ (§3.3); '' LoRA")
+
+    def __post_init__(self):
+        """The derived default (groups of a quarter of the length) and the refusals, naming the flag."""
+        if self.seq_len < 1:
+            raise ValueError(f"--seq-len {self.seq_len}: the training length is at least 1 token")
+        G = self.group_size
+        if G is not None and (isinstance(G, bool) or not isinstance(G, int) or G < 1):
+            raise ValueError(f"--group-size {G}: an S2-Attn group holds at least 1 token (default: --seq-len / 4)")
+        object.__setattr__(self, "group_size", G or max(1, self.seq_len // 4))
+        if self.attn != "full" and self.group_size > self.seq_len:
+            raise ValueError(
+                f"--group-size {self.group_size} is larger than --seq-len {self.seq_len}: S2-Attn needs groups "
+                "shorter than the sequence"
+            )
+
+    @classmethod
+    def from_args(cls, args):
+        """From train.py's parsed flags (lists as comma-separated strings: "wq,wk" -> ("wq", "wk"), "" -> ())."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        for f in fields(cls):
+            if f.type is tuple and isinstance(values[f.name], str):
+                values[f.name] = tuple(x for x in values[f.name].split(",") if x)
+        return cls(**values)
+
+
+def apply_longlora(m, cfg=LongLoRA(), *, backend="sdpa", dtype="bfloat16", seed=42):
+    """LongLoRA's three switches on model `m`, in place (cfg: LongLoRA): Position Interpolation (or YaRN) to
+    reach cfg.seq_len, by cfg.rope_scale or else the smallest integer factor that does; LoRA+ (adapters,
+    and the trainable groups); the attention (S2, full or short) through `backend`. Frozen weights in
+    `dtype`, trainable ones in float32; `seed` makes the adapters."""
     context = m.args.max_seq_len
-    scale = rope_scale or max(1, math.ceil(seq_len / context))
-    if int(context * scale) < seq_len:
+    scale = cfg.rope_scale or max(1, math.ceil(cfg.seq_len / context))
+    if int(context * scale) < cfg.seq_len:
         raise ValueError(
             f"--rope-scale {scale:g} extends the model's context of {context} tokens to {int(context * scale)}, "
-            f"short of --seq-len {seq_len}: leave --rope-scale out (then it is {math.ceil(seq_len / context)})"
+            f"short of --seq-len {cfg.seq_len}: leave --rope-scale out (then it is {math.ceil(cfg.seq_len / context)})"
         )
-    m.extend_context(scale, method=rope_method)
+    m.extend_context(scale, method=cfg.rope_method)
     torch.manual_seed(seed)  # the same adapters on every rank
-    if lora_rank:
-        lora.add_lora(m, lora_rank, lora_alpha, targets=tuple(lora_targets))
-        lora.set_trainable(m, extra=tuple(trainable))
-    m.set_attention(
-        group_size=None if attn == "full" else group_size or max(1, seq_len // 4), backend=backend, shift=attn == "s2"
-    )
+    if cfg.lora_rank:
+        lora.add_lora(m, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets)
+        lora.set_trainable(m, extra=cfg.trainable)
+    m.set_attention(group_size=None if cfg.attn == "full" else cfg.group_size, backend=backend, shift=cfg.attn == "s2")
     for p in m.parameters():  # frozen weights in the compute dtype; trainable ones in float32 for the optimizer
         p.data = p.data.to(torch.float32 if p.requires_grad else getattr(torch, dtype))
     return m
 
 
-def build_model(
-    base,
-    rank,
-    world,
-    device,
-    *,
-    seed=42,
-    dtype="bfloat16",
-    checkpointing=True,
-    offload=False,
-    context_parallel=1,
-    quantize=None,
-    compile=False,
-    **longlora,
-):
+def build_model(base, cfg, rank, world, device, *, backend="sdpa", seed=42, dtype="bfloat16", quantize=None, **kw):
     """The base model `base`, a (ModelArgs, Weights) pair (model.read_checkpoint's, or parallel.random_weights'),
-    with LongLoRA applied (`longlora`: apply_longlora's settings), sharded over `world` processes: built on the
-    meta device, LongLoRA applied and FSDP2 sharding it there, then each process allocates only its rows of
-    every tensor and fills them from the weights, read one tensor at a time. Host memory per process: its
-    share, plus one tensor. quantize="nf4": QLoRA, the blocks' frozen linear weights in NF4 (quant.py), each
+    with LongLoRA `cfg` applied (apply_longlora), sharded over `world` processes: built on the meta device,
+    LongLoRA applied and FSDP2 sharding it there, then each process allocates only its rows of every
+    tensor and fills them from the weights, read one tensor at a time. Host memory per process: its
+    share, plus one tensor. kw: parallel.parallelize's checkpointing, offload, context_parallel and
+    compile. quantize="nf4": QLoRA, the blocks' frozen linear weights in NF4 (quant.py), each
     quantized on the CPU as it is read, and sharded like the rest."""
     margs, weights = base
     with torch.device("meta"):
         m = model.Transformer(margs)
-    apply_longlora(m, seed=seed, dtype=dtype, **longlora)
+    apply_longlora(m, cfg, backend=backend, seed=seed, dtype=dtype)
     if quantize:
         quant.quantize_model(m)
-    parallel.parallelize(
-        m,
-        device=device,
-        world=world,
-        dtype=dtype,
-        checkpointing=checkpointing,
-        offload=offload,
-        context_parallel=context_parallel,
-        compile=compile,
-    )
-    adapters = fresh_adapters(m, seed, weights.dtype)
+    parallel.parallelize(m, device=device, world=world, dtype=dtype, **kw)
+    adapters = lora.fresh_adapters(m, seed, weights.dtype)
 
     def read(name):
         return adapters[name] if name in adapters else weights[name]
 
     return parallel.materialize(m, device, rank, world, quant.reader(m, read) if quantize else read)
-
-
-def fresh_adapters(m, seed, dtype):
-    """The whole tensors of every LoRA adapter in `m`, made as add_lora makes them in one process (seeded,
-    in its order), so that every world size trains the same adapters."""
-    torch.manual_seed(seed)
-    adapters = {}
-    for name, mod in m.named_modules():
-        if isinstance(mod, lora.LoRALinear):
-            a, b = (torch.empty(p.shape, dtype=dtype) for p in (mod.lora_a, mod.lora_b))
-            lora.init_adapter(a, b)
-            adapters[f"{name}.lora_a"], adapters[f"{name}.lora_b"] = a, b
-    return adapters
 
 
 # ----------------------------------------------------------------------------- data
@@ -160,18 +155,8 @@ def load_data(args, vocab_size):
         ds = data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed)
         return (data.PackedExamples(ds, args.seq_len, seed=args.seed) if args.pack else ds), tok.eos_id
     ds = data.TokenWindows(args.data, args.seq_len, seed=args.seed)
-    other = f"it was tokenized with another tokenizer ({ds.meta.get('tokenizer', 'not recorded')})"
-    if ds.meta["max_id"] >= vocab_size:
-        raise ValueError(
-            f"{args.data} holds token ids up to {ds.meta['max_id']}, but the model's vocabulary has {vocab_size}: "
-            + other
-        )
-    made = ds.meta.get("tokenizer_sha256")  # (token files made before it was recorded have none)
-    if own and made and made != data.fingerprint(data.load_tokenizer(own)):
-        whose = "--tokenizer" if args.tokenizer else "the model's own tokenizer"
-        raise ValueError(
-            f"{args.data}: {other}, not with {whose} ({own}): tokenize it with that one, or pass --tokenizer"
-        )
+    whose = "--tokenizer" if args.tokenizer else "the model's own tokenizer"
+    data.check_token_file(args.data, ds.meta, vocab_size, own, whose)
     return ds, 0
 
 
@@ -238,17 +223,15 @@ def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, st
 def train(args, rank, world, device, stop=None):
     """The run that `args` (parse_args) describes, as process `rank` of `world`; `stop` (parallel.Stop):
     what asks it to stop early (default: only a launcher that died)."""
-    out, P, stop = Path(args.out), args.context_parallel, stop or parallel.Stop(signals=False)
+    out, P = Path(args.out), args.context_parallel
     if world % P:
-        raise ValueError(
-            f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P} processes"
-        )
+        raise ValueError(f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P}")
     # 1. The run folder, the model (LongLoRA applied, sharded), the data, and what the export will write.
     ckpt = checkpoint.open_run_folder(out, args.resume)  # rank 0 holds its lock from here on
     # the base's config and tensor index (nothing read yet): the data is checked against it before the model loads
     base = parallel.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
     dataset, pad_id = load_data(args, base[0].vocab_size)
-    m = build_model(base, rank, world, device, **build_settings(args))
+    m = build_model(base, LongLoRA.from_args(args), rank, world, device, **run_settings(args))
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)
     loaded = parallel.max_over_ranks(parallel.peak_memory_gb(device)[1], device)[0]  # host GB, fullest process
     # 2. The optimizer over the trainable shards (FSDP2's: the only copies there are), resumed if asked.
@@ -258,64 +241,81 @@ def train(args, rank, world, device, stop=None):
     else:
         optim = torch.optim.SGD(trainable, lr=args.lr)
     start = checkpoint.load_checkpoint(Path(ckpt), m, optim, args, rank, world, device) if ckpt else 0
-    saved = start if ckpt else None  # the step of the last checkpoint
-    first_line = checkpoint.describe(args, m, trainable, world, device, start, loaded)
-    log = checkpoint.open_log(out, start, first_line) if rank == 0 else None
-    bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
-    peak = parallel.peak_tflops(device, args.dtype, args.peak_tflops)
-    group_size, lora_run = None if args.attn == "full" else args.group_size, args.lora_rank > 0
+    progress = Progress(args, m, trainable, rank, world, device, start, loaded, stop)
     # 3. The steps. This process's share of each: with context parallelism, the data-parallel group
     # rank // P of world // P trains on the samples one process of that rank would, and this process
     # takes slice rank % P of every sequence, whose first token is at position `first`.
-    share, first = dict(rank=rank // P, world=world // P, part=rank % P, parts=P), rank % P * args.seq_len // P
+    share = dict(rank=rank // P, world=world // P, part=rank % P, parts=P)
+    batching = dict(pad_id=pad_id, grad_accum=args.grad_accum, batch_size=args.batch_size, seq_len=args.seq_len)
+    first = rank % P * args.seq_len // P
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
         lr = learning_rate(step, lr=args.lr, warmup=args.warmup, steps=args.steps, schedule=args.schedule)
         for g in optim.param_groups:
             g["lr"] = lr
-        micro = micro_batches(
-            dataset,
-            step,
-            pad_id=pad_id,
-            grad_accum=args.grad_accum,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            **share,
-        )
+        micro = micro_batches(dataset, step, **batching, **share)
         loss, norm, tokens = forward_backward(
             m, micro, trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk, start=first
         )
-        check_finite(step, loss, norm, saved)
+        check_finite(step, loss, norm, progress.saved)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step's kernels are done: the timer measures them, not their launch
-        dt = time.perf_counter() - t0
-        # this process's share of the step's model FLOPs; over all processes, the fullest one's peak memory
-        # (device, host), and whether any is asked to stop (all then stop here)
-        flops = step_flops(m.args, micro, P, group_size=group_size, lora=lora_run)
-        *mem, asked = parallel.max_over_ranks([*parallel.peak_memory_gb(device), stop.code()], device)
-        if rank == 0:
-            checkpoint.write_log(log, bar, step, loss, lr, norm, tokens, dt, flops, peak, mem)
-            if args.compile and step == start + 1:  # said once: this step's time and speed count the compiling
-                bar.write(f"step {step}: {dt:.1f} s, compiling the blocks included (--compile)")
+        asked = progress.step(step, t0, micro, loss, lr, norm, tokens)  # the log; whether any process must stop
         if (asked or args.save_every and step % args.save_every == 0) and step < args.steps:  # outside the timing
             checkpoint.save_checkpoint(out, step, m, optim, args, rank, world, device)
-            saved = step
+            progress.saved = step
         if asked and step < args.steps:  # a signal, or a launcher gone, on any process: stop after the checkpoint
-            bar.close()
-            why = stop.why(int(asked))
-            raise parallel.Stopped(f"stopped at step {step} ({why}): --resume continues from step {step}", int(asked))
-    bar.close()
+            progress.stopped(step, asked)
+    progress.bar.close()
     # 4. The last checkpoint and the export (a resume that only redoes a failed export has its checkpoint).
     if parallel.decide(start < args.steps or not (out / "merged").exists()):
         if start < args.steps:
             checkpoint.save_checkpoint(out, args.steps, m, optim, args, rank, world, device)
         checkpoint.export(out, m, args, rank, fmt, tokenizer)
-    if rank == 0:
-        log.close()
-        names = ("merged", "adapter", "trainable.safetensors")
-        print("done: " + ", ".join(str(out / n) for n in names if (out / n).exists()), flush=True)
+    progress.done(out)
+
+
+class Progress:
+    """A run's bookkeeping, beside its loop: the first line, log.jsonl and the progress bar on rank 0; each
+    step's time, model FLOPs (for the MFU) and peak memory; whether any process is asked to stop; the step
+    of the last checkpoint (`saved`)."""
+
+    def __init__(self, args, m, trainable, rank, world, device, start, loaded, stop=None):
+        self.args, self.m, self.rank, self.device, self.start = args, m, rank, device, start
+        self.stop, self.saved = stop or parallel.Stop(signals=False), start or None
+        first_line = checkpoint.describe(args, m, trainable, world, device, start, loaded)
+        self.log = checkpoint.open_log(Path(args.out), start, first_line) if rank == 0 else None
+        self.bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+        self.peak = parallel.peak_tflops(device, args.dtype, args.peak_tflops)
+
+    def step(self, step, t0, micro, loss, lr, norm, tokens):
+        """Log step `step`, begun at t0 on micro-batches `micro`. Returns the signal asking any process to stop
+        (all then stop at this step), or 0."""
+        a, device = self.args, self.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels are done: the timer measures them, not their launch
+        dt = time.perf_counter() - t0
+        # this process's share of the step's model FLOPs; over all processes, the fullest one's peak memory
+        # (device, host), and whether any is asked to stop
+        G = None if a.attn == "full" else a.group_size
+        flops = parallel.step_flops(self.m.args, micro, a.context_parallel, group_size=G, lora=a.lora_rank > 0)
+        *mem, asked = parallel.max_over_ranks([*parallel.peak_memory_gb(device), self.stop.code()], device)
+        if self.rank == 0:
+            checkpoint.write_log(self.log, self.bar, step, loss, lr, norm, tokens, dt, flops, self.peak, mem)
+            if a.compile and step == self.start + 1:  # said once: this step's time and speed count the compiling
+                self.bar.write(f"step {step}: {dt:.1f} s, compiling the blocks included (--compile)")
+        return int(asked)
+
+    def stopped(self, step, asked):
+        self.bar.close()
+        why = self.stop.why(asked)
+        raise parallel.Stopped(f"stopped at step {step} ({why}): --resume continues from step {step}", asked)
+
+    def done(self, out):
+        if self.rank == 0:
+            self.log.close()
+            names = ("merged", "adapter", "trainable.safetensors")
+            print("done: " + ", ".join(str(out / n) for n in names if (out / n).exists()), flush=True)
 
 
 def check_finite(step, loss, norm, saved):
@@ -329,32 +329,6 @@ def check_finite(step, loss, norm, saved):
         f"saved after it. {resume}; lower --lr or check the data, then --resume "
         "(or start a new --out with --dtype float32)"
     )
-
-
-# ----------------------------------------------------------------------------- metrics and logging
-
-
-def train_flops(margs, seq_len, *, group_size=None, lora=True):
-    """Model FLOPs of one training pass over one sequence, for MFU (the recompute of activation
-    checkpointing is not counted). Backward is 2x forward where weights train (gradients of inputs and
-    weights), 1x for frozen matmuls (inputs only: LoRA's base weights and head), 2x for attention (q, k, v).
-    The adapters' own rank-r matmuls are left out: under 1% at rank 8. group_size=None: full attention;
-    lora=False: every weight trains."""
-    f = model.forward_flops(margs, seq_len, group_size)
-    return 3 * f["attn"] + 2 * (f["proj"] + f["ffn"] + f["others"]) if lora else 3 * sum(f.values())
-
-
-def step_flops(margs, micro, parts, **kw):
-    """This process's share of the model FLOPs of a step's micro-batches: train_flops(**kw) per sequence
-    (per document of packed rows: each attends to itself); with context parallelism each process holds
-    1/parts of every sequence."""
-
-    def lengths(x, d):  # the sequences of a micro-batch: its rows, or the documents of its packed rows
-        if d is None:
-            return [x.shape[1] * parts] * x.shape[0]
-        return [int(n) for row in d for n in row.unique_consecutive(return_counts=True)[1]]
-
-    return sum(train_flops(margs, n, **kw) for x, _, d, _ in micro for n in lengths(x, d)) / parts
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -372,18 +346,13 @@ def parse_args(argv=None):
     a.add_argument("--pack", action="store_true", help="--sft examples packed into rows, each attending to itself")
     a.add_argument("--tokenizer", help="tokenizer for --sft and the export (default: --model's, else the data's)")
     a.add_argument("--out", required=True, help="run folder: log, checkpoints, trainable weights, merged model")
-    # LongLoRA
+    # LongLoRA: one flag per field of LongLoRA (lists as comma-separated strings)
     a = p.add_argument_group("LongLoRA")
-    a.add_argument("--seq-len", type=int, default=8192, help="training length in tokens (default 8192)")
-    a.add_argument("--attn", choices=("s2", "full", "short"), default="s2", help="short: S2, unshifted (Table 1)")
-    a.add_argument("--group-size", type=int, help="S2-Attn group size in tokens (default seq-len/4, paper Table 11)")
+    for f in fields(LongLoRA):
+        kind = {tuple: str, Optional[int]: int, Optional[float]: float}.get(f.type, f.type)
+        default = ",".join(f.default) if f.type is tuple else f.default
+        a.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, **f.metadata)
     a.add_argument("--backend", choices=model.ALL_BACKENDS, help="attention kernel (default: flash on CUDA in bf16)")
-    a.add_argument("--rope-scale", type=float, help="context extension factor (default ceil(seq-len/context))")
-    a.add_argument("--rope-method", choices=("pi", "yarn"), default="pi", help="Position Interpolation or YaRN")
-    a.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8); 0 = full fine-tuning")
-    a.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
-    a.add_argument("--lora-targets", default="wq,wk,wv,wo", help="layers with adapters (default wq,wk,wv,wo)")
-    a.add_argument("--trainable", default="embed,norm", help="trained besides adapters: embed,norm is LoRA+; '' LoRA")
     a.add_argument("--quantize", choices=("nf4",), help="QLoRA: the blocks' frozen weights in 4-bit NormalFloat")
     # optimisation
     a = p.add_argument_group("optimisation")
@@ -421,9 +390,10 @@ def parse_args(argv=None):
 def check_args(p, args):
     """The derived defaults (--group-size, --backend) and the refusals of flags that cannot go together,
     each with the fix (p.error: exit 2), before anything loads."""
-    if args.group_size is not None and args.group_size < 1:
-        p.error(f"--group-size {args.group_size}: an S2-Attn group holds at least 1 token (default: --seq-len / 4)")
-    args.group_size = args.group_size or max(1, args.seq_len // 4)
+    try:
+        args.group_size = LongLoRA.from_args(args).group_size
+    except ValueError as e:
+        p.error(str(e))
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     runs_here = model.BACKENDS if on_cuda else ("naive", "sdpa")
     args.backend = args.backend or parallel.default_backend(on_cuda, args.dtype)
@@ -444,11 +414,6 @@ def check_args(p, args):
         p.error(f"--quantize {args.quantize} freezes the blocks' weights in 4 bits: train adapters (--lora-rank 8)")
     if args.offload_activations and args.no_activation_checkpointing:
         p.error("--offload-activations offloads the checkpointed block inputs: drop --no-activation-checkpointing")
-    if args.attn != "full" and args.group_size > args.seq_len:
-        p.error(
-            f"--group-size {args.group_size} is larger than --seq-len {args.seq_len}: S2-Attn needs groups shorter "
-            "than the sequence"
-        )
     P = args.context_parallel
     if P > 1 and args.attn == "full":
         p.error(
@@ -468,9 +433,11 @@ def check_args(p, args):
     return args
 
 
-def build_settings(args):
-    """build_model's keyword arguments (apply_longlora's among them) from the command line's flags."""
+def run_settings(args):
+    """build_model's settings besides LongLoRA's, from the command line's flags: kernel, seed, precision,
+    memory and parallelism."""
     return dict(
+        backend=args.backend,
         seed=args.seed,
         dtype=args.dtype,
         checkpointing=not args.no_activation_checkpointing,
@@ -478,16 +445,6 @@ def build_settings(args):
         context_parallel=args.context_parallel,
         quantize=args.quantize,
         compile=args.compile,
-        seq_len=args.seq_len,
-        rope_scale=args.rope_scale,
-        rope_method=args.rope_method,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),  # "wq,wk" -> ("wq", "wk")
-        trainable=tuple(t for t in args.trainable.split(",") if t),  # "" -> (): plain LoRA
-        attn=args.attn,
-        group_size=args.group_size,
-        backend=args.backend,
     )
 
 

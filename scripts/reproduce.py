@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import model  # noqa: E402
+import train  # noqa: E402
 
 # The recipe of each preset: what every row shares. `group` is the S2 group as a fraction of the length.
 PRESETS = {
@@ -78,7 +79,8 @@ OPTIONAL = ("lora_r64",)  # run when named in --rows
 def rows(p):
     """name -> (label, settings) of every trained row of preset `p`; rows equal to the recipe are dropped
     (G = N/2 in the demo is the recipe itself), training lengths add rows lenL."""
-    base = dict(attn="s2", group=p["group"], trainable="embed,norm", rank=8, length=p["seq_len"])
+    d = train.LongLoRA()  # the paper's LongLoRA run: S2-Attn, LoRA rank 8 + embed + norm
+    base = dict(attn=d.attn, group=p["group"], trainable=",".join(d.trainable), rank=d.lora_rank, length=p["seq_len"])
     out = {}
     for name, (label, change) in ROWS.items():
         if name != "s2" and {**base, **change} == base:

@@ -26,7 +26,8 @@ out = {}
 for attn, backend in [(attn, b) for b in BACKENDS for attn in ("s2", "full")]:
     runs = []
     for compile in (False, True):
-        m = train.build_model(base, 0, 1, dev, dtype=DTYPE, compile=compile, seq_len=128, attn=attn, backend=backend)
+        cfg = train.LongLoRA(seq_len=128, attn=attn)
+        m = train.build_model(base, cfg, 0, 1, dev, backend=backend, dtype=DTYPE, compile=compile)
         for n, p in m.named_parameters():  # LoRA's B starts at zero: moved, so that every gradient is not zero
             if "lora_b" in n:
                 with torch.no_grad():

@@ -118,9 +118,9 @@ def test_collate_pads_packed_rows_as_one_more_document():
 def test_step_flops_count_each_packed_document_alone():
     """MFU of packed rows: each document is a sequence of its own (attention squares per document)."""
     import model
-    import train
+    import parallel
 
     a = model.ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=96)
     x, documents = torch.zeros(2, 8, dtype=torch.long), torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8])
-    assert train.step_flops(a, [(x, x, documents, 16)], 1) == sum(train.train_flops(a, n) for n in (3, 5, 8))
-    assert train.step_flops(a, [(x, x, None, 16)], 1) == 2 * train.train_flops(a, 8)
+    assert parallel.step_flops(a, [(x, x, documents, 16)], 1) == sum(parallel.train_flops(a, n) for n in (3, 5, 8))
+    assert parallel.step_flops(a, [(x, x, None, 16)], 1) == 2 * parallel.train_flops(a, 8)

@@ -178,7 +178,7 @@ def test_memory_model_counts_what_nf4_stores():
     for the trained), the gathered block is its NF4 bytes, and one dequantized weight is 8 bytes per weight
     of the largest."""
     a = model.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
-    m = quant.quantize_model(train.apply_longlora(model.Transformer(a), seq_len=64))
+    m = quant.quantize_model(train.apply_longlora(model.Transformer(a), train.LongLoRA(seq_len=64)))
     nf4 = [w for w in m.modules() if isinstance(w, quant.NF4Weight)]
     frozen = [p for n, p in m.named_parameters() if not p.requires_grad and ".weight." not in n]  # not in nf4
     trained = [p for p in m.parameters() if p.requires_grad]
