@@ -10,6 +10,7 @@ tensors. model.load and model.save call it for HF folders; checkpoint.py's expor
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -125,6 +126,47 @@ def rope(args):
         }
         return yarn | ({"attention_factor": args.rope_attention_factor} if args.rope_attention_factor else {})
     return {"rope_type": "linear", "factor": args.rope_interpolation} if args.rope_interpolation != 1 else None
+
+
+def llama31_scale(freqs, args):
+    """Llama 3.1's RoPE scaling (HF's rope_type "llama3", Meta's use_scaled_rope), for model.precompute_freqs_cis:
+    keep high frequencies, divide low ones by the factor, blend in between."""
+    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    old = args.rope_original_context
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > old / low, freqs / factor, blended)
+    return torch.where(wavelen < old / high, freqs, out)
+
+
+def yarn_scale(freqs, args):
+    """YaRN's RoPE, as transformers computes it, for model.precompute_freqs_cis: (frequencies, attention
+    factor). A dimension pair turning fewer than beta_slow times over the original context is interpolated
+    (its frequency divided by the factor, as PI does), one turning more than beta_fast times is kept, a
+    linear ramp blends those between; q and k are scaled by the attention factor (dot products by its square)."""
+    D, old, factor = args.head_dim, args.rope_original_context, args.rope_scaling_factor
+    pair = lambda turns: D * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(args.rope_theta))  # noqa: E731
+    low, high = pair(args.rope_beta_fast), pair(args.rope_beta_slow)  # the pair (a float) turning that often
+    if args.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    ramp = ((torch.arange(D // 2, device=freqs.device, dtype=torch.float32) - low) / (high - low or 0.001)).clamp(0, 1)
+    attention = args.rope_attention_factor or (0.1 * math.log(factor) + 1 if factor > 1 else 1.0)
+    return freqs / factor * ramp + freqs * (1 - ramp), attention
+
+
+def read_json(f, required=()):
+    """A config file (config.json, Meta's params.json) as a dict, with a clear error if it is not JSON or
+    lacks a required key."""
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); restore it from the original checkpoint") from e
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{f} lacks {missing}; restore it from the original checkpoint")
+    return d
 
 
 def args_fields(cfg, source):

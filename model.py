@@ -14,9 +14,7 @@ ffn_norm, norm, output), so a Meta checkpoint loads with strict=True. The model 
 LoRA, FSDP or data; it runs on one CPU as it is.
 """
 
-import functools
 import json
-import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -27,19 +25,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import hf
 
 # ALL_BACKENDS, BACKENDS: set_attention's backends, and those this machine runs (train.py reads them here)
-from s2attn import (  # noqa: F401
-    ALL_BACKENDS,
-    BACKENDS,
-    cached_attention,
-    check_config,
-    full_attention,
-    s2_attention,
-)
+from s2attn import ALL_BACKENDS, BACKENDS, cached_attention, check_config, full_attention, s2_attention  # noqa: F401
 from s2attn import positions as document_positions
 
 
@@ -62,8 +52,7 @@ class ModelArgs:
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
     # Position Interpolation (Chen et al. 2023), LongLoRA's context extension: positions are divided by
-    # rope_interpolation (the paper's s = target length / 4096 for Llama 2). max_seq_len is the context
-    # the weights were trained for, after interpolation.
+    # rope_interpolation (the paper's s = target length / 4096). max_seq_len: the context, after it.
     rope_interpolation: float = 1.0
     max_seq_len: int = 4096
     hidden_dim: Optional[int] = None  # FFN width; None: derived from dim the way Meta does
@@ -88,9 +77,7 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)")
         if self.hidden_dim is None:  # Meta: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of
-            hidden = int(2 * 4 * self.dim / 3)
-            if self.ffn_dim_multiplier is not None:
-                hidden = int(self.ffn_dim_multiplier * hidden)
+            hidden = int((self.ffn_dim_multiplier or 1) * int(2 * 4 * self.dim / 3))
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         if self.rope_interpolation < 1:
             raise ValueError(f"rope_interpolation={self.rope_interpolation} must be >= 1 (positions are divided by it)")
@@ -100,49 +87,19 @@ class ModelArgs:
 
 
 def precompute_freqs_cis(args, N, device=None):
-    """Rotations e^{i t f} for positions t < N: (N, head_dim // 2) complex64.
-
-    Computed in float32 the way Meta's and HF's references do, so logits match them. Position
-    Interpolation divides every frequency by s, which is the same as dividing the positions by s.
-    YaRN's attention factor is their length (it scales q and k).
-    """
+    """Rotations e^{i t f} for positions t < N: (N, head_dim // 2) complex64, in float32 as Meta's and HF's
+    references compute them. Position Interpolation divides every frequency by s, which is the same as
+    dividing the positions by s. YaRN's attention factor is their length (it scales q and k)."""
     D, magnitude = args.head_dim, 1.0
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, device=device)[: D // 2].float() / D))
     if args.use_scaled_rope:
-        freqs = llama31_scale(freqs, args)
+        freqs = hf.llama31_scale(freqs, args)
     if args.rope_yarn:
-        freqs, magnitude = yarn_scale(freqs, args)
+        freqs, magnitude = hf.yarn_scale(freqs, args)
     freqs = freqs / args.rope_interpolation
     t = torch.arange(N, device=device, dtype=torch.float32)
     angles = torch.outer(t, freqs)  # (N, D/2)
     return torch.polar(torch.full_like(angles, magnitude), angles)
-
-
-def llama31_scale(freqs, args):
-    """Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between."""
-    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
-    old = args.rope_original_context
-    wavelen = 2 * math.pi / freqs
-    smooth = (old / wavelen - low) / (high - low)
-    blended = (1 - smooth) * freqs / factor + smooth * freqs
-    out = torch.where(wavelen > old / low, freqs / factor, blended)
-    return torch.where(wavelen < old / high, freqs, out)
-
-
-def yarn_scale(freqs, args):
-    """YaRN, as transformers computes it: (frequencies, attention factor). A dimension pair turning fewer than
-    beta_slow times over the original context is interpolated (its frequency divided by the factor, as PI
-    does), one turning more than beta_fast times is kept, a linear ramp blends those between; q and k are
-    scaled by the attention factor (their dot products by its square)."""
-    D, old, factor = args.head_dim, args.rope_original_context, args.rope_scaling_factor
-    pair = lambda turns: D * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(args.rope_theta))  # noqa: E731
-    low, high = pair(args.rope_beta_fast), pair(args.rope_beta_slow)  # the pair (a float) turning that often
-    if args.rope_truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, D - 1)
-    ramp = ((torch.arange(D // 2, device=freqs.device, dtype=torch.float32) - low) / (high - low or 0.001)).clamp(0, 1)
-    attention = args.rope_attention_factor or (0.1 * math.log(factor) + 1 if factor > 1 else 1.0)
-    return freqs / factor * ramp + freqs * (1 - ramp), attention
 
 
 def apply_rotary_emb(x, rope):
@@ -251,6 +208,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.beyond_context = False  # True: run sequences longer than args.max_seq_len (to measure what happens)
+        self.nll = chunked_nll  # the loss (parallel.py swaps in one that keeps less for backward)
 
     def forward(self, tokens, targets=None, *, reduction="sum", loss_chunk=2048, positions=None):
         """tokens (B, N) LongTensor -> logits (B, N, vocab_size). With targets (B, N), the next-token loss
@@ -289,15 +247,14 @@ class Transformer(nn.Module):
         # The loss runs here, in the forward, and not on logits returned to the caller: with FSDP2 the
         # output weight is gathered only during the root module's forward; and chunked, because the
         # float32 logits of a whole sequence (32k tokens x 32k vocabulary: 4 GB) need never exist.
-        nll = chunked_nll(h, w, targets, loss_chunk, recompute=torch.is_grad_enabled())
+        nll = self.nll(h, w, targets, loss_chunk)
         return nll.sum() if reduction == "sum" else nll
 
     def extend_context(self, factor, method="pi"):
         """A context `factor` times as long. method="pi": Position Interpolation, LongLoRA's (paper §3, after
-        Chen et al. 2023): positions are divided by `factor` (on top of any interpolation the model has), so
-        the longer context maps onto the positions it was trained on. method="yarn": YaRN (Peng et al. 2023,
-        yarn_scale): only the slow frequencies are interpolated, and attention is sharpened; on a YaRN model
-        the factors multiply. Fine-tuning then teaches the model to use the new positions."""
+        Chen et al. 2023): positions are divided by `factor` (on top of any interpolation the model has), so the
+        longer context maps onto the positions it was trained on. method="yarn": YaRN (Peng et al. 2023): only
+        the slow frequencies are interpolated, and attention is sharpened. Fine-tuning then uses the new ones."""
         a = self.args
         if factor < 1 or method not in ("pi", "yarn"):
             raise ValueError(f"extend_context({factor}, {method!r}): a factor of at least 1, method 'pi' or 'yarn'")
@@ -330,18 +287,14 @@ class Transformer(nn.Module):
 IGNORE = -100  # a target the loss skips (as torch's cross_entropy): prompts of SFT examples, right padding
 
 
-def chunked_nll(h, w, targets, chunk, recompute=False):
+def chunked_nll(h, w, targets, chunk):
     """-log p(target) at every position: h (B, N, dim) final hidden states, w (vocab, dim) the output
-    weight, targets (B, N) -> (B, N) in float32 or wider, 0 where the target is IGNORE. The projection and the loss
-    run over `chunk` positions at a time (of the B * N, rows one after another: each chunk a contiguous
-    (chunk, dim) matrix, so its projection is one matmul); with `recompute` (training), no chunk's logits are
-    kept for backward: a trained w recomputes them there, a frozen one has the gradient made in the forward
-    (_NLLFrozenHead)."""
-    if recompute and not w.requires_grad:  # a frozen head (LoRA): d nll / d h made in the forward instead
-        return _NLLFrozenHead.apply(h, w, targets, chunk)
-    one = lambda hs, ts: nll_of(log_probs(F.linear(hs, w)), ts)  # noqa: E731
-    run = functools.partial(checkpoint, one, use_reentrant=False) if recompute else one
-    return torch.cat([run(hs, ts) for hs, ts in chunks(h, targets, chunk)]).view(targets.shape)
+    weight, targets (B, N) -> (B, N) in float32 or wider, 0 where the target is IGNORE. The projection and
+    the loss run over `chunk` positions at a time (of the B * N, rows one after another: each chunk a
+    contiguous (chunk, dim) matrix, so its projection is one matmul). Training keeps no chunk's logits for
+    backward either: parallel.py puts its own in the model (Transformer.nll)."""
+    nll = [nll_of(log_probs(F.linear(hs, w)), ts) for hs, ts in chunks(h, targets, chunk)]
+    return torch.cat(nll).view(targets.shape)
 
 
 def chunks(h, targets, chunk):
@@ -355,41 +308,14 @@ def log_probs(logits):
 
 
 def nll_of(logp, targets):
-    """(..., vocab) log probabilities, (...) targets -> (...) -log p(target); 0 at IGNORE. With log_probs
-    this is cross_entropy, as torch computes it; classes on the last dim: on CPU, the (B, vocab, chunk) layout
-    is ten times less accurate."""
+    """(..., vocab) log probabilities, (...) targets -> (...) -log p(target); 0 at IGNORE: cross_entropy, with
+    the classes last (on CPU the (B, vocab, chunk) layout is ten times less accurate)."""
     nll = F.nll_loss(logp.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="none")
     return nll.view(targets.shape)
 
 
-class _NLLFrozenHead(torch.autograd.Function):
-    """chunked_nll for an output weight w that does not train. Per position the gradient of -log p(t) with
-    respect to h is (softmax(logits) - onehot(t)) @ w, so each chunk computes it right after its loss and
-    drops its logits; backward only scales it by the incoming gradient. The head runs twice per chunk
-    instead of three times (forward, its recompute, the gradient), and no logits wait for backward."""
-
-    @staticmethod
-    def forward(ctx, h, w, targets, chunk):
-        nll, dh = [], []
-        for hs, ts in chunks(h, targets, chunk):
-            logp = log_probs(F.linear(hs, w))  # (chunk, vocab)
-            nll.append(nll_of(logp, ts))
-            p = logp.exp_()  # softmax, in logp's place
-            keep = (ts != IGNORE)[:, None]
-            p.scatter_add_(-1, ts.clamp(min=0)[:, None], -keep.to(p.dtype)).mul_(keep)  # - onehot; IGNORE: 0
-            dh.append(p.to(w.dtype) @ w)  # (chunk, dim)
-        ctx.save_for_backward(torch.cat(dh).view(h.shape))
-        return torch.cat(nll).view(targets.shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        (dh,) = ctx.saved_tensors
-        return (g[..., None] * dh).to(dh.dtype), None, None, None
-
-
 def default_dtype(device):
-    """The compute dtype's name where none is asked for: bfloat16 on CUDA, float32 elsewhere (on a CPU,
-    bfloat16 matmuls are slow and the tests compare in float32)."""
+    """The compute dtype's name where none is asked for: bfloat16 on CUDA, float32 elsewhere (faster on CPUs)."""
     return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
@@ -398,9 +324,8 @@ def forward_flops(args, seq_len, group_size=None):
     attn (the two attention matmuls, QK^T and AV), proj (wq, wk, wv, wo), ffn (w1, w2, w3 and the SiLU
     gate), others (LM head, RMSNorms, RoPE, residual adds). A matmul (m, k) @ (k, n) is 2mkn; an
     elementwise op is 1 per element (RMSNorm 4: square, sum, scale, weight; RoPE 3: a complex product).
-    Attention scores are counted over the whole square, masked half included, as the paper does;
-    with `group_size` (S2-Attn) only the squares of the groups (Algorithm 1: both head halves attend in
-    groups of group_size). For Llama 2 7B this reproduces Table 7 to its 0.1 TFLOP (tests/test_model.py)."""
+    Attention scores count the whole square, masked half included, as the paper does; with `group_size`
+    (S2-Attn) the squares of the groups. Llama 2 7B: Table 7 to its 0.1 TFLOP (tests/test_model.py)."""
     N, d, L, hd = seq_len, args.dim, args.n_layers, args.head_dim
     G = group_size or N
     pairs = (N // G) * G * G + (N % G) ** 2  # query-key pairs per head
@@ -417,22 +342,15 @@ def forward_flops(args, seq_len, group_size=None):
 
 
 class Weights(Mapping):
-    """name -> tensor of a checkpoint, each read only when asked for (Meta's names and layout, full size,
-    stored dtype); `shapes` and `dtype` (the embedding's) without reading anything. model.load reads it one
-    tensor at a time; parallel.materialize has each process keep only its rows of each tensor, so no process
-    ever holds the whole model."""
+    """name -> tensor of a checkpoint (Meta's names and layout, full size, stored dtype), each read when asked
+    for; `shapes` and `dtype` (the embedding's) without reading. parallel.materialize keeps each rank's rows."""
 
     def __init__(self, shapes, read, dtype):
         self.shapes, self._read, self.dtype = shapes, read, dtype
 
-    def __getitem__(self, name):
-        return self._read(name)
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self):
-        return len(self.shapes)
+    __getitem__ = lambda self, name: self._read(name)  # noqa: E731
+    __iter__ = lambda self: iter(self.shapes)  # noqa: E731
+    __len__ = lambda self: len(self.shapes)  # noqa: E731
 
 
 def read_checkpoint(path):
@@ -443,35 +361,26 @@ def read_checkpoint(path):
     if (path / "params.json").is_file():
         args, weights = _read_meta(path)
     elif (path / "config.json").is_file():
-        args = ModelArgs(**hf.args_fields(_read_json(path / "config.json", required=()), path / "config.json"))
+        args = ModelArgs(**hf.args_fields(hf.read_json(path / "config.json"), path / "config.json"))
         weights = Weights(*hf.read_weights(path, args))
     else:
         what = f"no checkpoint in {path}" if path.is_dir() else f"{path} is not a folder"
-        raise FileNotFoundError(
-            f"{what}: model.load wants a Meta checkpoint folder (params.json + consolidated.NN.pth) or a Hugging "
-            "Face one (config.json + *.safetensors)"
-        )
+        raise FileNotFoundError(f"{what}: give a Meta folder (params.json + consolidated.NN.pth) or an HF one")
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+        want = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     got = weights.shapes
-    problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())]
-    problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())]
-    problems += [
-        f"{k} is {tuple(got[k])}, the config says {tuple(s)}" for k, s in expected.items() if got.get(k, s) != s
-    ]
+    problems = [f"missing {k}" for k in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+    problems += [f"{k} is {tuple(got[k])}, the config says {tuple(s)}" for k, s in want.items() if got.get(k, s) != s]
     if problems:
         listed = "\n  ".join(problems[:8] + [f"... and {len(problems) - 8} more"] * (len(problems) > 8))
-        raise ValueError(
-            f"the weights in {path} do not match its config:\n  {listed}\n{args}\n"
-            "Check that the config file belongs to these weights."
-        )
+        raise ValueError(f"the weights in {path} do not match its config:\n  {listed}\n{args}\nIs it their config?")
     return args, weights
 
 
 def load(path, dtype=None, device="cpu"):
-    """A Transformer from a checkpoint folder (see read_checkpoint). The weights keep their stored dtype
-    unless `dtype` is given. The model is built on the meta device and filled one tensor at a time, so a
-    checkpoint is never held twice in memory."""
+    """A Transformer from a checkpoint folder (read_checkpoint), in the stored dtype unless `dtype` is given:
+    built on the meta device and filled one tensor at a time, so a checkpoint is never held twice in memory."""
     return build(*read_checkpoint(path), dtype, device)
 
 
@@ -488,7 +397,7 @@ def build(args, weights, dtype=None, device="cpu"):
 
 def read_params(f, required=("dim", "n_layers", "n_heads")):
     """ModelArgs from a params.json file `f` (Meta's fields; vocab_size too where no weights tell it)."""
-    return ModelArgs(**_args_from(_read_json(f, required), f))
+    return ModelArgs(**_args_from(hf.read_json(f, required), f))
 
 
 def _args_from(d, source):
@@ -499,23 +408,11 @@ def _args_from(d, source):
     return {k: v for k, v in d.items() if k in known}
 
 
-def _read_json(f, required):
-    """A config file as a dict, with a clear error if it is not JSON or lacks a required key."""
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON ({e}); restore it from the original checkpoint") from e
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"{f} lacks {missing}; restore it from the original checkpoint")
-    return d
-
-
 def _read_meta(path):
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path} has params.json but no consolidated.NN.pth weight files")
-    params = _read_json(path / "params.json", required=("dim", "n_layers", "n_heads"))
+    params = hf.read_json(path / "params.json", required=("dim", "n_layers", "n_heads"))
     shards = [_torch_load(f) for f in files]
     for f, shard in zip(files[1:], shards[1:]):  # model-parallel shards are equal slices of every tensor
         for k in shards[0].keys() | shard.keys():
@@ -538,10 +435,8 @@ def _read_meta(path):
             split[k] = _META_SPLIT[name]
         else:
             raise ValueError(f"{k} in {path}: unknown parameter, cannot merge shards")
-    shapes = {
-        k: torch.Size(n * len(shards) if i == d else n for i, n in enumerate(shards[0][k].shape))
-        for k, d in split.items()
-    }
+    whole = lambda k, d: [n * len(shards) if i == d else n for i, n in enumerate(shards[0][k].shape)]  # noqa: E731
+    shapes = {k: torch.Size(whole(k, d)) for k, d in split.items()}
     read = lambda k: shards[0][k] if split[k] is None else torch.cat([s[k] for s in shards], dim=split[k])  # noqa: E731
     sd = Weights(shapes, read, shards[0]["tok_embeddings.weight"].dtype)
     if "output.weight" not in shapes and "tok_embeddings.weight" in shapes:  # no head: it shares the embedding
@@ -561,7 +456,7 @@ def _torch_load(f):
         return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise ValueError(
-            f"cannot read {f}: {e}\nThe file is incomplete or not a PyTorch checkpoint; download or save it again."
+            f"cannot read {f}: {e}\nincomplete or not a PyTorch checkpoint; download or save it again"
         ) from e
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
@@ -180,6 +181,7 @@ def parallelize(
     mode) split each block's attention into a graph before and one after them."""
     if context_parallel > 1:
         split_sequences(m, halo_exchange(context_group(context_parallel)))
+    m.nll = training_nll
     for block in m.layers:
         if compile:
             block.forward = torch.compile(block.forward)
@@ -248,6 +250,44 @@ def checkpointed(forward, *args, offload=False, pin=False, **kwargs):
     the recompute in backward runs outside it, on the device.)"""
     with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def training_nll(h, w, targets, chunk):
+    """model.chunked_nll, keeping no chunk's logits for backward when gradients are on: a trained output
+    weight w recomputes them there (each chunk checkpointed), a frozen one (LoRA) has d nll / d h made in
+    the forward (NLLFrozenHead). parallelize puts it in the model (Transformer.nll)."""
+    if not torch.is_grad_enabled():
+        return model.chunked_nll(h, w, targets, chunk)
+    if not w.requires_grad:
+        return NLLFrozenHead.apply(h, w, targets, chunk)
+    one = lambda hs, ts: model.nll_of(model.log_probs(F.linear(hs, w)), ts)  # noqa: E731
+    nll = [checkpoint(one, hs, ts, use_reentrant=False) for hs, ts in model.chunks(h, targets, chunk)]
+    return torch.cat(nll).view(targets.shape)
+
+
+class NLLFrozenHead(torch.autograd.Function):
+    """model.chunked_nll for an output weight w that does not train. Per position the gradient of -log p(t) with
+    respect to h is (softmax(logits) - onehot(t)) @ w, so each chunk computes it right after its loss and
+    drops its logits; backward only scales it by the incoming gradient. The head runs twice per chunk
+    instead of three times (forward, its recompute, the gradient), and no logits wait for backward."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk):
+        nll, dh = [], []
+        for hs, ts in model.chunks(h, targets, chunk):
+            logp = model.log_probs(F.linear(hs, w))  # (chunk, vocab)
+            nll.append(model.nll_of(logp, ts))
+            p = logp.exp_()  # softmax, in logp's place
+            keep = (ts != model.IGNORE)[:, None]
+            p.scatter_add_(-1, ts.clamp(min=0)[:, None], -keep.to(p.dtype)).mul_(keep)  # - onehot; IGNORE: 0
+            dh.append(p.to(w.dtype) @ w)  # (chunk, dim)
+        ctx.save_for_backward(torch.cat(dh).view(h.shape))
+        return torch.cat(nll).view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        (dh,) = ctx.saved_tensors
+        return (g[..., None] * dh).to(dh.dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------- context parallelism

@@ -382,7 +382,8 @@ def test_forward_flops_counts_matmuls_of_a_tiny_model():
 @pytest.mark.parametrize("tied", [False, True])
 def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     """model(tokens, targets): the chunked loss is the cross-entropy of model(tokens)'s logits, skipping
-    IGNORE targets, per token or summed, and so are its gradients (recomputed chunks included)."""
+    IGNORE targets, per token or summed, and so are its gradients (with parallel.training_nll's recomputed
+    chunks too)."""
     m = tiny_model(dtype=torch.float64, tie_embeddings=tied)
     x, t = tokens(n=2, N=24), tokens(n=2, N=24, seed=2)
     t[0, 3:9] = model.IGNORE
@@ -394,18 +395,20 @@ def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     ).view(t.shape)
     torch.testing.assert_close(per_token, ref, rtol=1e-12, atol=1e-12)
     assert (per_token[0, 3:9] == 0).all()
-    grads = [torch.autograd.grad(loss, list(m.parameters())) for loss in (m(x, t, loss_chunk=chunk), ref.sum())]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    expected = torch.autograd.grad(ref.sum(), list(m.parameters()))
+    for m.nll in (model.chunked_nll, parallel.training_nll):  # training_nll: each chunk recomputed in backward
+        for a, b in zip(torch.autograd.grad(m(x, t, loss_chunk=chunk), list(m.parameters())), expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m(x, positions=model.KVCache(m.args.n_layers)), m(x)[:, -1:], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 2048])
 def test_loss_with_a_frozen_head_has_the_gradients_of_cross_entropy(chunk):
-    """A frozen output weight (LoRA): the chunked loss makes d loss / d h in the forward (model._NLLFrozenHead);
+    """A frozen output weight (LoRA): the training loss makes d loss / d h in the forward (parallel.NLLFrozenHead);
     with per-token weights on the loss (any incoming gradient), every trained parameter's gradient is that
     of the cross-entropy of the logits, IGNORE targets skipped."""
     m = tiny_model(dtype=torch.float64)
+    m.nll = parallel.training_nll  # as parallel.parallelize puts it in
     m.output.weight.requires_grad_(False)
     x, t = tokens(n=2, N=24), tokens(n=2, N=24, seed=2)
     t[1, :5] = model.IGNORE
