@@ -122,9 +122,9 @@ def forced(kernel):
 
 
 def attn_flops(N, G, H, D):
-    """Forward + backward FLOPs of causal attention (S2 with groups of G), the masked half not counted."""
-    pairs = (N // G) * G * G + (N % G) ** 2
-    return 3 * 2 * 2 * (pairs / 2) * D * H
+    """Forward + backward FLOPs of causal attention (S2 with groups of G), the masked half not counted: 3 times
+    half of model.forward_flops' attention (whole squares) for one layer of H heads of D."""
+    return 3 * model.forward_flops(model.ModelArgs(dim=H * D, n_layers=1, n_heads=H), N, G)["attn"] / 2
 
 
 def time_fwd_bwd(fn, q, k, v, reps):

@@ -396,6 +396,23 @@ class TokenWindows:
         return x[:-1], x[1:]
 
 
+def training_set(tokens, sft, seq_len, vocab_size, tokenizer=None, pack=False, seed=0, whose="--tokenizer"):
+    """train.py's dataset and its padding id, checked before the model loads: the token file `tokens`
+    (TokenWindows) or the SFT examples `sft` (SFTExamples, packed into rows with `pack`), each read with the
+    model's `tokenizer` (a path, `whose` in messages; a token file's ids and tokenizer are checked against it)."""
+    if sft:
+        tok = load_tokenizer(tokenizer)
+        if tok.vocab_size > vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer"
+            )
+        ds = SFTExamples(sft, tok, seq_len, seed=seed)
+        return (PackedExamples(ds, seq_len, seed=seed) if pack else ds), tok.eos_id
+    ds = TokenWindows(tokens, seq_len, seed=seed)
+    check_token_file(tokens, ds.meta, vocab_size, tokenizer, whose)
+    return ds, 0
+
+
 def check_token_file(path, meta, vocab_size, tokenizer=None, whose="the model's own tokenizer"):
     """Refuse the token file `path` (meta: read_tokens') for a model of `vocab_size` tokens if it holds ids
     past the vocabulary, or was made with another tokenizer than `tokenizer` (a path; None: not checked)."""

@@ -87,7 +87,9 @@ def perplexity(
     m, tokens, seq_len, stride=256, convention="paper", max_windows=None, batch_size=1, progress=True, by_context=False
 ):
     """Perplexity of `m` on the token array `tokens` with windows of `seq_len` every `stride` tokens.
-    by_context=True: (perplexity, perplexity_by_context's dict), both from the one pass over the windows."""
+    by_context=True: (perplexity, {(lo, hi): perplexity of the predictions made with lo <= c < hi tokens of
+    context}, c in powers of two, 1, 2, 4, ... seq_len), both from the one pass over the windows. The second
+    shows whether the model uses its window: where it stops falling, tokens further back no longer help."""
     if convention not in ("paper", "strided"):
         raise ValueError(f"convention must be 'paper' or 'strided', got {convention!r}")
     if convention == "strided" and stride > seq_len:
@@ -110,13 +112,6 @@ def perplexity(
         (lo, hi): math.exp(by_pos[lo - 1 : hi - 1].mean().item() / len(window_means))
         for lo, hi in zip(edges, edges[1:])
     }
-
-
-def perplexity_by_context(m, tokens, seq_len, stride=256, max_windows=None, batch_size=1, progress=True):
-    """{(lo, hi): perplexity of the predictions made with lo <= c < hi tokens of context}, over the same
-    windows as `perplexity`, c in powers of two (1, 2, 4, ... seq_len). It shows whether the model uses
-    its window: where the numbers stop falling, the tokens further back no longer help it."""
-    return perplexity(m, tokens, seq_len, stride, "paper", max_windows, batch_size, progress, by_context=True)[1]
 
 
 # ----------------------------------------------------------------------------- passkey retrieval

@@ -9,10 +9,9 @@ The same code runs everywhere: without torchrun it makes a one-process group, so
 through the same FSDP2 path (--device: gloo on CPU; on CUDA one process per GPU, nccl). Past one GPU's
 memory: --offload-activations (block inputs in host memory) and --context-parallel P (each sequence over
 P processes, which exchange only S2-Attn's half-group halo; docs/memory.md). The defaults are the
-paper's (§4.1): AdamW (0.9, 0.95), no weight decay, lr 2e-5 with 20 warm-up steps then constant,
-per-device batch 1 with 8 gradient-accumulation steps (global batch 64 on 8 GPUs), 1000 steps, bf16,
-LoRA rank 8 / alpha 16 on wq wk wv wo with the token embedding and every norm trainable, S2-Attn groups
-of a quarter of the training length, RoPE positions interpolated by ceil(seq_len / the model's context).
+paper's (§4.1; LongLoRA's own: the LongLoRA class): AdamW (0.9, 0.95), no weight decay, lr 2e-5 with 20
+warm-up steps then constant, per-device batch 1 with 8 gradient-accumulation steps (global batch 64 on 8
+GPUs), 1000 steps, bf16.
 
 Writes to --out: log.jsonl (one line per step: loss, lr, grad norm, tokens/s, model TFLOP/s and MFU, peak memory),
 checkpoints/step-NNNNNNN/ every --save-every steps (trainable weights, optimizer, RNG; --resume continues
@@ -47,8 +46,7 @@ import quant
 # ----------------------------------------------------------------------------- the method
 
 
-def setting(default, help, **flag):
-    """A field of LongLoRA: its default, and its command-line flag's help (and choices, type)."""
+def setting(default, help, **flag):  # a field of LongLoRA: its default, and its flag's help (and choices)
     return field(default=default, metadata=dict(help=help, **flag))
 
 
@@ -69,7 +67,11 @@ class LongLoRA:
     trainable: tuple = setting(("embed", "norm"), "trained besides adapters: embed,norm is LoRA+ (§3.3); '' LoRA")
 
     def __post_init__(self):
-        """The derived default (groups of a quarter of the length) and the refusals, naming the flag."""
+        """Lists given as strings ("wq,wk" -> ("wq", "wk"), "" -> ()), the derived default (groups of a quarter
+        of the length) and the refusals, naming the flag."""
+        for f in fields(self):
+            if f.type is tuple and isinstance(getattr(self, f.name), str):
+                object.__setattr__(self, f.name, tuple(x for x in getattr(self, f.name).split(",") if x))
         if self.seq_len < 1:
             raise ValueError(f"--seq-len {self.seq_len}: the training length is at least 1 token")
         G = self.group_size
@@ -84,12 +86,8 @@ class LongLoRA:
 
     @classmethod
     def from_args(cls, args):
-        """From train.py's parsed flags (lists as comma-separated strings: "wq,wk" -> ("wq", "wk"), "" -> ())."""
-        values = {f.name: getattr(args, f.name) for f in fields(cls)}
-        for f in fields(cls):
-            if f.type is tuple and isinstance(values[f.name], str):
-                values[f.name] = tuple(x for x in values[f.name].split(",") if x)
-        return cls(**values)
+        """From train.py's parsed flags."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def apply_longlora(m, cfg=LongLoRA(), *, backend="sdpa", dtype="bfloat16", seed=42):
@@ -139,25 +137,6 @@ def build_model(base, cfg, rank, world, device, *, backend="sdpa", seed=42, dtyp
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def load_data(args, vocab_size):
-    """The dataset and its padding id, checked before the model loads: every SFT example, and a token file's
-    ids against the model's vocabulary and its tokenizer against the model's own (--tokenizer, else the one
-    in the --model folder, if any)."""
-    own = args.tokenizer or (args.model if data.tokenizer_in(args.model) else None)
-    if args.sft:
-        tok = data.load_tokenizer(own or args.model)
-        if tok.vocab_size > vocab_size:
-            raise ValueError(
-                f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer"
-            )
-        ds = data.SFTExamples(args.sft, tok, args.seq_len, seed=args.seed)
-        return (data.PackedExamples(ds, args.seq_len, seed=args.seed) if args.pack else ds), tok.eos_id
-    ds = data.TokenWindows(args.data, args.seq_len, seed=args.seed)
-    whose = "--tokenizer" if args.tokenizer else "the model's own tokenizer"
-    data.check_token_file(args.data, ds.meta, vocab_size, own, whose)
-    return ds, 0
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -230,7 +209,11 @@ def train(args, rank, world, device, stop=None):
     ckpt = checkpoint.open_run_folder(out, args.resume)  # rank 0 holds its lock from here on
     # the base's config and tensor index (nothing read yet): the data is checked against it before the model loads
     base = parallel.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
-    dataset, pad_id = load_data(args, base[0].vocab_size)
+    own = args.tokenizer or (args.model if args.sft or data.tokenizer_in(args.model) else None)  # its tokenizer
+    whose = "--tokenizer" if args.tokenizer else "the model's own tokenizer"
+    dataset, pad_id = data.training_set(
+        args.data, args.sft, args.seq_len, base[0].vocab_size, own, args.pack, args.seed, whose
+    )
     m = build_model(base, LongLoRA.from_args(args), rank, world, device, **run_settings(args))
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)
     loaded = parallel.max_over_ranks(parallel.peak_memory_gb(device)[1], device)[0]  # host GB, fullest process
@@ -276,9 +259,8 @@ def train(args, rank, world, device, stop=None):
 
 
 class Progress:
-    """A run's bookkeeping, beside its loop: the first line, log.jsonl and the progress bar on rank 0; each
-    step's time, model FLOPs (for the MFU) and peak memory; whether any process is asked to stop; the step
-    of the last checkpoint (`saved`)."""
+    """A run's bookkeeping beside its loop: the first line, log.jsonl and the progress bar on rank 0; each step's
+    time, model FLOPs (MFU) and peak memory; whether any process is asked to stop; the last checkpoint's step."""
 
     def __init__(self, args, m, trainable, rank, world, device, start, loaded, stop=None):
         self.args, self.m, self.rank, self.device, self.start = args, m, rank, device, start
@@ -289,8 +271,7 @@ class Progress:
         self.peak = parallel.peak_tflops(device, args.dtype, args.peak_tflops)
 
     def step(self, step, t0, micro, loss, lr, norm, tokens):
-        """Log step `step`, begun at t0 on micro-batches `micro`. Returns the signal asking any process to stop
-        (all then stop at this step), or 0."""
+        """Log step `step`, begun at t0 on `micro`; returns the signal asking any process to stop (all stop), or 0."""
         a, device = self.args, self.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels are done: the timer measures them, not their launch
@@ -434,18 +415,12 @@ def check_args(p, args):
 
 
 def run_settings(args):
-    """build_model's settings besides LongLoRA's, from the command line's flags: kernel, seed, precision,
-    memory and parallelism."""
+    """build_model's settings besides LongLoRA's from the command line: kernel, seed, precision, memory, parallelism."""
     return dict(
-        backend=args.backend,
-        seed=args.seed,
-        dtype=args.dtype,
-        checkpointing=not args.no_activation_checkpointing,
-        offload=args.offload_activations,
-        context_parallel=args.context_parallel,
-        quantize=args.quantize,
+        backend=args.backend, seed=args.seed, dtype=args.dtype, checkpointing=not args.no_activation_checkpointing,
+        offload=args.offload_activations, context_parallel=args.context_parallel, quantize=args.quantize,
         compile=args.compile,
-    )
+    )  # fmt: skip
 
 
 def main(argv=None):

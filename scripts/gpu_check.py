@@ -56,7 +56,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KIT_FILES = ("tokenizer", "train.bin", "test.bin", "params.json")
 NODE_NEEDS = ("torch", "numpy", "safetensors", "tqdm", "tokenizers", "transformers", "peft")  # pytest: cuda-tests
 # Sizes: on a GPU the issue's; on a CPU a toy that runs the same code in seconds. "need" is about how long
 # each part takes there (per length for bench and step): a part is started only if that much is left.

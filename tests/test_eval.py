@@ -46,12 +46,12 @@ def test_both_conventions_match_brute_force(stride):
     )
 
 
-def test_perplexity_by_context_matches_brute_force():
+def test_perplexity_by_context_matches_brute_force():  # perplexity(by_context=True)
     m = tiny_model()
     tokens = np.random.default_rng(1).integers(0, m.args.vocab_size, 40).astype(np.uint16)
     L, stride = 12, 5
     starts = list(range(0, len(tokens) - L + 1, stride))
-    got = ev.perplexity_by_context(m, tokens, L, stride, progress=False)
+    got = ev.perplexity(m, tokens, L, stride, progress=False, by_context=True)[1]
     assert list(got) == [(1, 2), (2, 4), (4, 8), (8, 12)]
     for (lo, hi), ppl in got.items():  # predictions made from c = t - s tokens of context, lo <= c < hi
         nll = [brute_force_nll(m, tokens, s, s + c) for s in starts for c in range(lo, hi)]
@@ -174,7 +174,7 @@ def test_cli_ppl_json_and_passkey(tmp_path, tok):
         "ppl", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.bin"), "--seq-len", "32", "--by-context"
     )
     assert r.returncode == 0, r.stderr
-    by = ev.perplexity_by_context(m, tokens, 32, progress=False)
+    by = ev.perplexity(m, tokens, 32, progress=False, by_context=True)[1]
     lines = r.stdout.splitlines()  # the table alone: the progress bars are on stderr, closed before it
     assert lines[0].split() == ["length", "perplexity"] and lines[1].split() == [
         "32",
