@@ -91,10 +91,9 @@ class LongLoRA:
 
 
 def apply_longlora(m, cfg=LongLoRA(), *, backend="sdpa", dtype="bfloat16", seed=42):
-    """LongLoRA's three switches on model `m`, in place (cfg: LongLoRA): Position Interpolation (or YaRN) to
-    reach cfg.seq_len, by cfg.rope_scale or else the smallest integer factor that does; LoRA+ (adapters,
-    and the trainable groups); the attention (S2, full or short) through `backend`. Frozen weights in
-    `dtype`, trainable ones in float32; `seed` makes the adapters."""
+    """LongLoRA's three switches on model `m`, in place: Position Interpolation (or YaRN) to reach cfg.seq_len,
+    LoRA+ (adapters, and the trainable groups), the attention (S2, full or short) through `backend`. Frozen
+    weights in `dtype`, trainable ones in float32; `seed` makes the adapters."""
     context = m.args.max_seq_len
     scale = cfg.rope_scale or max(1, math.ceil(cfg.seq_len / context))
     if int(context * scale) < cfg.seq_len:
@@ -114,13 +113,9 @@ def apply_longlora(m, cfg=LongLoRA(), *, backend="sdpa", dtype="bfloat16", seed=
 
 
 def build_model(base, cfg, rank, world, device, *, backend="sdpa", seed=42, dtype="bfloat16", quantize=None, **kw):
-    """The base model `base`, a (ModelArgs, Weights) pair (model.read_checkpoint's, or parallel.random_weights'),
-    with LongLoRA `cfg` applied (apply_longlora), sharded over `world` processes: built on the meta device,
-    LongLoRA applied and FSDP2 sharding it there, then each process allocates only its rows of every
-    tensor and fills them from the weights, read one tensor at a time. Host memory per process: its
-    share, plus one tensor. kw: parallel.parallelize's checkpointing, offload, context_parallel and
-    compile. quantize="nf4": QLoRA, the blocks' frozen linear weights in NF4 (quant.py), each
-    quantized on the CPU as it is read, and sharded like the rest."""
+    """The base `base` (model.read_checkpoint's (ModelArgs, Weights)) with LongLoRA `cfg` applied, sharded over
+    `world` processes (kw: parallel.parallelize's): built on the meta device, then each process allocates and
+    fills only its rows, one tensor at a time. quantize="nf4": QLoRA, frozen block weights in NF4 (quant.py)."""
     margs, weights = base
     with torch.device("meta"):
         m = model.Transformer(margs)
@@ -151,15 +146,11 @@ def learning_rate(step, *, lr, warmup, steps, schedule="constant"):
 
 
 def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world, part=0, parts=1, seq_len=None):
-    """This process's `grad_accum` micro-batches of optimizer step `step` (from 1). The run's samples are
-    numbered in one sequence, step by step, micro-step by micro-step, process by process, row by row,
-    and sample i is dataset[i]: so a step trains on the same samples for any number of processes with
-    the same batch_size x world (1 process x 2 rows = 2 processes x 1 row), and a resumed run goes on
-    where it stopped. Context parallelism (parts > 1): `rank` and `world` count data-parallel groups;
-    sequences are padded to `seq_len` and this process takes slice `part` of `parts`, the tokens
-    [part * n, (part + 1) * n) with their targets (n = seq_len / parts: a slice's last target is the
-    next slice's first token). Each micro-batch: (inputs, targets, documents of packed rows or None, the
-    number of its tokens that are not padding)."""
+    """This process's `grad_accum` micro-batches of step `step` (from 1): (inputs, targets, documents of
+    packed rows or None, tokens that are not padding). Samples are numbered step by step, micro-step by
+    micro-step, process by process, row by row, so a step trains on the same ones for any world size with
+    the same batch_size x world, and a resumed run goes on where it stopped. parts > 1 (context
+    parallelism): rows padded to seq_len, this process's slice `part` of `parts` (with its targets)."""
     first = (step - 1) * grad_accum * world * batch_size  # the samples of the steps before
     batches = []
     for i in range(grad_accum):
@@ -173,11 +164,9 @@ def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world,
 
 
 def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, start=0):
-    """Gradients of the mean loss over every target of the step, on all processes, clipped to `clip`
-    (0: not clipped). Returns (mean loss, gradient norm, [positions, those that are not padding] over all
-    processes): everything stays on the device until that one read, so there is no host sync inside the
-    step (but packed rows' segment counts, in s2attn) and no CPU tensor in a collective. start: the
-    position of the micro-batches' first token (context parallelism: this process's slice)."""
+    """Gradients of the mean loss over every target of the step, on all processes, clipped to `clip` (0: not).
+    Returns (mean loss, gradient norm, [positions, those not padding] over all processes), read in one host
+    sync; no CPU tensor meets a collective. start: the first token's position (context parallelism's slice)."""
     counts = [sum(int((t != data.IGNORE).sum()) for _, t, _, _ in micro), sum(x.numel() for x, *_ in micro)]
     counts = torch.tensor([*counts, sum(r for *_, r in micro)], dtype=torch.float64, device=device)  # exact past 2^24
     # copies from pageable memory wait for the GPU: all here, while it idles

@@ -1,6 +1,7 @@
 """The README's example runs as written, and CI runs the README's test command."""
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -37,3 +38,15 @@ def test_ci_runs_the_readme_test_command():
     assert test in ci.splitlines()
     for part in installs:
         assert part.removeprefix("pip install ") in ci, part
+
+
+def test_the_reading_path_is_measured():
+    """The README's reading path (its "Read the code" steps) is as long as scripts/reading_path.py measures,
+    with and without the helpers it passes over; every entry names something that exists."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reading_path
+
+    path = sum(n for *_, n in reading_path.measure(README))
+    everything = sum(n for *_, n in reading_path.measure(README, skipped={}))
+    assert f"call: {path} lines; {everything} with" in README, (path, everything)
+    assert len(reading_path.entries(README)) >= 10 and path < everything
