@@ -416,7 +416,7 @@ def bench_pack(args):
             for rows in steps:
                 x, y, *documents = data.collate(rows)
                 micro = [(x, y, *(documents or [None]), sum(len(r[0]) for r in rows))]
-                train.forward_backward(m, micro, trainable, world=1, device=args.device, clip=1.0, loss_chunk=2048)
+                train.forward_backward(m, micro, trainable, world=1, device=args.device, clip=1.0)
                 optim.step()
                 optim.zero_grad(set_to_none=True)
             sync(args.device)

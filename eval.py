@@ -65,7 +65,7 @@ def check_vocab(vocab_size, n, source):
 def token_nll(m, x):
     """Negative log-likelihood of each next token: x (B, L) -> (B, L - 1)."""
     targets = F.pad(x[:, 1:], (0, 1), value=model.IGNORE)  # position i predicts token i + 1; the last predicts nothing
-    return m(x, targets, reduction="none", loss_chunk=1024)[:, :-1]
+    return m(x, targets, reduction="none")[:, :-1]
 
 
 def window_nll(m, tokens, seq_len, stride, max_windows=None, batch_size=1, progress=True):
@@ -166,7 +166,7 @@ def generate(m, ids, max_new_tokens, eos_id=None):
     cache = model.KVCache(len(m.layers)) if use_cache else None
     out = []
     with torch.no_grad():
-        logits = m(x, positions=cache)  # the next token's logits: (1, 1, vocab), not (1, N, vocab)
+        logits = m(x, last_only=True, positions=cache)  # the next token's logits: (1, 1, vocab), not (1, N, vocab)
         for _ in range(max_new_tokens):
             nxt = int(logits[0, -1].argmax())
             if nxt == eos_id:
@@ -179,7 +179,7 @@ def generate(m, ids, max_new_tokens, eos_id=None):
                 if use_cache
                 else torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
             )
-            logits = m(x, positions=cache)
+            logits = m(x, last_only=True, positions=cache)
     return out
 
 

@@ -208,14 +208,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.beyond_context = False  # True: run sequences longer than args.max_seq_len (to measure what happens)
-        self.nll = chunked_nll  # the loss (parallel.py swaps in one that keeps less for backward)
+        self.nll, self.loss_chunk = chunked_nll, 2048  # the loss, 2048 positions at a time (parallel.py: its own)
 
-    def forward(self, tokens, targets=None, *, reduction="sum", loss_chunk=2048, positions=None):
-        """tokens (B, N) LongTensor -> logits (B, N, vocab_size). With targets (B, N), the next-token loss
-        instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed (reduction="sum") or per position
-        (reduction="none", (B, N)), 0 where a target is IGNORE; computed loss_chunk positions at a time.
-        positions: where the tokens sit, if not at 0, 1, ..., N - 1 of whole sequences:
-            a KVCache  they continue the tokens it has seen (generation): the last position's logits, (B, 1, vocab);
+    def forward(self, tokens, targets=None, *, reduction="sum", last_only=False, positions=None):
+        """tokens (B, N) LongTensor -> logits (B, N, vocab_size); last_only: the last position's, (B, 1, vocab).
+        With targets (B, N), the next-token loss instead: -log p(targets[b, i] | tokens[b, :i + 1]), summed
+        (reduction="sum") or per position (reduction="none", (B, N)), 0 where a target is IGNORE; computed
+        self.loss_chunk positions at a time. positions: where the tokens sit, if not at 0, 1, ..., N - 1:
+            a KVCache  they continue the tokens it has seen (generation), whose keys and values it keeps;
             an int p   they are at p, p + 1, ... of longer sequences (context parallelism: this process's slice);
             a tensor   (B, N) ids of the documents packed into each row (s2attn.s2_attention's documents):
                        each attends only to itself and its positions start at 0, as if it ran alone."""
@@ -243,11 +243,11 @@ class Transformer(nn.Module):
         h = self.norm(h)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         if targets is None:
-            return F.linear(h if cache is None else h[:, -1:], w)
-        # The loss runs here, in the forward, and not on logits returned to the caller: with FSDP2 the
-        # output weight is gathered only during the root module's forward; and chunked, because the
-        # float32 logits of a whole sequence (32k tokens x 32k vocabulary: 4 GB) need never exist.
-        nll = self.nll(h, w, targets, loss_chunk)
+            return F.linear(h[:, -1:] if last_only else h, w)
+        # The loss runs here, in the forward, not on logits returned to the caller: with FSDP2 the output weight is
+        # gathered only during the root's forward; chunked: a whole sequence's float32 logits (32k x 32k: 4 GB) never
+        # exist at once (chunked_nll keeps each chunk's for backward; parallel.training_nll, none of them).
+        nll = self.nll(h, w, targets, self.loss_chunk)
         return nll.sum() if reduction == "sum" else nll
 
     def extend_context(self, factor, method="pi"):

@@ -163,7 +163,7 @@ def micro_batches(dataset, step, *, pad_id, grad_accum, batch_size, rank, world,
     return batches
 
 
-def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, start=0):
+def forward_backward(m, micro, trainable, *, world, device, clip, start=0):
     """Gradients of the mean loss over every target of the step, on all processes, clipped to `clip` (0: not).
     Returns (mean loss, gradient norm, [positions, those not padding] over all processes), read in one host
     sync; no CPU tensor meets a collective. start: the first token's position (context parallelism's slice)."""
@@ -175,7 +175,7 @@ def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, st
     n_targets, loss_sum = counts[0].float(), torch.zeros((), device=device)
     for x, t, documents in micro:
         where = start if documents is None else documents  # a slice's first position, or packed documents
-        loss = m(x, t, loss_chunk=loss_chunk, positions=where)  # summed over its targets
+        loss = m(x, t, positions=where)  # summed over its targets
         # FSDP averages gradients over processes: scale by `world` so the result is the mean over tokens (with
         # context parallelism too: each slice's gradient includes what its halo carried to the next slice)
         (loss * world / n_targets.clamp(min=1)).backward()
@@ -191,7 +191,7 @@ def forward_backward(m, micro, trainable, *, world, device, clip, loss_chunk, st
 def train(args, rank, world, device, stop=None):
     """The run that `args` (parse_args) describes, as process `rank` of `world`; `stop` (parallel.Stop):
     what asks it to stop early (default: only a launcher that died)."""
-    out, P = Path(args.out), args.context_parallel
+    out, P, stop = Path(args.out), args.context_parallel, stop or parallel.Stop(signals=False)
     if world % P:
         raise ValueError(f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P}")
     # 1. The run folder, the model (LongLoRA applied, sharded), the data, and what the export will write.
@@ -204,6 +204,7 @@ def train(args, rank, world, device, stop=None):
         args.data, args.sft, args.seq_len, base[0].vocab_size, own, args.pack, args.seed, whose
     )
     m = build_model(base, LongLoRA.from_args(args), rank, world, device, **run_settings(args))
+    m.loss_chunk = args.loss_chunk
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)
     loaded = parallel.max_over_ranks(parallel.peak_memory_gb(device)[1], device)[0]  # host GB, fullest process
     # 2. The optimizer over the trainable shards (FSDP2's: the only copies there are), resumed if asked.
@@ -227,7 +228,7 @@ def train(args, rank, world, device, stop=None):
             g["lr"] = lr
         micro = micro_batches(dataset, step, **batching, **share)
         loss, norm, tokens = forward_backward(
-            m, micro, trainable, world=world, device=device, clip=args.clip, loss_chunk=args.loss_chunk, start=first
+            m, micro, trainable, world=world, device=device, clip=args.clip, start=first
         )
         check_finite(step, loss, norm, progress.saved)
         optim.step()

@@ -568,9 +568,9 @@ def worker_decode(merged, tokens, device, n_prompt, n_new):
     seq = torch.tensor([prompt + picks], device=device)
     with torch.no_grad():
         cache, stepped = model.KVCache(len(m.layers)), []  # the same path, keeping every step's logits
-        stepped.append(m(seq[:, : len(prompt)], positions=cache))
+        stepped.append(m(seq[:, : len(prompt)], last_only=True, positions=cache))
         for i in range(len(prompt), seq.shape[1] - 1):
-            stepped.append(m(seq[:, i : i + 1], positions=cache))
+            stepped.append(m(seq[:, i : i + 1], last_only=True, positions=cache))
         stepped = torch.cat(stepped, dim=1)[0].float()  # (picks, vocab)
         m.set_attention(group_size=None, backend="naive")
         naive = m(seq)[0, len(prompt) - 1 : -1].float()  # (picks, vocab)

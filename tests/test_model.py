@@ -202,11 +202,13 @@ def test_kv_cache_gives_the_logits_of_a_full_forward():
     m, tok = tiny_model(), tokens(N=20)
     cache = model.KVCache(m.args.n_layers)
     with torch.no_grad():
-        # a prompt, then tokens one at a time, then a chunk: each call gives its last position's logits
-        parts = [m(tok[:, : t + 1] if t == 0 else tok[:, t : t + 1], positions=cache) for t in range(12)]
-        parts.append(m(tok[:, 12:20], positions=cache))
+        parts = (
+            [m(tok[:, :12], positions=cache)]
+            + [m(tok[:, t : t + 1], positions=cache) for t in range(12, 17)]
+            + [m(tok[:, 17:], positions=cache)]
+        )
     assert cache.pos == 20
-    torch.testing.assert_close(torch.cat(parts, dim=1), logits(m, tok)[:, [*range(12), 19]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, dim=1), logits(m, tok), rtol=1e-5, atol=1e-5)
     m.set_attention(group_size=8)
     with pytest.raises(ValueError, match="uses full attention"), torch.no_grad():
         m(tok[:, :1], positions=cache)
@@ -387,7 +389,8 @@ def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     m = tiny_model(dtype=torch.float64, tie_embeddings=tied)
     x, t = tokens(n=2, N=24), tokens(n=2, N=24, seed=2)
     t[0, 3:9] = model.IGNORE
-    per_token = m(x, t, reduction="none", loss_chunk=chunk)
+    m.loss_chunk = chunk
+    per_token = m(x, t, reduction="none")
     with pytest.raises(ValueError, match="'sum' .* or 'none'"):
         m(x, t, reduction="mean")
     ref = torch.nn.functional.cross_entropy(
@@ -397,9 +400,9 @@ def test_loss_in_the_forward_equals_cross_entropy_of_the_logits(chunk, tied):
     assert (per_token[0, 3:9] == 0).all()
     expected = torch.autograd.grad(ref.sum(), list(m.parameters()))
     for m.nll in (model.chunked_nll, parallel.training_nll):  # training_nll: each chunk recomputed in backward
-        for a, b in zip(torch.autograd.grad(m(x, t, loss_chunk=chunk), list(m.parameters())), expected):
+        for a, b in zip(torch.autograd.grad(m(x, t), list(m.parameters())), expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(m(x, positions=model.KVCache(m.args.n_layers)), m(x)[:, -1:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m(x, last_only=True), m(x)[:, -1:], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 2048])
@@ -416,7 +419,8 @@ def test_loss_with_a_frozen_head_has_the_gradients_of_cross_entropy(chunk):
     ref = torch.nn.functional.cross_entropy(
         m(x).flatten(0, 1), t.flatten(), ignore_index=model.IGNORE, reduction="none"
     ).view(t.shape)
-    ours = m(x, t, reduction="none", loss_chunk=chunk)
+    m.loss_chunk = chunk
+    ours = m(x, t, reduction="none")
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     trained = [p for p in m.parameters() if p.requires_grad]
     for a, b in zip(*[torch.autograd.grad((loss * weights).sum(), trained) for loss in (ours, ref)]):

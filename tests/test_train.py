@@ -609,7 +609,8 @@ def padded_batch_and_alone(backend, group_size, dtype, device):
 
     def loss_and_grads(x, t):
         m.zero_grad()
-        per_token = m(x.to(device), t.to(device), reduction="none", loss_chunk=5)  # (B, N)
+        m.loss_chunk = 5
+        per_token = m(x.to(device), t.to(device), reduction="none")  # (B, N)
         per_token.sum().backward()
         return per_token.sum(1).double(), {k: p.grad.double() for k, p in m.named_parameters()}
 
