@@ -187,12 +187,36 @@ def parallelize(
             block.forward = torch.compile(block.forward)
         if checkpointing:
             block.forward = functools.partial(checkpointed, block.forward, offload=offload, pin=device.type == "cuda")
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: a block's inputs keep their dtype. The hidden states are in `dtype` already (the
+    # embedding is gathered in it); RoPE's cos and sin stay float32, as eval.py uses them (FSDP2 would cast
+    # every floating-point input: torch 2.11 _fsdp_state.py:258-266, a bf16 copy of the table per block).
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32, cast_forward_inputs=False)
+    gather_integers_as_they_are()
     mesh = init_device_mesh(device.type, (world,))
     for block in m.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(m, mesh=mesh, mp_policy=mp)
     return m
+
+
+def gather_integers_as_they_are():
+    """FSDP2 gathers integer parameters (quant.py's NF4 codes) in their own dtype on torch 2.13, which leaves
+    non-floating-point parameters out of mixed precision (_fsdp_param.py:597). torch 2.11 gives them the
+    policy's param_dtype (FSDPParam.init_dtype_attrs, _fsdp_param.py:438-450): the uint8 codes would travel
+    and be gathered as bf16, exact but twice their bytes. This gives torch < 2.13 the 2.13 rule."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    init = FSDPParam.init_dtype_attrs
+    if getattr(init, "integers_as_they_are", False):
+        return
+
+    def init_dtype_attrs(self, mp_policy):
+        init(self, mp_policy)
+        if not self.orig_dtype.is_floating_point:
+            self.param_dtype = None
+
+    init_dtype_attrs.integers_as_they_are = True
+    FSDPParam.init_dtype_attrs = init_dtype_attrs
 
 
 def materialize(m, device, rank, world, read):

@@ -18,9 +18,10 @@ every device.
 
 A quantized weight is dequantized when it is used, one layer at a time, and again in the backward
 pass (NF4Linear's autograd function keeps no dense copy of it for backward). Its codes are integer
-tensors, which FSDP2 shards like any frozen parameter and never casts; the few float32 statistics of
-double quantization are buffers, copied whole to every process (train.py --quantize nf4; the memory
-per process: docs/memory.md).
+tensors, which FSDP2 shards like any frozen parameter and gathers as uint8 (torch 2.11 would gather them
+in the run's bf16: parallel.gather_integers_as_they_are); the few float32 statistics of double
+quantization are buffers, copied whole to every process (train.py --quantize nf4; the memory per
+process: docs/memory.md).
 """
 
 import functools
@@ -90,7 +91,7 @@ class NF4Weight(nn.Module):
 
     def dequantize(self, dtype=None):
         """The dense weight, in `dtype` (default: the dtype it was quantized from)."""
-        codes = self.codes.to(torch.uint8)  # (a no-op; in case an FSDP version gathers integers as floats)
+        codes = self.codes.to(torch.uint8)  # (a no-op: FSDP2 gathers it as uint8, parallel.gather_integers_as_they_are)
         # one lookup per byte, into a (256, 2) table: 8 bytes per weight at the peak (the int64 indices of
         # the bytes, and the float32 weights), then multiplied in place (one rounding) and cast
         w = pairs_on(self.device)[codes.long()].view(-1, self.block_size)

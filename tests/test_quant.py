@@ -254,3 +254,54 @@ def test_qlora_adapter_opens_in_peft_on_the_unquantized_base(setup, tmp_path):  
         plain = lora.merge_lora(lora.load_trainable(base, out / "trainable.safetensors"))(x)  # merges into base
     assert (plain - before).abs().max() > 1e-2  # training changed the model
     torch.testing.assert_close(peft_logits(tmp_path / "base", out / "adapter", x), plain, rtol=0, atol=1e-4)
+
+
+GATHER_SCRIPT = """
+import sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+import model, parallel, quant, train
+
+
+def init_dtype_attrs_2_11(self, mp_policy):  # torch 2.11's _fsdp_param.py:438-450, as it is
+    param_dtype, reduce_dtype = (mp_policy.param_dtype, mp_policy.reduce_dtype)
+    self.orig_dtype = self.sharded_param.dtype
+    if reduce_dtype == param_dtype:
+        reduce_dtype = None
+    if param_dtype == self.orig_dtype:
+        param_dtype = None
+    self.param_dtype = param_dtype
+    self.reduce_dtype = reduce_dtype
+
+
+FSDPParam.init_dtype_attrs = init_dtype_attrs_2_11
+rank, world, device = parallel.setup_distributed("cpu")
+a = model.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
+base = parallel.random_weights(a, 0, device)
+m = train.build_model(base, train.LongLoRA(seq_len=64), rank, world, device, quantize="nf4", checkpointing=False)
+seen = set()
+dequantize = quant.NF4Weight.dequantize
+quant.NF4Weight.dequantize = lambda w, dtype=None: seen.add((w.codes.dtype, w.absmax.dtype)) or dequantize(w, dtype)
+m(torch.randint(0, 96, (1, 64)), torch.randint(0, 96, (1, 64))).backward()
+block = m.layers[0]
+nf4 = sum(t.numel() for w in block.modules() if isinstance(w, quant.NF4Weight) for t in w.parameters())
+floats = sum(p.numel() for n, p in block.named_parameters() if p.is_floating_point())
+sent = [t for p in block._get_fsdp_state()._fsdp_param_group.fsdp_params for t in p.all_gather_inputs]
+print("dtypes", *sorted(set(str(d) for pair in seen for d in pair)))
+print("block", nf4 + 2 * floats, sum(t.numel() * t.element_size() for t in sent))
+"""
+
+
+def test_nf4_codes_are_gathered_in_one_byte(tmp_path):
+    """torch 2.11's FSDP2 gives integer parameters the policy's param_dtype (FSDPParam.init_dtype_attrs), so
+    NF4 codes would be gathered as bf16: exact, but twice their bytes. Under 2.11's rule (put in here, as
+    torch 2.13 has its own), a quantized LoRA+ model in bf16 meets uint8 codes and absmax at dequantize,
+    and a block's gather moves 1 byte per code and 2 per bf16 weight."""
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["dtypes"] == "torch.uint8", r.stdout
+    expected, sent = lines["block"].split()  # the bytes each process puts into a block's all-gather
+    assert sent == expected, r.stdout

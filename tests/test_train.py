@@ -963,3 +963,33 @@ def test_outputs_follow_the_umask_and_save_every_0_can_be_extended(setup, tmp_pa
     assert not unreadable
     run_train(setup, out, "--steps", "3", "--resume")
     assert logged_steps(out) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- mixed precision under FSDP2
+
+PRECISION_SCRIPT = """
+import copy, sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+import parallel
+from common import tiny_model, tokens
+parallel.setup_distributed("cpu")
+m = tiny_model(max_seq_len=256)  # float32 weights, gathered in bf16 by FSDP2
+plain = copy.deepcopy(m).to(torch.bfloat16)  # the same bf16 weights, no FSDP2
+parallel.parallelize(m, device=torch.device("cpu"), world=1, dtype="bfloat16", checkpointing=False)
+x = tokens(n=2, N=256)
+with torch.no_grad():
+    a, b = plain(x).float(), m(x).float()
+print("relative", ((a - b).abs().max() / a.abs().max()).item())
+"""
+
+
+def test_fsdp_blocks_rotate_with_float32_rope(tmp_path):
+    """FSDP2 casts a sharded module's floating-point inputs to its param_dtype unless told not to
+    (MixedPrecisionPolicy.cast_forward_inputs, torch 2.11 _fsdp_state.py:258-266), and RoPE's cos and sin
+    reach each block as an input: in bf16 they would rotate q and k differently from eval.py, which runs
+    without FSDP2. A bf16 model under parallel.parallelize gives the logits of the same bf16 model alone."""
+    script = tmp_path / "precision.py"
+    script.write_text(PRECISION_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-2:] == ["relative", "0.0"], r.stdout
