@@ -284,7 +284,13 @@ _KERNELS = {"sdpa": _sdpa, "flash": _flash}
 
 def _torch_varlen(q, k, v, cu, max_len):
     """torch.nn.attention.varlen.varlen_attn: 2.10 takes is_causal; 2.11 window_size, (-1, 0) being
-    causal, and no GQA; 2.13 adds enable_gqa."""
+    causal, and no GQA; 2.13 adds enable_gqa. It calls the FlashAttention-2 kernel as it is, which takes
+    head dims that are multiples of 8 up to 256 (flash-attn's own function pads them)."""
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        raise ValueError(
+            f"backend 'flash' without flash-attn takes head dims that are multiples of 8 up to 256, not "
+            f"{q.shape[-1]}: use backend='sdpa' (or pip install flash-attn)"
+        )
     kw = {"is_causal": True} if "is_causal" in _parameters(torch_varlen_attn) else {"window_size": (-1, 0)}  # causal
     if k.shape[1] != q.shape[1]:
         if flash_repeats_kv():
@@ -297,7 +303,9 @@ def _torch_varlen(q, k, v, cu, max_len):
 def flash_repeats_kv():
     """True where the flash backend copies k and v once per query head under GQA (and the kernel keeps
     those copies for backward): torch's own varlen kernel before 2.13, which has no enable_gqa, runs
-    without flash-attn."""
+    without flash-attn. Read from its C++, 2.11's kernel may take fewer kv heads as they are:
+    tests/test_s2attn.py::test_varlen_kernel_takes_gqa_without_repeated_kv_cuda (gpu_check's cuda-tests)
+    settles it; once it passes on a GPU with torch 2.11, this can be False there."""
     return (
         flash_attn_varlen_func is None
         and torch_varlen_attn is not None

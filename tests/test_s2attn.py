@@ -319,6 +319,23 @@ def test_stand_in_has_the_installed_kernels_signature():
     assert params(stand_in) == params(s2attn.torch_varlen_attn)
 
 
+@pytest.mark.parametrize("D", [12, 264])
+def test_flash_refuses_head_dims_torchs_kernel_cannot_take(monkeypatch, D):
+    """torch's varlen_attn hands q, k, v to the FlashAttention-2 kernel unpadded, which rejects head dims
+    that are not a multiple of 8 or exceed 256: our error, naming the fix, before any kernel runs.
+    flash-attn's function pads a head dim of 12 itself."""
+    q, k, v = qkv(1, 16, 4, 2, D=D)
+    for kernel in ("varlen_211", "varlen_213"):
+        use_stand_in_flash(monkeypatch, kernel)
+        with pytest.raises(ValueError, match=f"multiples of 8 up to 256, not {D}: use backend='sdpa'"):
+            s2_attention(q, k, v, 8, backend="flash")
+    use_stand_in_flash(monkeypatch, "flash_attn")
+    if D == 12:
+        torch.testing.assert_close(
+            s2_attention(q, k, v, 8, backend="flash"), s2_attention(q, k, v, 8), rtol=1e-5, atol=1e-6
+        )
+
+
 def test_flash_gradients_with_stand_in_kernels(monkeypatch):
     """The k and v repeated for torch 2.11's kernel get their gradients summed back per kv head."""
     q, k, v = qkv(2, 20, 6, 2, requires_grad=True)
@@ -330,6 +347,33 @@ def test_flash_gradients_with_stand_in_kernels(monkeypatch):
         grads[kernel] = [x.grad.clone() for x in (q, k, v)]
     for old, new in zip(*grads.values()):
         torch.testing.assert_close(old, new, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or s2attn.torch_varlen_attn is None, reason="needs a CUDA GPU and torch's varlen_attn"
+)
+def test_varlen_kernel_takes_gqa_without_repeated_kv_cuda():
+    """torch 2.11's varlen_attn takes no enable_gqa, so there the flash backend repeats k and v per query head
+    (s2attn.flash_repeats_kv). Read from its C++, the kernel itself needs only H % Hkv == 0 and sums the
+    expanded dk, dv in backward. This runs it with 2 kv heads for 8 query heads (2.13: enable_gqa) against the
+    repeated k and v, bf16, forward and backward: once it passes on a GPU with 2.11, the repeat can go."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda h: torch.randn(96, h, 64, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v = make(8), make(2), make(2)
+    w = torch.randn(96, 8, 64, generator=g, device="cuda")
+    cu = torch.tensor([0, 40, 96], dtype=torch.int32, device="cuda")  # two sequences, of 40 and 56 tokens
+    names = inspect.signature(s2attn.torch_varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in names else {"window_size": (-1, 0)}
+    results = []
+    for repeat in (True, False):
+        q.grad = k.grad = v.grad = None
+        kk, vv = s2attn.repeat_kv(k, v, 4, dim=1) if repeat else (k, v)
+        gqa = {} if repeat or "enable_gqa" not in names else {"enable_gqa": True}
+        out = s2attn.torch_varlen_attn(q, kk, vv, cu, cu, 56, 56, **causal, **gqa)
+        (out.float() * w).sum().backward()
+        results.append([out.float(), *(x.grad.float() for x in (q, k, v))])
+    for repeated, native in zip(*results):
+        torch.testing.assert_close(native, repeated, rtol=2e-2, atol=2e-2)
 
 
 def test_flash_path_copies_nothing_from_the_host(monkeypatch):
