@@ -294,6 +294,30 @@ def config(args, dtype):
     }
 
 
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def carry_generation_config(base, folder, bos_id=None, eos_id=None):
+    """Give the exported HF folder `folder` what generation needs from its base: config.json's BOS, EOS and
+    padding ids and generation_config.json, as the base folder `base` has them (what it does not say: the
+    tokenizer's `bos_id` and `eos_id`, if given; a Meta base says none). Without an EOS id transformers'
+    generate() never stops at the end of an answer."""
+    base, folder = Path(base), Path(folder)
+    own = read_json(base / "config.json") if (base / "config.json").is_file() else {}
+    ids = {k: own[k] for k in GENERATION_IDS if k in own}  # the base's, None (Qwen's BOS) included
+    ids = {**{k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}, **ids}
+    if not ids and not (base / "generation_config.json").is_file():
+        return
+    files = {"config.json": json.dumps({**read_json(folder / "config.json"), **ids}, indent=2)}
+    if (base / "generation_config.json").is_file():
+        files["generation_config.json"] = (base / "generation_config.json").read_text()
+    else:
+        files["generation_config.json"] = json.dumps(ids, indent=2)
+    for name, text in files.items():  # written whole, then renamed
+        (folder / f".{name}.tmp").write_text(text)
+        os.replace(folder / f".{name}.tmp", folder / name)
+
+
 # ----------------------------------------------------------------------------- safetensors
 
 

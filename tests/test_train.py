@@ -756,10 +756,15 @@ def test_hf_run_exports_what_transformers_peft_and_eval_open(setup, tmp_path):
 )
 def test_each_architecture_trains_and_exports_as_itself(setup, tmp_path, config, kw, flags):
     """A 2-step LongLoRA run (S2, LoRA+, RoPE x2) from a transformers base of each architecture: merged/ opens
-    in transformers as the base's class with model.load's logits, adapter/ in PEFT on the base with merged/'s."""
+    in transformers as the base's class with model.load's logits, adapter/ in PEFT on the base with merged/'s;
+    merged/ keeps the base's BOS, EOS and padding ids and its generation_config.json, so generate() stops
+    where the base's does (Qwen's and Mistral's transformers defaults have no EOS: None never stops)."""
     transformers = pytest.importorskip("transformers", reason="pip install transformers")
-    base = hf_model(config, vocab_size=320, **{"num_key_value_heads": 2, **kw})
+    ids = dict(bos_token_id=None if config.startswith("Qwen") else 4, eos_token_id=[5, 7], pad_token_id=3)
+    base = hf_model(config, vocab_size=320, **{"num_key_value_heads": 2, **ids, **kw})
     base.save_pretrained(tmp_path / "base")
+    generation = {**ids, "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps(generation))
     out = tmp_path / "run"
     run_train(setup, out, "--model", str(tmp_path / "base"), *"--steps 2 --lr 3e-2 --save-every 0".split(), *flags)
     cfg = json.loads((out / "merged" / "config.json").read_text())
@@ -767,6 +772,8 @@ def test_each_architecture_trains_and_exports_as_itself(setup, tmp_path, config,
     assert cfg["rope_parameters"]["rope_type"] == ("yarn" if flags else "linear")
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
     assert type(merged) is type(base)
+    assert {k: cfg.get(k) for k in ids} == ids and json.loads((out / "merged" / "generation_config.json").read_text())
+    assert (merged.generation_config.eos_token_id, merged.generation_config.temperature) == ([5, 7], 0.6)
     x = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
     ours = model.load(out / "merged")(x).detach()
     start = model.load(tmp_path / "base").extend_context(2, method="yarn" if flags else "pi")(x).detach()
@@ -777,15 +784,19 @@ def test_each_architecture_trains_and_exports_as_itself(setup, tmp_path, config,
 
 def test_meta_run_exports_meta_with_the_data_tokenizer(setup, tmp_path):
     """A Meta base gives a Meta merged/, or HF with --export-format hf; the tokenizer is the one the token
-    file was made with when the model folder has none."""
+    file was made with when the model folder has none, and its BOS and EOS ids are the HF config's."""
     out = tmp_path / "run"
     run_train(setup, out, "--steps", "1", "--save-every", "0", "--export-format", "hf")
     assert sorted(p.name for p in (out / "merged").iterdir()) == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "tokenizer.model",
         "tokenizer_config.json",
     ]
+    tok, cfg = data.load_tokenizer(setup / "tok"), json.loads((out / "merged" / "config.json").read_text())
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}  # a Meta base has none: the tokenizer's
+    assert {k: cfg[k] for k in ids} == ids == json.loads((out / "merged" / "generation_config.json").read_text())
     assert data.load_tokenizer(out / "merged").encode("the a of") == data.load_tokenizer(setup / "tok").encode(
         "the a of"
     )
