@@ -772,7 +772,8 @@ def test_each_architecture_trains_and_exports_as_itself(setup, tmp_path, config,
     assert cfg["rope_parameters"]["rope_type"] == ("yarn" if flags else "linear")
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
     assert type(merged) is type(base)
-    assert {k: cfg.get(k) for k in ids} == ids and json.loads((out / "merged" / "generation_config.json").read_text())
+    assert {k: cfg.get(k) for k in ids} == ids
+    assert json.loads((out / "merged" / "generation_config.json").read_text()) == generation
     assert (merged.generation_config.eos_token_id, merged.generation_config.temperature) == ([5, 7], 0.6)
     x = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
     ours = model.load(out / "merged")(x).detach()
