@@ -145,6 +145,7 @@ SAME_ON_RESUME = (
     "rope_scale",
     "rope_method",
     "pack",
+    "chat_format",
     "quantize",
     "grad_accum",
     "dtype",
@@ -159,7 +160,13 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
     """Restore trainable weights, optimizer and RNG from `ckpt`; returns its step."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        saved = {"rope_method": "pi", "pack": False, "quantize": None, **state["args"]}  # runs from before these flags
+        saved = {
+            "rope_method": "pi",
+            "pack": False,
+            "quantize": None,
+            "chat_format": "auto",
+            **state["args"],
+        }  # older runs
         changed = [
             f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
             for k in SAME_ON_RESUME

@@ -17,6 +17,8 @@ resumed run continues the same sequence. Supervised examples (LongAlpaca's `inst
 
 import argparse
 import base64
+import datetime
+import functools
 import hashlib
 import json
 import os
@@ -35,9 +37,15 @@ IGNORE = -100  # target id that the loss skips: prompts of SFT examples, right p
 class Tokenizer:
     """encode(text) -> ids with BOS first; decode(ids) -> text. Wraps the three formats Llamas ship."""
 
-    def __init__(self, name, encode, decode, bos_id, eos_id, vocab_size, hf_config=None):
+    def __init__(self, name, encode, decode, bos_id, eos_id, vocab_size, hf_config=None, chat=None, specials=None):
         self.name, self._encode, self._decode = name, encode, decode
         self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
+        # How conversations are written (chat_ids): the folder's chat template, rendered with the special
+        # tokens' texts it names (TEMPLATE_TOKENS); else Meta's Llama 3 headers; else Llama 2's [INST] turns.
+        # special_ids: the special tokens' ids by text.
+        self.chat_template, self.special_ids = chat, specials or {}
+        self.template_tokens = {k: v for k, v in (hf_config or {}).items() if k in TEMPLATE_TOKENS}
+        self.chat_format = "template" if chat else "llama3" if "<|eot_id|>" in self.special_ids else "inst"
         # what a tokenizer_config.json beside this file must say for transformers' AutoTokenizer to
         # encode as we do (save_tokenizer writes it when the file has none)
         self.hf_config = {
@@ -134,9 +142,8 @@ def _tiktoken_tokenizer(path):
     enc = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     hf = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "extra_special_tokens": LLAMA3_SPECIALS}
     encode = lambda s: enc.encode(s, disallowed_special=())  # noqa: E731
-    return Tokenizer(
-        str(path), encode, enc.decode, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], enc.n_vocab, hf
-    )
+    bos, eos = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
+    return Tokenizer(str(path), encode, enc.decode, bos, eos, enc.n_vocab, hf, specials=specials)
 
 
 def _hf_tokenizer(path):
@@ -163,7 +170,17 @@ def _hf_tokenizer(path):
     eos = special("eos_token", ["</s>", "<|end_of_text|>", "<|endoftext|>"])
     encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731  (BOS/EOS are added by Tokenizer)
     hf = {"bos_token": tok.id_to_token(bos), "eos_token": tok.id_to_token(eos)}
-    return Tokenizer(str(path), encode, tok.decode, bos, eos, tok.get_vocab_size(), hf)
+    chat = cfg.get("chat_template")  # a text, or [{"name", "template"}, ...]; transformers >= 4.43: a file beside
+    if isinstance(chat, list):
+        chat = {t.get("name"): t.get("template") for t in chat}.get("default")
+    if not chat and (path.parent / "chat_template.jinja").is_file():
+        chat = (path.parent / "chat_template.jinja").read_text()
+    names = {k: cfg[k]["content"] if isinstance(cfg[k], dict) else cfg[k] for k in TEMPLATE_TOKENS if cfg.get(k)}
+    specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return Tokenizer(str(path), encode, tok.decode, bos, eos, tok.get_vocab_size(), {**names, **hf}, chat, specials)
+
+
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # what a chat template may name
 
 
 # What AutoTokenizer reads from a model folder; save_tokenizer copies those found beside the tokenizer.
@@ -173,6 +190,7 @@ HF_TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "chat_template.jinja",
 )
 
 
@@ -396,12 +414,17 @@ class TokenWindows:
         return x[:-1], x[1:]
 
 
-def training_set(tokens, sft, seq_len, vocab_size, tokenizer=None, pack=False, seed=0, whose="--tokenizer"):
+def training_set(
+    tokens, sft, seq_len, vocab_size, tokenizer=None, pack=False, seed=0, whose="--tokenizer", chat="auto"
+):
     """train.py's dataset and its padding id, checked before the model loads: the token file `tokens`
     (TokenWindows) or the SFT examples `sft` (SFTExamples, packed into rows with `pack`), each read with the
-    model's `tokenizer` (a path, `whose` in messages; a token file's ids and tokenizer are checked against it)."""
+    model's `tokenizer` (a path, `whose` in messages; a token file's ids and tokenizer are checked against it).
+    chat: the SFT examples' chat format (chat_ids; "auto": the tokenizer's own)."""
     if sft:
-        tok = load_tokenizer(tokenizer)
+        tok = use_chat_format(load_tokenizer(tokenizer), chat)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"SFT examples in the {tok.chat_format!r} chat format ({CHAT_FORMATS[tok.chat_format]})", flush=True)
         if tok.vocab_size > vocab_size:
             raise ValueError(
                 f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer"
@@ -445,52 +468,188 @@ def write_tokens(ids, out, meta, overwrite=False):
 
 
 PROMPT = "[INST] {instruction}{input} [/INST] "  # Llama 2 chat's turn markers; `input` follows a blank line
+ROLES = ("system", "user", "assistant")
+
+
+CHAT_FORMATS = {
+    "template": "the tokenizer's chat template",
+    "llama3": "Meta's Llama 3 header tokens",
+    "inst": "Llama 2's [INST] turns",
+}
+
+
+def use_chat_format(tok, name="auto"):
+    """`tok`, writing conversations in the chat format `name` (CHAT_FORMATS; "auto": the one it has), or a
+    ValueError naming what it lacks."""
+    if name == "template" and not tok.chat_template:
+        raise ValueError(f"{tok.name} has no chat template (tokenizer_config.json): choose another --chat-format")
+    if name == "llama3" and not {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= tok.special_ids.keys():
+        raise ValueError(f"{tok.name} has no Llama 3 header tokens: choose another --chat-format")
+    tok.chat_format = tok.chat_format if name == "auto" else name
+    return tok
+
+
+def sft_messages(ex):
+    """An SFT example as a conversation, [{"role", "content"}, ...]: a LongAlpaca example ("instruction",
+    optional "input", "output") is one user turn and one assistant turn; a chat example is its "messages".
+    ValueError, naming what is wrong, for anything else."""
+    if isinstance(ex, dict) and "messages" in ex:
+        messages = ex["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ValueError("'messages' must be a list of {'role': 'system', 'user' or 'assistant', 'content': text}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("the conversation has no assistant turn, so nothing to learn: add the answer")
+        return messages
+    if not isinstance(ex, dict) or not all(isinstance(ex.get(k), str) for k in ("instruction", "output")):
+        got = f"keys {sorted(ex)}" if isinstance(ex, dict) else type(ex).__name__
+        raise ValueError(
+            f"an SFT example needs 'instruction' and 'output' texts (optional 'input'), or 'messages'; got {got}"
+        )
+    user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": ex["output"]}]
+
+
+def chat_ids(tok, messages, add_generation_prompt=False):
+    """(ids, learned) of a conversation in the tokenizer's chat format (tok.chat_format): "template", the base's
+    own chat template rendered as transformers renders it; "llama3", Meta's Llama 3 headers; "inst", Llama 2's
+    [INST] turns (a system text opens the first). learned[i]: ids[i] belongs to an assistant turn (its text and
+    end-of-turn marker), what fine-tuning learns. add_generation_prompt: end with an assistant turn's opening."""
+    if tok.chat_format == "template":
+        return _template_ids(tok, messages, add_generation_prompt)
+    pieces, system = [], None  # (ids, learned) in order
+    if tok.chat_format == "llama3":
+        special = tok.special_ids
+
+        def header(role):
+            return [special["<|start_header_id|>"], *tok.encode(role, bos=False), special["<|end_header_id|>"]] + [
+                *tok.encode("\n\n", bos=False)
+            ]
+
+        pieces.append(([tok.bos_id], False))
+        for m in messages:
+            pieces += [(header(m["role"]), False)]
+            pieces += [
+                (tok.encode(m["content"].strip(), bos=False) + [special["<|eot_id|>"]], m["role"] == "assistant")
+            ]
+        pieces += [(header("assistant"), False)] if add_generation_prompt else []
+    else:
+        for m in messages:
+            if m["role"] == "system":
+                system = m["content"]
+            elif m["role"] == "user":
+                text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{m['content']}" if system else m["content"]
+                pieces.append((tok.encode(f"[INST] {text} [/INST] ", bos=True), False))
+                system = None
+            else:
+                pieces.append((tok.encode(m["content"], bos=False, eos=True), True))
+    return [i for p, _ in pieces for i in p], [learn for p, learn in pieces for _ in p]
+
+
+def _template_ids(tok, messages, add_generation_prompt):
+    """chat_ids for a chat template: the conversation rendered and tokenized whole, as transformers'
+    apply_chat_template does; an assistant turn's tokens are those that rendering the conversation up to it
+    adds to rendering it up to its opening (the generation prompt)."""
+    ids = lambda msgs, prompt: tok.encode(render_chat(tok, msgs, prompt), bos=False)  # noqa: E731
+    whole = ids(messages, add_generation_prompt)
+    learned = [False] * len(whole)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start, end = ids(messages[:i], True), ids(messages[: i + 1], False)
+            if whole[: len(start)] != start or whole[: len(end)] != end or len(end) <= len(start):
+                raise ValueError(
+                    f"the chat template writes assistant turn {i + 1} otherwise once later turns follow it (as Qwen3's "
+                    "does with reasoning): make each assistant turn an example of its own, ending with it"
+                )
+            learned[len(start) : len(end)] = [True] * (len(end) - len(start))
+    return whole, learned
+
+
+def render_chat(tok, messages, add_generation_prompt=False):
+    """A conversation as the text tok.chat_template makes of it, rendered as transformers renders it."""
+    try:
+        text = _jinja(tok.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **tok.template_tokens
+        )
+    except Exception as e:  # jinja2's TemplateError, or the template's raise_exception
+        raise ValueError(f"the chat template fails on this conversation: {type(e).__name__}: {e}") from None
+    return text
+
+
+@functools.cache
+def _jinja(template):
+    """A chat template compiled as transformers compiles it (sandboxed, trim_blocks, lstrip_blocks, loop
+    controls, its tojson, raise_exception and strftime_now; {% generation %} blocks rendered as they are)."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError as e:
+        raise ImportError("the model's chat template needs jinja2: pip install jinja2") from e
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f))
+    return env.from_string(template)
 
 
 def sft_example(tok, ex, seq_len):
-    """(inputs, targets) of one LongAlpaca example: BOS + prompt + output + EOS, truncated to seq_len + 1
-    tokens; the prompt's targets are IGNORE, so only the answer is learned."""
-    prompt, answer = sft_prompt(tok, ex), tok.encode(ex["output"], bos=False, eos=True)
-    ids = torch.tensor((prompt + answer)[: seq_len + 1])
-    targets = ids[1:].clone()
-    targets[: len(prompt) - 1] = IGNORE  # position t predicts token t + 1: the first answer token is learned
-    return ids[:-1], targets
-
-
-def sft_prompt(tok, ex):
-    """The prompt's ids (BOS first) of one LongAlpaca example, or ValueError naming what the example lacks."""
-    if not isinstance(ex, dict) or not all(isinstance(ex.get(k), str) for k in ("instruction", "output")):
-        got = f"keys {sorted(ex)}" if isinstance(ex, dict) else type(ex).__name__
-        raise ValueError(f"an SFT example needs 'instruction' and 'output' texts (optional 'input'); got {got}")
-    extra = f"\n\n{ex['input']}" if ex.get("input") else ""
-    return tok.encode(PROMPT.format(instruction=ex["instruction"], input=extra), bos=True)
+    """(inputs, targets) of one SFT example (sft_messages) in the tokenizer's chat format (chat_ids), truncated
+    to seq_len + 1 tokens; targets are IGNORE but where the next token is an assistant turn's, so only the
+    answers, and their end-of-turn markers, are learned."""
+    ids, learned = chat_ids(tok, sft_messages(ex))
+    ids, learned = torch.tensor(ids[: seq_len + 1]), torch.tensor(learned[: seq_len + 1])
+    return ids[:-1], torch.where(learned[1:], ids[1:], IGNORE)
 
 
 class SFTExamples:
-    """LongAlpaca-style examples from a .json list or a .jsonl file: dataset[i] -> (inputs, targets). Every
-    prompt is read and tokenized when the file is opened: an example that lacks a field stops the run
-    before its first step, named by its number in the file; one whose prompt leaves no room for its answer
-    in --seq-len tokens (nothing to learn) is left out, with a note."""
+    """SFT examples from a .json list or a .jsonl file, LongAlpaca's ("instruction", "input", "output") or
+    chat "messages" (sft_messages), in the tokenizer's chat format: dataset[i] -> (inputs, targets). Every
+    example is read and tokenized when the file is opened: one that is malformed, or that the chat template
+    refuses, stops the run before its first step, named by its number in the file; one whose prompt leaves no
+    room for its first answer in --seq-len tokens (nothing to learn) is left out, with a note."""
 
     def __init__(self, path, tokenizer, seq_len, seed=0):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"SFT file {path} does not exist")
         text = path.read_text(encoding="utf-8")
-        examples = (
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-            if path.suffix == ".jsonl"
-            else json.loads(text)
-        )
+        try:
+            examples = (
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+                if path.suffix == ".jsonl"
+                else json.loads(text)
+            )
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON{' lines' * (path.suffix == '.jsonl')} ({e}): fix it") from None
         if not examples:
             raise ValueError(f"{path} holds no examples")
         self.examples, too_long = [], []
         for n, ex in enumerate(examples, 1):
             try:
-                prompt = sft_prompt(tokenizer, ex)
+                learned = chat_ids(tokenizer, sft_messages(ex))[1]
             except ValueError as e:
                 raise ValueError(f"{path}, example {n}: {e}") from None
-            if len(prompt) <= seq_len:
+            if learned.index(True) <= seq_len:  # position seq_len - 1, the last, predicts the first answer token
                 self.examples.append(ex)
             else:
                 too_long.append(n)

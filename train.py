@@ -200,9 +200,8 @@ def train(args, rank, world, device, stop=None):
     base = parallel.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
     own = args.tokenizer or (args.model if args.sft or data.tokenizer_in(args.model) else None)  # its tokenizer
     whose = "--tokenizer" if args.tokenizer else "the model's own tokenizer"
-    dataset, pad_id = data.training_set(
-        args.data, args.sft, args.seq_len, base[0].vocab_size, own, args.pack, args.seed, whose
-    )
+    sets = (args.data, args.sft, args.seq_len, base[0].vocab_size, own, args.pack, args.seed, whose, args.chat_format)
+    dataset, pad_id = data.training_set(*sets)
     m = build_model(base, LongLoRA.from_args(args), rank, world, device, **run_settings(args))
     m.loss_chunk = args.loss_chunk
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)
@@ -313,8 +312,16 @@ def parse_args(argv=None):
     a.add_argument("--model", required=True, help="base model: a Meta or HF folder, or a merged/ of an earlier run")
     a.add_argument("--init", action="store_true", help="pretrain: random weights; --model is a params.json")
     a.add_argument("--data", help="token file (python data.py tokenize), read in windows of --seq-len tokens")
-    a.add_argument("--sft", help="supervised examples instead: LongAlpaca .json/.jsonl (instruction, input, output)")
+    a.add_argument(
+        "--sft", help="supervised examples instead: .json/.jsonl, LongAlpaca's (instruction, input, output) or messages"
+    )
     a.add_argument("--pack", action="store_true", help="--sft examples packed into rows, each attending to itself")
+    a.add_argument(
+        "--chat-format",
+        choices=("auto", "template", "llama3", "inst"),
+        default="auto",
+        help="--sft turns: the tokenizer's chat template, Meta's Llama 3 headers or Llama 2's [INST] (default: auto)",
+    )
     a.add_argument("--tokenizer", help="tokenizer for --sft and the export (default: --model's, else the data's)")
     a.add_argument("--out", required=True, help="run folder: log, checkpoints, trainable weights, merged model")
     # LongLoRA: one flag per field of LongLoRA (lists as comma-separated strings)

@@ -240,3 +240,149 @@ def test_sft_examples_are_checked_when_opened(spm, tmp_path, capsys):
     (tmp_path / "sft.json").write_text(json.dumps(examples))
     ds = data.SFTExamples(tmp_path / "sft.json", tok, seq_len=64)
     assert ds.n == 1 and ds.examples == examples[:1] and "1 of 2 examples" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- chat formats
+
+CHATML = (  # Qwen's turn markers
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (  # Meta's header tokens, as Llama 3's tokenizer_config.json writes them
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{ m['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (  # BOS once, [INST] around user turns, EOS after each answer; no system role
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+CHAT_STYLES = {  # name: (special tokens, tokenizer_config.json)
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>", "chat_template": CHATML}),
+    "llama3": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE},
+    ),
+    "mistral": (["<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>", "chat_template": MISTRAL_TEMPLATE}),
+}
+CONVERSATION = [
+    {"role": "user", "content": TEXTS[0]},
+    {"role": "assistant", "content": TEXTS[1]},
+    {"role": "user", "content": "to be or not to be?"},
+    {"role": "assistant", "content": TEXTS[2]},
+]
+
+
+def chat_tokenizer_folder(folder, style):
+    """A byte-level BPE tokenizer.json trained on TEXTS with the special tokens of a chat style, and its
+    tokenizer_config.json with a chat template written for it."""
+    tokenizers = pytest.importorskip("tokenizers", reason="pip install tokenizers")
+    specials, config = CHAT_STYLES[style]
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", *specials],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(TEXTS * 20, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def runs(decode, ids, learned):
+    """The texts of the learned stretches of ids, in order."""
+    out, run = [], []
+    for i, keep in zip(ids + [None], learned + [False]):
+        if keep:
+            run.append(i)
+        elif run:
+            out, run = out + [decode(run)], []
+    return out
+
+
+@pytest.mark.parametrize("style", CHAT_STYLES)
+def test_chat_template_ids_are_transformers_and_only_answers_are_learned(tmp_path, style):
+    """A folder's chat template gives the ids transformers' apply_chat_template gives for the same folder,
+    with and without the generation prompt, one turn and several; what is learned is each assistant turn's
+    text and its end-of-turn marker, and nothing else."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    folder = chat_tokenizer_folder(tmp_path, style)
+    tok, theirs = data.load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_format == "template"
+    for messages in (CONVERSATION[:2], CONVERSATION, CONVERSATION[:3]):
+        for prompt in (False, True):
+            ids, learned = data.chat_ids(tok, messages, add_generation_prompt=prompt)
+            assert ids == theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)["input_ids"]
+    ids, learned = data.chat_ids(tok, CONVERSATION)
+    end = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>", "mistral": "</s>"}[style]
+    assert runs(theirs.decode, ids, learned) == [TEXTS[1] + end, TEXTS[2] + end]
+    x, y = data.sft_example(tok, {"messages": CONVERSATION}, seq_len=len(ids))
+    assert x.tolist() == ids[:-1] and y.tolist() == [
+        t if keep else data.IGNORE for t, keep in zip(ids[1:], learned[1:])
+    ]
+
+
+def test_llama2_and_llama3_formats_without_a_template(spm, tmp_path):
+    """Bases without a chat template: Llama 2's [INST] turns (a system text opens the first user turn; each
+    answer ends with EOS) on a sentencepiece tokenizer, Meta's Llama 3 headers on a tiktoken one; learned:
+    each answer and its end marker."""
+    tok = data.load_tokenizer(spm)
+    assert tok.chat_format == "inst"
+    messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
+    ids, learned = data.chat_ids(tok, messages)
+    sys_turn = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n" + TEXTS[0] + " [/INST] "
+    expected = tok.encode(sys_turn) + tok.encode(TEXTS[1], bos=False, eos=True)
+    expected += tok.encode("[INST] to be or not to be? [/INST] ") + tok.encode(TEXTS[2], bos=False, eos=True)
+    assert ids == expected and [ids[i] for i, keep in enumerate(learned) if keep] == (
+        tok.encode(TEXTS[1], bos=False, eos=True) + tok.encode(TEXTS[2], bos=False, eos=True)
+    )
+    pytest.importorskip("tiktoken", reason="pip install tiktoken")
+    ranks = [bytes([i]) for i in range(256)] + [b"th", b"the", b" t", b"to", b" to"]
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks))
+    )
+    tok = data.load_tokenizer(tmp_path / "tokenizer.model")
+    s = tok.special_ids
+    header = lambda role: [s["<|start_header_id|>"], *tok.encode(role, bos=False), s["<|end_header_id|>"], 10, 10]  # noqa: E731
+    ids, learned = data.chat_ids(tok, CONVERSATION[:2], add_generation_prompt=False)
+    answer = tok.encode(TEXTS[1], bos=False) + [s["<|eot_id|>"]]
+    assert tok.chat_format == "llama3" and ids == [tok.bos_id, *header("user"), *tok.encode(TEXTS[0], bos=False)] + [
+        s["<|eot_id|>"],
+        *header("assistant"),
+        *answer,
+    ]
+    assert [ids[i] for i, keep in enumerate(learned) if keep] == answer
+    assert data.chat_ids(tok, CONVERSATION[:1], add_generation_prompt=True)[0][-len(header("assistant")) :] == header(
+        "assistant"
+    )
+
+
+def test_bad_chat_examples_are_named(tmp_path):
+    """A conversation with no assistant turn, a role the template refuses, a malformed message and a template
+    that writes earlier turns otherwise than later: one line naming the example, when the file is opened."""
+    tok = data.load_tokenizer(chat_tokenizer_folder(tmp_path / "mistral", "mistral"))
+    cases = [
+        ([{"role": "user", "content": "a"}], "example 2: the conversation has no assistant turn"),
+        (
+            [{"role": "system", "content": "a"}, *CONVERSATION[:2]],
+            "example 2: the chat template fails.*roles are supported",
+        ),
+        ([{"role": "user", "text": "a"}], "example 2: 'messages' must be a list of"),
+    ]
+    for messages, message in cases:
+        (tmp_path / "sft.jsonl").write_text(
+            json.dumps({"messages": CONVERSATION[:2]}) + "\n" + json.dumps({"messages": messages})
+        )
+        with pytest.raises(ValueError, match=message):
+            data.SFTExamples(tmp_path / "sft.jsonl", tok, seq_len=256)
+    tok.chat_template = CHATML.replace("m['content']", "(m['content'] if loop.last else m['content'][:3])")
+    with pytest.raises(ValueError, match="writes assistant turn 2 otherwise once later turns follow"):
+        data.chat_ids(tok, CONVERSATION)
+    (tmp_path / "sft.jsonl").write_text('{"messages": [')
+    with pytest.raises(ValueError, match="sft.jsonl is not valid JSON lines"):
+        data.SFTExamples(tmp_path / "sft.jsonl", tok, seq_len=256)

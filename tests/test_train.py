@@ -1005,3 +1005,31 @@ def test_fsdp_blocks_rotate_with_float32_rope(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split()[-2:] == ["relative", "0.0"], r.stdout
+
+
+@pytest.mark.parametrize("layout", ["longalpaca", "messages"])
+def test_sft_trains_in_the_bases_chat_template(tmp_path, layout):
+    """--sft on a Qwen3-style HF base whose tokenizer has a chat template (ChatML), in both layouts: the run
+    says which format it trains in, and merged/ carries the template, so transformers writes a conversation
+    on merged/ as training did."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    from test_data import CONVERSATION, TEXTS, chat_tokenizer_folder
+
+    base = tmp_path / "base"
+    hf_model("Qwen3Config", vocab_size=320, num_key_value_heads=2, head_dim=24).save_pretrained(base)
+    chat_tokenizer_folder(base, "chatml")
+    if layout == "messages":
+        examples = [{"messages": CONVERSATION[: 2 + 2 * (i % 2)]} for i in range(6)]
+    else:
+        examples = [
+            {"instruction": TEXTS[i % 3], "input": TEXTS[(i + 1) % 3], "output": TEXTS[(i + 2) % 3]} for i in range(6)
+        ]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    out = tmp_path / "run"
+    flags = "--seq-len 128 --steps 2 --warmup 1 --grad-accum 1 --dtype float32 --save-every 0 --device cpu".split()
+    r = train_cli("--model", base, "--sft", tmp_path / "sft.jsonl", "--out", out, *flags)
+    assert (out / "merged").exists(), r.stderr[-3000:]
+    assert "SFT examples in the 'template' chat format (the tokenizer's chat template)" in r.stdout
+    ours, theirs = data.load_tokenizer(out / "merged"), transformers.AutoTokenizer.from_pretrained(out / "merged")
+    assert ours.chat_format == "template"
+    assert theirs.apply_chat_template(CONVERSATION, tokenize=True)["input_ids"] == data.chat_ids(ours, CONVERSATION)[0]
