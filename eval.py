@@ -1,8 +1,9 @@
 """Evaluation: perplexity over sliding windows, and passkey retrieval (the paper's Tables 4, 5, 9, 10
-and its passkey test).
+and its passkey test); and asking the model about a long document.
 
     python eval.py ppl --model runs/7b-8k/merged --data pg19-test.bin --seq-len 2048,4096,8192 --json ppl.json
     python eval.py passkey --model runs/7b-8k/merged --lengths 2048,4096,8192 --trials 10 --plot passkey.png
+    python eval.py ask --model runs/7b-8k/merged --file paper.txt --question "What is the main finding?"
 
 --model is anything model.load opens; add --trainable FILE to apply a trainable-weights file (adapters,
 embedding, norms, RoPE scaling) to it instead. Evaluation runs with full attention unless --attn s2:
@@ -24,6 +25,7 @@ import math
 import random
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -183,6 +185,98 @@ def generate(m, ids, max_new_tokens, eos_id=None):
     return out
 
 
+# ----------------------------------------------------------------------------- asking the model
+
+
+class Chat:
+    """A conversation with model `m` in its tokenizer's chat format (data.chat_ids), decoded with a KV cache
+    kept from turn to turn: each reply feeds the model only the tokens of the conversation the cache has not
+    seen. Sampling: temperature (0: greedy) and top-p; `stop`: the ids that end a reply (its EOS ids)."""
+
+    def __init__(self, m, tok, stop):
+        self.m, self.tok, self.stop = m, tok, set(stop)
+        self.cache, self.seen = model.KVCache(len(m.layers)), []  # the cache holds the ids `seen`
+        self.device = next(m.parameters()).device
+
+    def reply(self, messages, max_new_tokens=512, temperature=0.6, top_p=0.9, generator=None, write=None):
+        """The model's answer to `messages` (its ids), each piece of text written to `write` as it comes."""
+        ids = data.chat_ids(self.tok, messages, add_generation_prompt=True)[0]
+        keep = 0  # the longest prefix the cache already holds (at least one token is fed)
+        while keep < min(len(self.seen), len(ids) - 1) and self.seen[keep] == ids[keep]:
+            keep += 1
+        for layer in self.cache.layers if keep < self.cache.pos else []:  # forget what follows it
+            layer["k"], layer["v"] = layer["k"][:, :keep], layer["v"][:, :keep]
+        self.cache.pos, self.seen, answer, shown = keep, list(ids), [], ""
+        x = torch.tensor([ids[keep:]], device=self.device)
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = self.m(x, last_only=True, positions=self.cache)[0, -1]
+                nxt = pick(logits, temperature, top_p, generator)
+                if nxt in self.stop:
+                    break
+                answer.append(nxt)
+                self.seen.append(nxt)
+                text = self.tok.decode(answer)
+                if write and not text.endswith("\ufffd"):  # (a character's bytes not all out yet)
+                    write(text[len(shown) :])
+                    shown = text
+                x = torch.tensor([[nxt]], device=self.device)
+        if write and len(shown) < len(text := self.tok.decode(answer)):
+            write(text[len(shown) :])
+        return answer
+
+
+def pick(logits, temperature=0.6, top_p=0.9, generator=None):
+    """The next token from (vocab,) logits: the most likely at temperature 0; else sampled from the
+    smallest set of most likely tokens whose probability reaches top_p, at `temperature` (a CPU generator)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    p = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    p, order = p.sort(descending=True)
+    p[p.cumsum(0) - p >= top_p] = 0  # the tokens after the nucleus (the first is always in it)
+    return int(order[torch.multinomial(p / p.sum(), 1, generator=generator)])
+
+
+def stop_ids(folder, tok):
+    """The ids that end an answer: the tokenizer's EOS, the EOS ids of the model folder's
+    generation_config.json (Qwen's and Llama 3's list their end-of-turn tokens), and Llama 3's <|eot_id|>."""
+    ids = {tok.eos_id} | ({tok.special_ids["<|eot_id|>"]} if "<|eot_id|>" in tok.special_ids else set())
+    f = Path(folder) / "generation_config.json"
+    eos = json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
+    return ids | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def ask(args):
+    """eval.py ask: a question about --file (or a chat, one question a line, with no --question), streamed."""
+    tok = data.use_chat_format(data.load_tokenizer(args.tokenizer or args.model), args.chat_format)
+    check_vocab(model.read_checkpoint(args.model)[0].vocab_size, tok.vocab_size, f"the tokenizer {tok.name}")
+    document = Path(args.file).read_text(encoding="utf-8") if args.file else None
+    m = load_model(args.model, args.trainable, args.dtype)
+    m.beyond_context = args.beyond_context
+    chat, messages = Chat(m, tok, stop_ids(args.model, tok)), []
+    generator = torch.Generator().manual_seed(args.seed)
+    questions = [args.question] if args.question else iter(lambda: input("> ").strip(), "")
+    for question in questions:
+        first = document is not None and not messages
+        messages.append({"role": "user", "content": f"{document}\n\n{question}" if first else question})
+        n, context = len(data.chat_ids(tok, messages, add_generation_prompt=True)[0]), m.args.max_seq_len
+        if n + args.max_new_tokens > context and not args.beyond_context:
+            over = n + args.max_new_tokens - context
+            raise ValueError(
+                f"the prompt is {n:,} tokens: with --max-new-tokens {args.max_new_tokens}, {over:,} more than the "
+                f"model's context of {context:,}. Shorten --file or --max-new-tokens, or pass --beyond-context"
+            )
+        t0 = time.perf_counter()
+        write = lambda s: print(s, end="", flush=True)  # noqa: E731
+        answer = chat.reply(messages, args.max_new_tokens, args.temperature, args.top_p, generator, write)
+        dt = time.perf_counter() - t0
+        print(flush=True)
+        print(
+            f"({len(answer)} tokens in {dt:.1f} s, {len(answer) / dt:.1f} tokens/s; a prompt of {n:,})", file=sys.stderr
+        )
+        messages.append({"role": "assistant", "content": tok.decode(answer)})
+
+
 def passkey(m, tok, lengths, depths, trials, seed=0, progress=True):
     """{length: {depth: accuracy}} over `trials` random keys (1..50000) per cell, seeded."""
     rng = random.Random(seed)
@@ -327,12 +421,34 @@ def parser():
     )
     s.add_argument("--trials", type=int, default=10, help="random keys per length and depth (default 10)")
     s.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    s = sub.add_parser("ask", help="ask the model about a document", description="eval.py ask: " + ask.__doc__)
+    s.add_argument("--model", required=True, help="a folder model.load opens (Meta, HF, or a run's merged/)")
+    s.add_argument(
+        "--trainable", help="a trainable-weights file (train.py's trainable.safetensors) to apply to --model"
+    )
+    s.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    s.add_argument("--file", help="the document the question is about (a text file)")
+    s.add_argument("--question", help="the question (none: a chat, one question a line, an empty line ends it)")
+    s.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default 0.6)")
+    s.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling's probability mass (default 0.9)")
+    s.add_argument("--max-new-tokens", type=int, default=512, help="the longest answer in tokens (default 512)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument(
+        "--chat-format", choices=("auto", "template", "llama3", "inst"), default="auto", help="as train.py's"
+    )
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), help="default float32 on CPU, bfloat16 on CUDA")
+    s.add_argument("--beyond-context", action="store_true", help="run a prompt longer than the model's context anyway")
     return p
 
 
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    if args.cmd == "ask":
+        try:
+            return ask(args)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            sys.exit(f"error: {e}")
     lengths = args.seq_len if args.cmd == "ppl" else args.lengths
     if not lengths or min(lengths) < 2:
         p.error(f"--{'seq-len' if args.cmd == 'ppl' else 'lengths'} takes lengths of at least 2 tokens, e.g. 2048,4096")

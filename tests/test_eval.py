@@ -248,3 +248,61 @@ def test_plot_or_a_clear_message(tmp_path):
     ev.plot_perplexity(results, tmp_path / "p.png", "t")
     ev.plot_passkey({1024: {0.0: 1.0, 1.0: 0.5}, 2048: {0.0: 0.0, 1.0: 1.0}}, tmp_path / "k.png", "t")
     assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "k.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- asking the model
+
+
+def chat_model_folder(folder):
+    """A random Qwen3-style HF model with a ChatML tokenizer, its generation_config.json ending answers at
+    <|im_end|>, as train.py exports one."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    from test_data import chat_tokenizer_folder
+
+    from common import hf_model
+
+    hf_model(
+        "Qwen3Config", vocab_size=320, num_key_value_heads=2, head_dim=24, max_position_embeddings=256
+    ).save_pretrained(folder)
+    chat_tokenizer_folder(folder, "chatml")
+    end = transformers.AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("<|im_end|>")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [end]}))
+    return folder, transformers
+
+
+def test_ask_answers_as_transformers_generate_does(tmp_path):
+    """eval.py ask at temperature 0 streams the answer transformers' greedy generate() gives on the same
+    folder, from the same chat-template prompt (the document, a blank line, the question), stopping at the
+    folder's EOS ids; then its speed. Sampling is seeded: the same seed, the same answer."""
+    folder, transformers = chat_model_folder(tmp_path / "m")
+    (tmp_path / "doc.txt").write_text("To be, or not to be, that is the question.\n" * 3)
+    question = "What is the question?"
+    r = run_eval("ask", "--model", folder, "--file", tmp_path / "doc.txt", "--question", question, "--temperature", "0",
+                 "--max-new-tokens", "24")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    tok, hf = (
+        transformers.AutoTokenizer.from_pretrained(folder),
+        transformers.AutoModelForCausalLM.from_pretrained(folder),
+    )
+    content = (tmp_path / "doc.txt").read_text() + "\n\n" + question
+    ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)["input_ids"]
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :]
+    assert r.stdout == tok.decode(out, skip_special_tokens=True) + "\n"
+    assert "tokens/s; a prompt of" in r.stderr
+    sampled = [run_eval("ask", "--model", folder, "--question", "Who?", "--seed", s, "--max-new-tokens", "12").stdout
+               for s in ("1", "1", "2")]  # fmt: skip
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_ask_says_how_far_a_document_is_past_the_context_and_chats(tmp_path):
+    """A document longer than the model's context: refused before anything runs, saying by how much. With
+    no --question, one question a line, each answered in turn, the conversation kept."""
+    folder, _ = chat_model_folder(tmp_path / "m")
+    (tmp_path / "doc.txt").write_text("To be, or not to be. " * 200)
+    r = run_eval("ask", "--model", folder, "--file", tmp_path / "doc.txt", "--question", "?")
+    assert r.returncode == 1 and "more than the model's context of 256. Shorten --file" in r.stderr, r.stderr
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), "ask", "--model", str(folder), "--max-new-tokens", "8"],
+        input="Who?\nAnd then?\n\n", capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stderr.count("tokens/s") == 2, r.stderr[-2000:]
