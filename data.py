@@ -478,6 +478,44 @@ CHAT_FORMATS = {
 }
 
 
+# The formats of bases without a template, as templates writing the same text: what an export carries, so
+# that transformers' apply_chat_template writes conversations as training did.
+CHAT_TEMPLATES = {
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
+        "{{ m['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "inst": (
+        "{% set ns = namespace(system=none) %}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{% set ns.system = m['content'] %}{% elif m['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
+        "{% if ns.system is not none %}{{ '<<SYS>>\n' + ns.system + '\n<</SYS>>\n\n' }}{% endif %}"
+        "{{ m['content'] + ' [/INST] ' }}{% set ns.system = none %}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+
+def save_chat_format(tok, folder):
+    """Write the chat format `tok` uses (use_chat_format) into the tokenizer_config.json of `folder`, a
+    tokenizer saved there by save_tokenizer: its template, or the CHAT_TEMPLATES one of Meta's Llama 3
+    headers and Llama 2's [INST] turns. (load_tokenizer reads a tokenizer.model's format from the file
+    itself, as training did.)"""
+    cfg_file, jinja = Path(folder) / "tokenizer_config.json", Path(folder) / "chat_template.jinja"
+    template = tok.chat_template if tok.chat_format == "template" else CHAT_TEMPLATES[tok.chat_format]
+    cfg = json.loads(cfg_file.read_text())
+    if (
+        cfg.get("chat_template") == template
+        or not cfg.get("chat_template")
+        and jinja.is_file()
+        and jinja.read_text() == template
+    ):
+        return
+    (Path(folder) / ".tokenizer_config.json.tmp").write_text(json.dumps({**cfg, "chat_template": template}, indent=2))
+    os.replace(Path(folder) / ".tokenizer_config.json.tmp", cfg_file)
+    jinja.unlink(missing_ok=True)  # (transformers reads that file first)
+
+
 def use_chat_format(tok, name="auto"):
     """`tok`, writing conversations in the chat format `name` (CHAT_FORMATS; "auto": the one it has), or a
     ValueError naming what it lacks."""

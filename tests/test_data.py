@@ -386,3 +386,28 @@ def test_bad_chat_examples_are_named(tmp_path):
     (tmp_path / "sft.jsonl").write_text('{"messages": [')
     with pytest.raises(ValueError, match="sft.jsonl is not valid JSON lines"):
         data.SFTExamples(tmp_path / "sft.jsonl", tok, seq_len=256)
+
+
+def test_chat_templates_write_the_formats_without_one(spm, tmp_path):
+    """What an export carries for the formats of bases without a template (data.CHAT_TEMPLATES) writes the
+    text those formats are made of: Llama 2's [INST] turns with a system text, Meta's Llama 3 headers."""
+    import copy
+
+    tok = data.load_tokenizer(spm)
+    messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
+    as_template = copy.copy(tok)
+    as_template.chat_format, as_template.chat_template = "template", data.CHAT_TEMPLATES["inst"]
+    expected = f"<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n{TEXTS[0]} [/INST] {TEXTS[1]}</s>"
+    expected += f"<s>[INST] to be or not to be? [/INST] {TEXTS[2]}</s>"
+    assert data.render_chat(as_template, messages) == expected
+    pytest.importorskip("tiktoken", reason="pip install tiktoken")
+    ranks = [bytes([i]) for i in range(256)] + [b"th", b"the", b" t", b"to", b" to"]
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks))
+    )
+    tok = data.load_tokenizer(tmp_path / "tokenizer.model")
+    as_template = copy.copy(tok)
+    as_template.chat_format, as_template.chat_template = "template", data.CHAT_TEMPLATES["llama3"]
+    for prompt in (False, True):
+        ids = data.chat_ids(tok, messages, add_generation_prompt=prompt)[0]
+        assert data.render_chat(as_template, messages, prompt) == tok._decode(ids)  # tiktoken writes its specials

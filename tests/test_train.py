@@ -1033,3 +1033,44 @@ def test_sft_trains_in_the_bases_chat_template(tmp_path, layout):
     ours, theirs = data.load_tokenizer(out / "merged"), transformers.AutoTokenizer.from_pretrained(out / "merged")
     assert ours.chat_format == "template"
     assert theirs.apply_chat_template(CONVERSATION, tokenize=True)["input_ids"] == data.chat_ids(ours, CONVERSATION)[0]
+    (tmp_path / "doc.txt").write_text(TEXTS[0] * 3)
+    ask = [
+        "ask",
+        "--model",
+        out / "merged",
+        "--file",
+        tmp_path / "doc.txt",
+        "--question",
+        "Why?",
+        "--max-new-tokens",
+        8,
+    ]
+    r = subprocess.run([sys.executable, ROOT / "eval.py", *map(str, ask)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "tokens/s" in r.stderr, r.stderr[-2000:]  # merged/ answers in its template
+
+
+def test_sft_export_carries_the_format_it_trained_in(setup, tmp_path):
+    """A Meta base without a chat template trains --sft in Llama 2's [INST] turns; its HF merged/ carries that
+    format as a template, which transformers renders as the text of those turns."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    pytest.importorskip(
+        "google.protobuf", reason="AutoTokenizer reads a sentencepiece file with protobuf: pip install protobuf"
+    )
+    examples = [{"instruction": "Say it.", "output": synthetic_text(20, seed=i)} for i in range(4)]
+    (tmp_path / "sft.json").write_text(json.dumps(examples))
+    out = tmp_path / "run"
+    flags = (
+        "--seq-len 128 --steps 1 --grad-accum 1 --dtype float32 --save-every 0 --device cpu --export-format hf".split()
+    )
+    r = train_cli(
+        "--model", setup / "base", "--tokenizer", setup / "tok", "--sft", tmp_path / "sft.json", "--out", out, *flags
+    )
+    assert (out / "merged").exists(), r.stderr[-3000:]
+    assert "SFT examples in the 'inst' chat format" in r.stdout
+    assert (
+        json.loads((out / "merged" / "tokenizer_config.json").read_text())["chat_template"]
+        == data.CHAT_TEMPLATES["inst"]
+    )
+    messages = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "It."}]
+    text = transformers.AutoTokenizer.from_pretrained(out / "merged").apply_chat_template(messages, tokenize=False)
+    assert text == "<s>[INST] Say it. [/INST] It.</s>"
