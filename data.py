@@ -681,7 +681,7 @@ class SFTExamples:
             raise ValueError(f"{path} is not valid JSON{' lines' * (path.suffix == '.jsonl')} ({e}): fix it") from None
         if not examples:
             raise ValueError(f"{path} holds no examples")
-        self.examples, too_long = [], []
+        self.examples, too_long, cut = [], [], []
         for n, ex in enumerate(examples, 1):
             try:
                 learned = chat_ids(tokenizer, sft_messages(ex))[1]
@@ -689,6 +689,7 @@ class SFTExamples:
                 raise ValueError(f"{path}, example {n}: {e}") from None
             if learned.index(True) <= seq_len:  # position seq_len - 1, the last, predicts the first answer token
                 self.examples.append(ex)
+                cut += [n] if len(learned) > seq_len + 1 else []
             else:
                 too_long.append(n)
         if not self.examples:
@@ -698,6 +699,13 @@ class SFTExamples:
             print(
                 f"note: {len(too_long)} of {len(examples)} examples in {path} are left out: their prompts fill "
                 f"--seq-len {seq_len}, leaving nothing of their answers to learn (examples {listed})",
+                flush=True,
+            )
+        if cut and os.environ.get("RANK", "0") == "0":
+            listed = ", ".join(map(str, cut[:5])) + (", ..." if len(cut) > 5 else "")
+            print(
+                f"note: {len(cut)} of {len(examples)} examples in {path} are cut at --seq-len {seq_len}: the end of "
+                f"their answers is not learned (examples {listed}); raise --seq-len to learn it",
                 flush=True,
             )
         self.tok, self.seq_len, self.seed, self.n = tokenizer, seq_len, seed, len(self.examples)

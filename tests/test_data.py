@@ -240,6 +240,8 @@ def test_sft_examples_are_checked_when_opened(spm, tmp_path, capsys):
     (tmp_path / "sft.json").write_text(json.dumps(examples))
     ds = data.SFTExamples(tmp_path / "sft.json", tok, seq_len=64)
     assert ds.n == 1 and ds.examples == examples[:1] and "1 of 2 examples" in capsys.readouterr().out
+    data.SFTExamples(tmp_path / "sft.json", tok, seq_len=24)  # example 1's answer is cut: a note says so
+    assert "1 of 2 examples in" in (out := capsys.readouterr().out) and "are cut at --seq-len 24" in out, out
 
 
 # ----------------------------------------------------------------------------- chat formats
