@@ -371,6 +371,8 @@ def read_tokens(path):
     """(np.memmap of the ids, meta dict) of a token file written by `tokenize`."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
+    if path.suffix == ".json" and path.with_suffix(".bin").exists():
+        raise ValueError(f"{path} is a token file's description: give the tokens, {path.with_suffix('.bin')}")
     if not path.exists():
         raise FileNotFoundError(f"token file {path} does not exist; make one with: python data.py tokenize ...")
     if not meta_path.exists():

@@ -78,6 +78,15 @@ class LongLoRA:
         if G is not None and (isinstance(G, bool) or not isinstance(G, int) or G < 1):
             raise ValueError(f"--group-size {G}: an S2-Attn group holds at least 1 token (default: --seq-len / 4)")
         object.__setattr__(self, "group_size", G or max(1, self.seq_len // 4))
+        if self.rope_scale is not None and not self.rope_scale >= 1:
+            raise ValueError(
+                f"--rope-scale {self.rope_scale:g}: positions are divided by it, so at least 1 (or leave it out)"
+            )
+        if self.lora_rank < 0 or self.lora_rank and not self.lora_alpha > 0:
+            raise ValueError(
+                f"--lora-rank {self.lora_rank} --lora-alpha {self.lora_alpha:g}: a rank of at least 0 (0: full "
+                "fine-tuning) and an alpha above 0 (the adapters' scale is alpha / rank; the paper's: 8 and 16)"
+            )
         if self.attn != "full" and self.group_size > self.seq_len:
             raise ValueError(
                 f"--group-size {self.group_size} is larger than --seq-len {self.seq_len}: S2-Attn needs groups "
@@ -408,6 +417,13 @@ def check_args(p, args):
     for name in ("seq_len", "steps", "batch_size", "grad_accum", "loss_chunk", "keep", "context_parallel"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup", "save_every", "clip", "weight_decay"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name):g} must be at least 0")
+    if not args.lr > 0:
+        p.error(f"--lr {args.lr:g}: the learning rate must be above 0 (the paper's: 2e-5)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file: --out names the run's folder; choose another")
     return args
 
 

@@ -160,6 +160,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
 
 BAD_FLAGS = ["missing-model", "vocab", "group", "both-data", "backend", "group-zero", "tokenizer-2proc"]
 BAD_FLAGS += ["context-slices", "context-full", "context-world-2proc", "qwen-as-meta", "sliding-window", "yarn-on-pi"]
+BAD_FLAGS += ["rope-scale-0", "alpha-0", "clip", "warmup", "save-every", "lr", "seq-len", "out-file", "data-json"]
 BAD_FOLDERS = ["existing-out", "existing-out-2proc", "corrupt-checkpoint", "resume-nothing", "resume-no-checkpoint"]
 
 
@@ -197,6 +198,23 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
     elif case == "group-zero":
         flags += ["--group-size", "0"]
         expect = "--group-size 0: an S2-Attn group holds at least 1 token"
+    elif case in ("rope-scale-0", "alpha-0", "clip", "warmup", "save-every", "lr", "seq-len"):
+        flag, value, expect = {
+            "rope-scale-0": ("--rope-scale", "0", "--rope-scale 0: positions are divided by it, so at least 1"),
+            "alpha-0": ("--lora-alpha", "0", "--lora-alpha 0: a rank of at least 0 (0: full fine-tuning) and an alpha"),
+            "clip": ("--clip", "-1", "--clip -1 must be at least 0"),
+            "warmup": ("--warmup", "-5", "--warmup -5 must be at least 0"),
+            "save-every": ("--save-every", "-1", "--save-every -1 must be at least 0"),
+            "lr": ("--lr", "-1", "--lr -1: the learning rate must be above 0"),
+            "seq-len": ("--seq-len", "-512", "--seq-len -512: the training length is at least 1 token"),
+        }[case]
+        flags += [flag, value]
+    elif case == "out-file":
+        out.write_text("a file")
+        expect = f"--out {out} is a file: --out names the run's folder"
+    elif case == "data-json":
+        flags += ["--data", str(setup / "train.json")]
+        expect = f"{setup / 'train.json'} is a token file's description: give the tokens, {setup / 'train.bin'}"
     elif case == "context-slices":
         flags += ["--context-parallel", "3"]
         expect = "--seq-len 128 in --context-parallel 3 slices: each slice must be a whole number of --group-size 32"
