@@ -463,6 +463,8 @@ def main(argv=None):
             tokens, meta = data.read_tokens(args.data)
             max_id = meta["max_id"] if "max_id" in meta else int(tokens.max()) if len(tokens) else -1
             check_vocab(vocab, max_id + 1, f"--data {args.data}")
+            # and its tokenizer, where both tell theirs (train.py checks the same)
+            data.check_token_file(args.data, meta, vocab, data.tokenizer_in(args.model), "the model's own tokenizer")
         else:
             tokens = data.load_tokenizer(args.tokenizer or args.model)
             check_vocab(vocab, tokens.vocab_size, f"the tokenizer {tokens.name}")

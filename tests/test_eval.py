@@ -207,7 +207,8 @@ def test_cli_ppl_json_and_passkey(tmp_path, tok):
 
 def test_cli_errors_name_the_fix(tmp_path, tok, capsys):
     """eval.main in this process (the CLI's runs are above): a missing model, a vocabulary the data or the
-    tokenizer overruns, bad flags and a length past the context end in one line that says what to do,
+    tokenizer overruns, a token file made with another tokenizer than the model's own (train.py refuses it
+    too), bad flags and a length past the context end in one line that says what to do,
     no traceback; --beyond-context runs past the context."""
     model.save(tiny_model(vocab_size=320, max_seq_len=256), tmp_path / "m")
     model.save(tiny_model(vocab_size=200), tmp_path / "small")
@@ -230,6 +231,16 @@ def test_cli_errors_name_the_fix(tmp_path, tok, capsys):
     ):
         code, err = error(*ppl, "32", "--model", str(tmp_path / "m"), *flags)
         assert code == 2 and expect in err, err
+    model.save(tiny_model(vocab_size=320, max_seq_len=256), tmp_path / "own")
+    data.save_tokenizer(tok.name, tmp_path / "own")  # a model with its tokenizer; the token file says another made it
+    meta = {"dtype": "uint16", "tokens": 300, "max_id": int(tokens.max()), "tokenizer": "other.model"}
+    (tmp_path / "t.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
+    assert "it was tokenized with another tokenizer (other.model), not with the model's own tokenizer" in error(
+        *ppl, "32", "--model", str(tmp_path / "own")
+    )
+    (tmp_path / "t.json").write_text(json.dumps({**meta, "tokenizer_sha256": data.fingerprint(tok)}))
+    ev.main([*ppl, "32", "--model", str(tmp_path / "own")])  # made with the model's own: scored
+    assert capsys.readouterr().out.split()[:3] == ["length", "perplexity", "32"]
     too_long = error(*ppl, "300", "--model", str(tmp_path / "m"))
     assert "length 300 is past the model's context of 256 tokens: pass --beyond-context" in too_long
     ev.main([*ppl, "300", "--model", str(tmp_path / "m"), "--beyond-context"])
