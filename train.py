@@ -357,7 +357,7 @@ def parse_args(argv=None):
     a.add_argument("--seed", type=int, default=42, help="seed of the adapters' init and of the data order (default 42)")
     # memory and devices
     a = p.add_argument_group("memory and devices")
-    a.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute (trained: float32)")
+    a.add_argument("--dtype", choices=("bfloat16", "float32"), help="compute (default bf16 on CUDA, float32 on CPU)")
     a.add_argument("--loss-chunk", type=int, default=2048, help="tokens per chunk of the loss (default 2048)")
     a.add_argument("--no-activation-checkpointing", action="store_true", help="keep every block's activations")
     a.add_argument("--offload-activations", action="store_true", help="checkpointed inputs in pinned host memory")
@@ -382,6 +382,7 @@ def check_args(p, args):
     except ValueError as e:
         p.error(str(e))
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.dtype = args.dtype or model.default_dtype("cuda" if on_cuda else "cpu")  # as eval.py's (trained: float32)
     runs_here = model.BACKENDS if on_cuda else ("naive", "sdpa")
     args.backend = args.backend or parallel.default_backend(on_cuda, args.dtype)
     if args.backend not in runs_here:

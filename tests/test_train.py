@@ -1092,3 +1092,12 @@ def test_sft_export_carries_the_format_it_trained_in(setup, tmp_path):
     messages = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "It."}]
     text = transformers.AutoTokenizer.from_pretrained(out / "merged").apply_chat_template(messages, tokenize=False)
     assert text == "<s>[INST] Say it. [/INST] It.</s>"
+
+
+def test_dtype_defaults_to_the_devices(monkeypatch):
+    """--dtype left out: float32 on a CPU, as eval.py's (bf16 matmuls are slow there), bf16 on CUDA."""
+    flags = ["--model", "m", "--data", "d.bin", "--out", "o"]
+    assert train.parse_args(flags + ["--device", "cpu"]).dtype == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.parse_args(flags).dtype == "bfloat16"
+    assert train.parse_args(flags + ["--dtype", "float32"]).dtype == "float32"
