@@ -804,7 +804,8 @@ def main(argv=None):
             files = [p for f in expand(args.files) for p in (sorted(f.rglob("*.txt")) if f.is_dir() else [f])]
             print(f"wrote {train_tokenizer(files, args.vocab_size, args.out)}")
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)  # bad input: one line, status 2, as train.py and eval.py
 
 
 if __name__ == "__main__":

@@ -441,6 +441,12 @@ def parser():
     return p
 
 
+def fail(e):
+    """Exit as train.py and data.py do on bad input: one line, status 2."""
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
@@ -448,7 +454,7 @@ def main(argv=None):
         try:
             return ask(args)
         except (FileNotFoundError, ValueError, ImportError) as e:
-            sys.exit(f"error: {e}")
+            fail(e)
     lengths = args.seq_len if args.cmd == "ppl" else args.lengths
     if not lengths or min(lengths) < 2:
         p.error(f"--{'seq-len' if args.cmd == 'ppl' else 'lengths'} takes lengths of at least 2 tokens, e.g. 2048,4096")
@@ -488,7 +494,7 @@ def main(argv=None):
             title = f"{run.parent.name if run.name == 'merged' else run.name} ({args.attn} attention)"
             (plot_perplexity if args.cmd == "ppl" else plot_passkey)(results, args.plot, title)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 def evaluate(m, args, lengths, source):

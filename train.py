@@ -442,7 +442,8 @@ def main(argv=None):
     if not argv:  # the demo lives in demo.py, which imports this file: hand the process over to it
         os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("demo.py"))])
     args = parse_args(argv)
-    rank, code = int(os.environ.get("RANK", 0)), 0
+    rank, code, out = int(os.environ.get("RANK", 0)), 0, Path(args.out)
+    fresh = not out.exists()  # a run that fails before it writes anything leaves no new folder behind
     try:
         stop = parallel.Stop()  # SIGTERM and Ctrl-C: a checkpoint after the step in progress, then stop
         rank, world, device = parallel.setup_distributed(args.device)
@@ -454,6 +455,8 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
+        if fresh and rank == 0 and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
     sys.stdout.flush()
     if dist.is_initialized():
         dist.destroy_process_group()

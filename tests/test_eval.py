@@ -217,10 +217,11 @@ def test_cli_errors_name_the_fix(tmp_path, tok, capsys):
     (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "tokens": 300, "max_id": int(tokens.max())}))
     ppl = ["ppl", "--data", str(tmp_path / "t.bin"), "--seq-len"]
 
-    def error(*argv):  # what the command exits with: an argparse status (its message on stderr) or the message
+    def error(*argv):  # what the command says on stderr, having exited with status 2 (train.py's and argparse's)
         with pytest.raises(SystemExit) as e:
             ev.main(list(argv))
-        return e.value.code if isinstance(e.value.code, str) else (e.value.code, capsys.readouterr().err)
+        assert e.value.code == 2
+        return capsys.readouterr().err
 
     assert error(*ppl, "32", "--model", str(tmp_path / "nope")).startswith("error:")
     for cmd in (ppl + ["32"], ["passkey", "--tokenizer", tok.name, "--lengths", "200", "--trials", "1"]):
@@ -229,8 +230,8 @@ def test_cli_errors_name_the_fix(tmp_path, tok, capsys):
         (["--group-size", "0", "--attn", "s2"], "--group-size 0: an S2-Attn group holds at least 1 token"),
         (["--seq-len", "1"], "--seq-len takes lengths of at least 2 tokens"),
     ):
-        code, err = error(*ppl, "32", "--model", str(tmp_path / "m"), *flags)
-        assert code == 2 and expect in err, err
+        err = error(*ppl, "32", "--model", str(tmp_path / "m"), *flags)
+        assert expect in err, err
     model.save(tiny_model(vocab_size=320, max_seq_len=256), tmp_path / "own")
     data.save_tokenizer(tok.name, tmp_path / "own")  # a model with its tokenizer; the token file says another made it
     meta = {"dtype": "uint16", "tokens": 300, "max_id": int(tokens.max()), "tokenizer": "other.model"}
@@ -311,7 +312,7 @@ def test_ask_says_how_far_a_document_is_past_the_context_and_chats(tmp_path):
     folder, _ = chat_model_folder(tmp_path / "m")
     (tmp_path / "doc.txt").write_text("To be, or not to be. " * 200)
     r = run_eval("ask", "--model", folder, "--file", tmp_path / "doc.txt", "--question", "?")
-    assert r.returncode == 1 and "more than the model's context of 256. Shorten --file" in r.stderr, r.stderr
+    assert r.returncode == 2 and "more than the model's context of 256. Shorten --file" in r.stderr, r.stderr
     r = subprocess.run(
         [sys.executable, str(ROOT / "eval.py"), "ask", "--model", str(folder), "--max-new-tokens", "8"],
         input="Who?\nAnd then?\n\n", capture_output=True, text=True, cwd=ROOT, timeout=300,

@@ -167,7 +167,8 @@ BAD_FOLDERS = ["existing-out", "existing-out-2proc", "corrupt-checkpoint", "resu
 @pytest.mark.parametrize("case", BAD_FLAGS + BAD_FOLDERS + ["corrupt-tokenizer-2proc"])
 def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
     """Refused with a one-line error naming the fix, on every process (none is left hanging), before
-    anything in --out is changed: flags before the model loads, the run folder before anything is written."""
+    anything in --out is changed: flags before the model loads, the run folder before anything is written;
+    a new --out is not left behind."""
     out = tmp_path / "run"
     flags, nproc = ["--steps", "2"], 2 if case.endswith("2proc") else 1
     if case == "missing-model":
@@ -255,8 +256,9 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
     else:  # tokenizer-2proc: a missing --tokenizer, found by rank 0 before training; every rank stops
         flags += ["--tokenizer", str(tmp_path / "nope.model")]
         expect = "does not exist"
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before, existed = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}, out.exists()
     r = run_train(setup, out, *flags, check=False, nproc=nproc)
+    assert out.exists() == existed  # a run refused before its first step leaves no new folder behind
     assert r.returncode != 0 and expect in r.stderr, r.stderr[-3000:]
     assert f'{ROOT / "train.py"}", line' not in r.stderr  # no traceback through our code (torchrun adds one of its own)
     assert nproc > 1 or (r.returncode == 2 and "Traceback" not in r.stderr)
