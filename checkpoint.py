@@ -1,7 +1,7 @@
 """A run's folder, for train.py: DCP checkpoints of what trains and the rules for resuming from them, the
 log trimmed on resume, and the export at the end (merged/, adapter/, trainable.safetensors).
 
-    ckpt = checkpoint.open_run_folder(out, resume)              # the checkpoint to resume from, or None
+    ckpt = checkpoint.open_run_folder(out, resume, steps)       # the checkpoint to resume from, or None
     checkpoint.save_checkpoint(out, step, m, optim, args, rank, world, device)
     step = checkpoint.load_checkpoint(ckpt, m, optim, args, rank, world, device)
     checkpoint.export(out, m, args, rank, fmt, tokenizer)      # fmt, tokenizer: export_plan's, settled first
@@ -36,11 +36,11 @@ import parallel
 import quant
 
 
-def open_run_folder(out, resume):
-    """The checkpoint to resume from (None: start), after checking that `out` may take this run; every
-    process must see the folder, and rank 0 holds its lock (lock). A folder with a checkpoint or an export
-    holds a run; one with only a log.jsonl holds a run that stopped before its first checkpoint: nothing
-    there can be resumed, so a new run replaces the log."""
+def open_run_folder(out, resume, steps=None):
+    """The checkpoint to resume from (None: start), after checking that `out` may take this run of `steps`
+    steps; every process must see the folder, and rank 0 holds its lock (lock). A folder with a checkpoint or
+    an export holds a run; one with only a log.jsonl holds a run that stopped before its first checkpoint:
+    nothing there can be resumed, so a new run replaces the log."""
     parallel.on_rank_zero(lambda: lock(out, create=not resume), dist.get_rank())
     ckpt = parallel.decide(str(checkpoints(out)[-1]) if checkpoints(out) else None)
     exported = parallel.decide(any((out / name).exists() for name in ("merged", "trainable.safetensors", "adapter")))
@@ -51,6 +51,12 @@ def open_run_folder(out, resume):
             f"--resume: {out} holds no checkpoint to continue from"
             + (" (it holds an export but no checkpoint)" if exported else "")
             + "; run without --resume to start from the beginning, or choose another --out"
+        )
+    at = int(Path(ckpt).name.removeprefix("step-")) if ckpt else 0
+    if resume and steps is not None and (at > steps or at == steps and exported):  # (at == steps: redo the export)
+        raise ValueError(
+            f"--resume: the run in {out} is at step {at}{' and exported' if exported else ''}, so --steps {steps} "
+            "leaves nothing to train: pass a larger --steps to train on"
         )
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -204,7 +204,7 @@ def train(args, rank, world, device, stop=None):
     if world % P:
         raise ValueError(f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P}")
     # 1. The run folder, the model (LongLoRA applied, sharded), the data, and what the export will write.
-    ckpt = checkpoint.open_run_folder(out, args.resume)  # rank 0 holds its lock from here on
+    ckpt = checkpoint.open_run_folder(out, args.resume, args.steps)  # rank 0 holds its lock from here on
     # the base's config and tensor index (nothing read yet): the data is checked against it before the model loads
     base = parallel.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
     own = args.tokenizer or (args.model if args.sft or data.tokenizer_in(args.model) else None)  # its tokenizer

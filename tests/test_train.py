@@ -162,6 +162,7 @@ BAD_FLAGS = ["missing-model", "vocab", "group", "both-data", "backend", "group-z
 BAD_FLAGS += ["context-slices", "context-full", "context-world-2proc", "qwen-as-meta", "sliding-window", "yarn-on-pi"]
 BAD_FLAGS += ["rope-scale-0", "alpha-0", "clip", "warmup", "save-every", "lr", "seq-len", "out-file", "data-json"]
 BAD_FOLDERS = ["existing-out", "existing-out-2proc", "corrupt-checkpoint", "resume-nothing", "resume-no-checkpoint"]
+BAD_FOLDERS += ["resume-past-steps", "resume-finished"]
 
 
 @pytest.mark.parametrize("case", BAD_FLAGS + BAD_FOLDERS + ["corrupt-tokenizer-2proc"])
@@ -244,6 +245,10 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
         (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
         flags += ["--resume"]
         expect = f"--resume: {out} holds no checkpoint to continue from; run without --resume"
+    elif case in ("resume-past-steps", "resume-finished"):  # --resume with --steps the run is at or past
+        run_train(setup, out, "--steps", "3", "--save-every", "1")
+        flags = ["--steps", "2" if case == "resume-past-steps" else "3", "--resume"]
+        expect = f"is at step 3 and exported, so --steps {flags[1]} leaves nothing to train: pass a larger --steps"
     elif case == "resume-no-checkpoint":  # a finished run whose checkpoints were deleted
         run_train(setup, out, "--steps", "1", "--save-every", "0")
         shutil.rmtree(out / "checkpoints")
