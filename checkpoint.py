@@ -1,5 +1,6 @@
 """A run's folder, for train.py: DCP checkpoints of what trains and the rules for resuming from them, the
-log trimmed on resume, and the export at the end (merged/, adapter/, trainable.safetensors).
+log (trimmed on resume; Progress, a run's bookkeeping), and the export at the end (merged/, adapter/,
+trainable.safetensors).
 
     ckpt = checkpoint.open_run_folder(out, resume, steps)       # the checkpoint to resume from, or None
     checkpoint.save_checkpoint(out, step, m, optim, args, rank, world, device)
@@ -16,6 +17,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from tqdm import tqdm
 
 import data
 import hf
@@ -170,9 +173,9 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
             "rope_method": "pi",
             "pack": False,
             "quantize": None,
-            "chat_format": "auto",
+            "chat_format": "inst" if state["args"].get("sft") else "auto",  # SFT was in Llama 2's [INST] turns
             **state["args"],
-        }  # older runs
+        }  # runs from before these flags
         changed = [
             f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
             for k in SAME_ON_RESUME
@@ -271,6 +274,47 @@ def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem)
     pad = {"pad": f"{rec['padding']:.0%}"} if real < tokens else {}
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem[0]:.1f}G", **pad, **mfu)
     bar.update()
+
+
+class Progress:
+    """A run's bookkeeping beside its loop: the first line, log.jsonl and the progress bar on rank 0; each step's
+    time, model FLOPs (MFU) and peak memory; whether any process is asked to stop; the last checkpoint's step."""
+
+    def __init__(self, args, m, trainable, rank, world, device, start, loaded, stop=None):
+        self.args, self.m, self.rank, self.device, self.start = args, m, rank, device, start
+        self.stop, self.saved = stop or parallel.Stop(signals=False), start or None
+        first_line = describe(args, m, trainable, world, device, start, loaded)
+        self.log = open_log(Path(args.out), start, first_line) if rank == 0 else None
+        self.bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+        self.peak = parallel.peak_tflops(device, args.dtype, args.peak_tflops)
+
+    def step(self, step, t0, micro, loss, lr, norm, tokens):
+        """Log step `step`, begun at t0 on `micro`; returns the signal asking any process to stop (all stop), or 0."""
+        a, device = self.args, self.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels are done: the timer measures them, not their launch
+        dt = time.perf_counter() - t0
+        # this process's share of the step's model FLOPs; over all processes, the fullest one's peak memory
+        # (device, host), and whether any is asked to stop
+        G = None if a.attn == "full" else a.group_size
+        flops = parallel.step_flops(self.m.args, micro, a.context_parallel, group_size=G, lora=a.lora_rank > 0)
+        *mem, asked = parallel.max_over_ranks([*parallel.peak_memory_gb(device), self.stop.code()], device)
+        if self.rank == 0:
+            write_log(self.log, self.bar, step, loss, lr, norm, tokens, dt, flops, self.peak, mem)
+            if a.compile and step == self.start + 1:  # said once: this step's time and speed count the compiling
+                self.bar.write(f"step {step}: {dt:.1f} s, compiling the blocks included (--compile)")
+        return int(asked)
+
+    def stopped(self, step, asked):
+        self.bar.close()
+        why = self.stop.why(asked)
+        raise parallel.Stopped(f"stopped at step {step} ({why}): --resume continues from step {step}", asked)
+
+    def done(self, out):
+        if self.rank == 0:
+            self.log.close()
+            names = ("merged", "adapter", "trainable.safetensors")
+            print("done: " + ", ".join(str(out / n) for n in names if (out / n).exists()), flush=True)
 
 
 def export_plan(args, m, dataset):

@@ -170,14 +170,17 @@ def _hf_tokenizer(path):
     eos = special("eos_token", ["</s>", "<|end_of_text|>", "<|endoftext|>"])
     encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731  (BOS/EOS are added by Tokenizer)
     hf = {"bos_token": tok.id_to_token(bos), "eos_token": tok.id_to_token(eos)}
-    chat = cfg.get("chat_template")  # a text, or [{"name", "template"}, ...]; transformers >= 4.43: a file beside
+    # the chat template: transformers >= 4.43's file beside, else the config's text or [{"name", "template"}, ...]
+    jinja = path.parent / "chat_template.jinja"
+    chat = jinja.read_text() if jinja.is_file() else cfg.get("chat_template")
     if isinstance(chat, list):
         chat = {t.get("name"): t.get("template") for t in chat}.get("default")
-    if not chat and (path.parent / "chat_template.jinja").is_file():
-        chat = (path.parent / "chat_template.jinja").read_text()
     names = {k: cfg[k]["content"] if isinstance(cfg[k], dict) else cfg[k] for k in TEMPLATE_TOKENS if cfg.get(k)}
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    return Tokenizer(str(path), encode, tok.decode, bos, eos, tok.get_vocab_size(), {**names, **hf}, chat, specials)
+    t = Tokenizer(str(path), encode, tok.decode, bos, eos, tok.get_vocab_size(), {**hf, **names}, chat, specials)
+    t.template_tokens = names  # the template sees the special tokens the config names, as in transformers
+    t.offsets = lambda s: tok.encode(s, add_special_tokens=False).offsets  # noqa: E731  (characters of each token)
+    return t
 
 
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # what a chat template may name
@@ -551,13 +554,14 @@ def sft_messages(ex):
     return [{"role": "user", "content": user}, {"role": "assistant", "content": ex["output"]}]
 
 
-def chat_ids(tok, messages, add_generation_prompt=False):
+def chat_ids(tok, messages, add_generation_prompt=False, learned=True):
     """(ids, learned) of a conversation in the tokenizer's chat format (tok.chat_format): "template", the base's
     own chat template rendered as transformers renders it; "llama3", Meta's Llama 3 headers; "inst", Llama 2's
     [INST] turns (a system text opens the first). learned[i]: ids[i] belongs to an assistant turn (its text and
-    end-of-turn marker), what fine-tuning learns. add_generation_prompt: end with an assistant turn's opening."""
+    end-of-turn marker), what fine-tuning learns (learned=False: not worked out, a prompt's ids only).
+    add_generation_prompt: end with an assistant turn's opening."""
     if tok.chat_format == "template":
-        return _template_ids(tok, messages, add_generation_prompt)
+        return _template_ids(tok, messages, add_generation_prompt, learned)
     pieces, system = [], None  # (ids, learned) in order
     if tok.chat_format == "llama3":
         special = tok.special_ids
@@ -579,7 +583,7 @@ def chat_ids(tok, messages, add_generation_prompt=False):
             if m["role"] == "system":
                 system = m["content"]
             elif m["role"] == "user":
-                text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{m['content']}" if system else m["content"]
+                text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{m['content']}" if system is not None else m["content"]
                 pieces.append((tok.encode(f"[INST] {text} [/INST] ", bos=True), False))
                 system = None
             else:
@@ -587,30 +591,35 @@ def chat_ids(tok, messages, add_generation_prompt=False):
     return [i for p, _ in pieces for i in p], [learn for p, learn in pieces for _ in p]
 
 
-def _template_ids(tok, messages, add_generation_prompt):
+def _template_ids(tok, messages, add_generation_prompt, learned=True):
     """chat_ids for a chat template: the conversation rendered and tokenized whole, as transformers'
-    apply_chat_template does; an assistant turn's tokens are those that rendering the conversation up to it
-    adds to rendering it up to its opening (the generation prompt)."""
-    ids = lambda msgs, prompt: tok.encode(render_chat(tok, msgs, prompt), bos=False)  # noqa: E731
-    whole = ids(messages, add_generation_prompt)
-    learned = [False] * len(whole)
-    for i, m in enumerate(messages):
+    apply_chat_template does. An assistant turn's text is what rendering the conversation up to it adds to
+    rendering it up to its opening (the generation prompt); its tokens, those holding any of that text."""
+    text = render_chat(tok, messages, add_generation_prompt)
+    ids = tok.encode(text, bos=False)
+    mask = [False] * len(ids)
+    for i, m in enumerate(messages if learned else []):
         if m["role"] == "assistant":
-            start, end = ids(messages[:i], True), ids(messages[: i + 1], False)
-            if whole[: len(start)] != start or whole[: len(end)] != end or len(end) <= len(start):
+            start, end = render_chat(tok, messages[:i], True), render_chat(tok, messages[: i + 1])
+            if not (text.startswith(start) and text.startswith(end) and len(end) > len(start)):
                 raise ValueError(
                     f"the chat template writes assistant turn {i + 1} otherwise once later turns follow it (as Qwen3's "
                     "does with reasoning): make each assistant turn an example of its own, ending with it"
                 )
-            learned[len(start) : len(end)] = [True] * (len(end) - len(start))
-    return whole, learned
+            for t, (a, b) in enumerate(tok.offsets(text)):  # each token's characters in `text`
+                mask[t] = mask[t] or a < len(end) and b > len(start)
+    return ids, mask
 
 
 def render_chat(tok, messages, add_generation_prompt=False):
     """A conversation as the text tok.chat_template makes of it, rendered as transformers renders it."""
     try:
-        text = _jinja(tok.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **tok.template_tokens
+        text = _jinja(tok.chat_template).render(  # (transformers also passes no tools and no documents: None)
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **tok.template_tokens,
         )
     except Exception as e:  # jinja2's TemplateError, or the template's raise_exception
         raise ValueError(f"the chat template fails on this conversation: {type(e).__name__}: {e}") from None

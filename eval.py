@@ -200,27 +200,26 @@ class Chat:
 
     def reply(self, messages, max_new_tokens=512, temperature=0.6, top_p=0.9, generator=None, write=None):
         """The model's answer to `messages` (its ids), each piece of text written to `write` as it comes."""
-        ids = data.chat_ids(self.tok, messages, add_generation_prompt=True)[0]
+        ids = data.chat_ids(self.tok, messages, add_generation_prompt=True, learned=False)[0]
         keep = 0  # the longest prefix the cache already holds (at least one token is fed)
         while keep < min(len(self.seen), len(ids) - 1) and self.seen[keep] == ids[keep]:
             keep += 1
         for layer in self.cache.layers if keep < self.cache.pos else []:  # forget what follows it
             layer["k"], layer["v"] = layer["k"][:, :keep], layer["v"][:, :keep]
-        self.cache.pos, self.seen, answer, shown = keep, list(ids), [], ""
-        x = torch.tensor([ids[keep:]], device=self.device)
+        self.cache.pos, self.seen, feed, answer, shown = keep, ids[:keep], ids[keep:], [], ""
         with torch.no_grad():
-            for _ in range(max_new_tokens):
-                logits = self.m(x, last_only=True, positions=self.cache)[0, -1]
+            while len(answer) < max_new_tokens:
+                logits = self.m(torch.tensor([feed], device=self.device), last_only=True, positions=self.cache)[0, -1]
+                self.seen += feed  # what the cache holds
                 nxt = pick(logits, temperature, top_p, generator)
                 if nxt in self.stop:
                     break
                 answer.append(nxt)
-                self.seen.append(nxt)
                 text = self.tok.decode(answer)
                 if write and not text.endswith("\ufffd"):  # (a character's bytes not all out yet)
                     write(text[len(shown) :])
                     shown = text
-                x = torch.tensor([[nxt]], device=self.device)
+                feed = [nxt]
         if write and len(shown) < len(text := self.tok.decode(answer)):
             write(text[len(shown) :])
         return answer
@@ -233,7 +232,7 @@ def pick(logits, temperature=0.6, top_p=0.9, generator=None):
         return int(logits.argmax())
     p = torch.softmax(logits.float().cpu() / temperature, dim=-1)
     p, order = p.sort(descending=True)
-    p[p.cumsum(0) - p >= top_p] = 0  # the tokens after the nucleus (the first is always in it)
+    p[1:][(p.cumsum(0) - p)[1:] >= top_p] = 0  # the tokens after the nucleus (the first is always in it)
     return int(order[torch.multinomial(p / p.sum(), 1, generator=generator)])
 
 
@@ -259,7 +258,7 @@ def ask(args):
     for question in questions:
         first = document is not None and not messages
         messages.append({"role": "user", "content": f"{document}\n\n{question}" if first else question})
-        n, context = len(data.chat_ids(tok, messages, add_generation_prompt=True)[0]), m.args.max_seq_len
+        n, context = len(data.chat_ids(tok, messages, add_generation_prompt=True, learned=False)[0]), m.args.max_seq_len
         if n + args.max_new_tokens > context and not args.beyond_context:
             over = n + args.max_new_tokens - context
             raise ValueError(

@@ -306,6 +306,8 @@ def carry_generation_config(base, folder, bos_id=None, eos_id=None):
     own = read_json(base / "config.json") if (base / "config.json").is_file() else {}
     ids = {k: own[k] for k in GENERATION_IDS if k in own}  # the base's, None (Qwen's BOS) included
     ids = {**{k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}, **ids}
+    if ids.get("eos_token_id") is None and eos_id is not None:  # a base's null EOS never stops: the tokenizer's
+        ids["eos_token_id"] = eos_id
     if not ids and not (base / "generation_config.json").is_file():
         return
     files = {"config.json": json.dumps({**read_json(folder / "config.json"), **ids}, indent=2)}

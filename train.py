@@ -34,7 +34,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import checkpoint
 import data
@@ -211,6 +210,7 @@ def train(args, rank, world, device, stop=None):
     whose = "--tokenizer" if args.tokenizer else "the model's own tokenizer"
     sets = (args.data, args.sft, args.seq_len, base[0].vocab_size, own, args.pack, args.seed, whose, args.chat_format)
     dataset, pad_id = data.training_set(*sets)
+    args.chat_format = getattr(getattr(dataset, "sft", dataset), "tok", args).chat_format  # SFT: the one it uses
     m = build_model(base, LongLoRA.from_args(args), rank, world, device, **run_settings(args))
     m.loss_chunk = args.loss_chunk
     fmt, tokenizer = parallel.on_rank_zero(lambda: checkpoint.export_plan(args, m, dataset), rank)
@@ -222,7 +222,7 @@ def train(args, rank, world, device, stop=None):
     else:
         optim = torch.optim.SGD(trainable, lr=args.lr)
     start = checkpoint.load_checkpoint(Path(ckpt), m, optim, args, rank, world, device) if ckpt else 0
-    progress = Progress(args, m, trainable, rank, world, device, start, loaded, stop)
+    progress = checkpoint.Progress(args, m, trainable, rank, world, device, start, loaded, stop)
     # 3. The steps. This process's share of each: with context parallelism, the data-parallel group
     # rank // P of world // P trains on the samples one process of that rank would, and this process
     # takes slice rank % P of every sequence, whose first token is at position `first`.
@@ -256,47 +256,6 @@ def train(args, rank, world, device, stop=None):
     progress.done(out)
 
 
-class Progress:
-    """A run's bookkeeping beside its loop: the first line, log.jsonl and the progress bar on rank 0; each step's
-    time, model FLOPs (MFU) and peak memory; whether any process is asked to stop; the last checkpoint's step."""
-
-    def __init__(self, args, m, trainable, rank, world, device, start, loaded, stop=None):
-        self.args, self.m, self.rank, self.device, self.start = args, m, rank, device, start
-        self.stop, self.saved = stop or parallel.Stop(signals=False), start or None
-        first_line = checkpoint.describe(args, m, trainable, world, device, start, loaded)
-        self.log = checkpoint.open_log(Path(args.out), start, first_line) if rank == 0 else None
-        self.bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
-        self.peak = parallel.peak_tflops(device, args.dtype, args.peak_tflops)
-
-    def step(self, step, t0, micro, loss, lr, norm, tokens):
-        """Log step `step`, begun at t0 on `micro`; returns the signal asking any process to stop (all stop), or 0."""
-        a, device = self.args, self.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step's kernels are done: the timer measures them, not their launch
-        dt = time.perf_counter() - t0
-        # this process's share of the step's model FLOPs; over all processes, the fullest one's peak memory
-        # (device, host), and whether any is asked to stop
-        G = None if a.attn == "full" else a.group_size
-        flops = parallel.step_flops(self.m.args, micro, a.context_parallel, group_size=G, lora=a.lora_rank > 0)
-        *mem, asked = parallel.max_over_ranks([*parallel.peak_memory_gb(device), self.stop.code()], device)
-        if self.rank == 0:
-            checkpoint.write_log(self.log, self.bar, step, loss, lr, norm, tokens, dt, flops, self.peak, mem)
-            if a.compile and step == self.start + 1:  # said once: this step's time and speed count the compiling
-                self.bar.write(f"step {step}: {dt:.1f} s, compiling the blocks included (--compile)")
-        return int(asked)
-
-    def stopped(self, step, asked):
-        self.bar.close()
-        why = self.stop.why(asked)
-        raise parallel.Stopped(f"stopped at step {step} ({why}): --resume continues from step {step}", asked)
-
-    def done(self, out):
-        if self.rank == 0:
-            self.log.close()
-            names = ("merged", "adapter", "trainable.safetensors")
-            print("done: " + ", ".join(str(out / n) for n in names if (out / n).exists()), flush=True)
-
-
 def check_finite(step, loss, norm, saved):
     """Stop before the update if the step's loss or gradient norm is not finite (alike on every process:
     both are reduced over all of them); `saved` is the step of the last checkpoint, if any."""
@@ -321,15 +280,10 @@ def parse_args(argv=None):
     a.add_argument("--model", required=True, help="base model: a Meta or HF folder, or a merged/ of an earlier run")
     a.add_argument("--init", action="store_true", help="pretrain: random weights; --model is a params.json")
     a.add_argument("--data", help="token file (python data.py tokenize), read in windows of --seq-len tokens")
-    a.add_argument(
-        "--sft", help="supervised examples instead: .json/.jsonl, LongAlpaca's (instruction, input, output) or messages"
-    )
+    a.add_argument("--sft", help="instructions instead: .json/.jsonl of LongAlpaca's or chat 'messages' examples")
     a.add_argument("--pack", action="store_true", help="--sft examples packed into rows, each attending to itself")
     a.add_argument(
-        "--chat-format",
-        choices=("auto", "template", "llama3", "inst"),
-        default="auto",
-        help="--sft turns: the tokenizer's chat template, Meta's Llama 3 headers or Llama 2's [INST] (default: auto)",
+        "--chat-format", choices=("auto", *data.CHAT_FORMATS), default="auto", help="--sft's (auto: its own)"
     )
     a.add_argument("--tokenizer", help="tokenizer for --sft and the export (default: --model's, else the data's)")
     a.add_argument("--out", required=True, help="run folder: log, checkpoints, trainable weights, merged model")

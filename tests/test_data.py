@@ -413,3 +413,23 @@ def test_chat_templates_write_the_formats_without_one(spm, tmp_path):
     for prompt in (False, True):
         ids = data.chat_ids(tok, messages, add_generation_prompt=prompt)[0]
         assert data.render_chat(as_template, messages, prompt) == tok._decode(ids)  # tiktoken writes its specials
+
+
+def test_chat_masks_survive_tokens_that_cross_a_turns_border(tmp_path):
+    """The [INST] template an export carries, on a byte-level BPE tokenizer: ' [/INST] ' + the answer merges the
+    space into the answer's first token ('Ġ' + 'Whether' -> 'ĠWhether'), which a token-by-token prefix rule would
+    refuse. The ids are still transformers', and the learned tokens are those holding the answers. A prompt's ids
+    alone (learned=False, what eval.py ask needs) work for a template that rewrites earlier turns."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    folder = chat_tokenizer_folder(tmp_path, "mistral")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": data.CHAT_TEMPLATES["inst"]}))
+    tok, theirs = data.load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "system", "content": ""}, *CONVERSATION]  # an empty system text: written, as the template does
+    ids, learned = data.chat_ids(tok, messages)
+    assert ids == theirs.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert [r.strip() for r in runs(theirs.decode, ids, learned)] == [TEXTS[1] + "</s>", TEXTS[2] + "</s>"]
+    tok.chat_template = CHATML.replace("m['content']", "(m['content'] if loop.last else m['content'][:3])")
+    assert data.chat_ids(tok, CONVERSATION, learned=False)[1] == [False] * len(
+        data.chat_ids(tok, CONVERSATION, learned=False)[0]
+    )

@@ -318,3 +318,20 @@ def test_ask_says_how_far_a_document_is_past_the_context_and_chats(tmp_path):
         input="Who?\nAnd then?\n\n", capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0 and r.stderr.count("tokens/s") == 2, r.stderr[-2000:]
+
+
+def test_chat_keeps_its_cache_true_across_turns(tmp_path):
+    """Each reply feeds the model only what its KV cache lacks, also after a reply cut by max_new_tokens (whose
+    last token was never fed): the cache holds exactly the ids it says, and a second turn answers as a fresh
+    chat does. top_p 0 keeps the most likely token."""
+    folder, _ = chat_model_folder(tmp_path / "m")
+    m, tok = ev.load_model(folder, dtype="float32", device="cpu"), data.load_tokenizer(folder)
+    chat, messages = ev.Chat(m, tok, ev.stop_ids(folder, tok)), [{"role": "user", "content": "Who are you?"}]
+    for turn in range(2):
+        answer = chat.reply(messages, max_new_tokens=5, temperature=0)
+        assert chat.cache.pos == len(chat.seen) == chat.cache.layers[0]["k"].shape[1]
+        fresh = ev.Chat(m, tok, ev.stop_ids(folder, tok)).reply(messages, max_new_tokens=5, temperature=0)
+        assert answer == fresh, turn
+        messages += [{"role": "assistant", "content": tok.decode(answer)}, {"role": "user", "content": "And then?"}]
+    logits = torch.tensor([0.0, 3.0, 1.0])
+    assert ev.pick(logits, temperature=1.0, top_p=0.0, generator=torch.Generator().manual_seed(0)) == 1

@@ -1108,3 +1108,16 @@ def test_dtype_defaults_to_the_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train.parse_args(flags).dtype == "bfloat16"
     assert train.parse_args(flags + ["--dtype", "float32"]).dtype == "float32"
+
+
+def test_a_bases_null_eos_takes_the_tokenizers(tmp_path):
+    """A base config.json saying "eos_token_id": null would leave generate() without an end: the tokenizer's
+    EOS fills it; a null BOS (Qwen's) stays null."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"bos_token_id": None, "eos_token_id": None}))
+    (tmp_path / "merged" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    hf.carry_generation_config(tmp_path / "base", tmp_path / "merged", bos_id=1, eos_id=2)
+    ids = {"bos_token_id": None, "eos_token_id": 2}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()) == {"model_type": "qwen3", **ids}
+    assert json.loads((tmp_path / "merged" / "generation_config.json").read_text()) == ids
