@@ -278,11 +278,13 @@ def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem)
 
 class Progress:
     """A run's bookkeeping beside its loop: the first line, log.jsonl and the progress bar on rank 0; each step's
-    time, model FLOPs (MFU) and peak memory; whether any process is asked to stop; the last checkpoint's step."""
+    time, model FLOPs (MFU) and peak memory; whether any process is asked to stop, and the step of the last
+    checkpoint (stop.saved)."""
 
     def __init__(self, args, m, trainable, rank, world, device, start, loaded, stop=None):
         self.args, self.m, self.rank, self.device, self.start = args, m, rank, device, start
-        self.stop, self.saved = stop or parallel.Stop(signals=False), start or None
+        self.stop = stop or parallel.Stop(signals=False)
+        self.stop.saved = start or None  # the step of the last checkpoint, which a second signal names
         first_line = describe(args, m, trainable, world, device, start, loaded)
         self.log = open_log(Path(args.out), start, first_line) if rank == 0 else None
         self.bar = tqdm(total=args.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)

@@ -133,7 +133,7 @@ class Stop:
     ORPHANED = 1000
 
     def __init__(self, signals=True):
-        self.signal, self.when = 0, 0.0
+        self.signal, self.when, self.saved = 0, 0.0, None  # saved: the step of the run's last checkpoint
         self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
         if signals:  # (only the main thread can take them)
             for s in (signal.SIGTERM, signal.SIGINT):
@@ -142,7 +142,12 @@ class Stop:
     def _handle(self, signum, frame):
         name, now = signal.Signals(signum).name, time.monotonic()
         if self.signal and now - self.when >= 2:
-            os.write(2, f"\n{name} again: stopping at once\n".encode())  # (print may be mid-write: not reentrant)
+            then = (
+                f"--resume continues from the checkpoint of step {self.saved}"
+                if self.saved
+                else "no checkpoint was written: start the run again, without --resume"
+            )
+            os.write(2, f"\n{name} again: stopping at once; {then}\n".encode())  # (print may be mid-write)
             os._exit(128 + signum)
         if not self.signal and os.environ.get("RANK", "0") == "0":
             os.write(2, f"\n{name}: stopping after this step, with a checkpoint ({name} again: at once)\n".encode())

@@ -238,13 +238,13 @@ def train(args, rank, world, device, stop=None):
         loss, norm, tokens = forward_backward(
             m, micro, trainable, world=world, device=device, clip=args.clip, start=first
         )
-        check_finite(step, loss, norm, progress.saved)
+        check_finite(step, loss, norm, progress.stop.saved)
         optim.step()
         optim.zero_grad(set_to_none=True)
         asked = progress.step(step, t0, micro, loss, lr, norm, tokens)  # the log; whether any process must stop
         if (asked or args.save_every and step % args.save_every == 0) and step < args.steps:  # outside the timing
             checkpoint.save_checkpoint(out, step, m, optim, args, rank, world, device)
-            progress.saved = step
+            progress.stop.saved = step
         if asked and step < args.steps:  # a signal, or a launcher gone, on any process: stop after the checkpoint
             progress.stopped(step, asked)
     progress.bar.close()

@@ -1121,3 +1121,20 @@ def test_a_bases_null_eos_takes_the_tokenizers(tmp_path):
     ids = {"bos_token_id": None, "eos_token_id": 2}
     assert json.loads((tmp_path / "merged" / "config.json").read_text()) == {"model_type": "qwen3", **ids}
     assert json.loads((tmp_path / "merged" / "generation_config.json").read_text()) == ids
+
+
+def test_a_second_signal_says_what_was_saved(monkeypatch, capfd):
+    """A second SIGINT or SIGTERM (2 s after the first) stops the process at once, saying what --resume can
+    continue from: the last checkpoint's step, or that none was written, so start again without --resume."""
+    exits, clock = [], iter([0.0, 3.0, 10.0, 13.0])
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    for saved in (None, 20):
+        stop = parallel.Stop(signals=False)
+        stop.saved = saved
+        stop._handle(signal.SIGINT, None)
+        stop._handle(signal.SIGINT, None)
+    err = capfd.readouterr().err
+    assert "SIGINT again: stopping at once; no checkpoint was written: start the run again, without --resume" in err
+    assert "SIGINT again: stopping at once; --resume continues from the checkpoint of step 20" in err
+    assert exits == [128 + signal.SIGINT] * 2
