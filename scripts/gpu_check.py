@@ -645,6 +645,8 @@ def run_kit(a):
     except (ValueError, Failed, Skipped) as e:
         c.results["kit"] = {"status": "fail", "reason": str(e)}
         write_summary(c)
+        if not a.work:  # (the summary holds the reason)
+            shutil.rmtree(c.work, ignore_errors=True)
         sys.exit(f"error: {e}")
     for name, (part, needs) in PARTS.items():
         t, need = time.time(), c.size["need"][name]
