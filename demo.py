@@ -13,6 +13,8 @@ steps of 4096 tokens, S2 groups of half the length (Table 11's N/2). docs/demo.m
 """
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +50,7 @@ def demo(
     ppl = lambda m, n: ev.perplexity(m, held, n, stride=n, progress=False)  # noqa: E731  non-overlapping windows
     results = {}
     if rank == 0:
+        print(f"perplexity of the shipped model at {old} and {new} tokens, and with positions / 4 ...", flush=True)
         base = ev.load_model(DEMO / "model", dtype="float32", device=device)
         base.beyond_context = True  # measured at 4x its context: that is the problem LongLoRA solves
         results["base"] = {old: ppl(base, old), new: ppl(base, new)}
@@ -61,8 +64,16 @@ def demo(
     argv = paths + settings.split() + ["--no-activation-checkpointing", "--export-format", "hf"]
     if rank == 0:
         print("python train.py " + " ".join(argv), flush=True)
-    train.train(train.parse_args(argv), rank, world, device)
+    try:  # Ctrl-C or SIGTERM in training: a checkpoint after the step in progress, then a line to resume with
+        train.train(train.parse_args(argv), rank, world, device, parallel.Stop())
+    except parallel.Stopped as e:
+        e.args = (f"{e}: python train.py {' '.join(argv)} --resume, then python demo.py for the table",)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # evaluation: stopped at once again
+        signal.signal(signal.SIGTERM, terminate)
     if rank == 0:
+        print(f"perplexity after LongLoRA at {old} and {new} tokens ...", flush=True)
         after = ev.load_model(out / "merged", dtype="float32", device=device)
         results["after"] = {old: ppl(after, old), new: ppl(after, new)}
         if attn == "s2":  # the paper's Table 2: the same model tested with the S2-Attn it was trained with
@@ -99,12 +110,28 @@ def report(r, old, new, n_tokens, group_size):
     return "\n".join(lines)
 
 
+def terminate(signum, frame):
+    sys.exit(128 + signum)
+
+
 def main():
+    """The demo, ended by Ctrl-C or SIGTERM with one line (and, in training, a checkpoint to resume from)."""
+    signal.signal(signal.SIGTERM, terminate)  # (training takes SIGTERM and Ctrl-C over, and gives them back)
     rank, world, device = parallel.setup_distributed()
+    code = 0
     try:
         demo(rank, world, device)
-    finally:
-        dist.destroy_process_group()
+    except parallel.Stopped as e:
+        print(e, file=sys.stderr, flush=True)
+        code = e.exit
+    except KeyboardInterrupt:
+        print("\nstopped (Ctrl-C): python train.py starts the demo again", file=sys.stderr, flush=True)
+        code = 130
+    except SystemExit as e:  # SIGTERM outside training
+        print("\nstopped (SIGTERM): python train.py starts the demo again", file=sys.stderr, flush=True)
+        code = e.code
+    dist.destroy_process_group()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ budget, and its plain-language report; plus the pretraining options that made th
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +204,26 @@ def test_with_repeats_mixes_text_and_passages_said_three_times(tmp_path):
     with pytest.raises(ValueError, match="give the number of windows"):
         repeats.with_repeats(tmp_path / "t.bin", tmp_path / "r3.bin", 64, every=1)
     assert not (tmp_path / "r3.bin").exists()
+
+
+@needs_shakespeare
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_demo_stops_with_one_line(tmp_path, sig):
+    """Ctrl-C or SIGTERM while the demo evaluates the shipped model: one line on stderr saying how to start
+    again, no traceback, exit 130 or 143 (in training, train.py's checkpoint and resume line: test_train)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "demo.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=tmp_path,
+    )  # fmt: skip
+    for line in proc.stdout:  # the demo is at work on the shipped model's perplexity
+        if line.startswith("perplexity of the shipped model"):
+            break
+    time.sleep(1)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, sig) and "Traceback" not in err, err[-3000:]
+    assert (
+        err.strip().splitlines()[-1]
+        == f"stopped ({'Ctrl-C' if sig == 'SIGINT' else sig}): python train.py starts the demo again"
+    )
