@@ -4,6 +4,7 @@ and its passkey test); and asking the model about a long document.
     python eval.py ppl --model runs/7b-8k/merged --data pg19-test.bin --seq-len 2048,4096,8192 --json ppl.json
     python eval.py passkey --model runs/7b-8k/merged --lengths 2048,4096,8192 --trials 10 --plot passkey.png
     python eval.py ask --model runs/7b-8k/merged --file paper.txt --question "What is the main finding?"
+    python eval.py log runs/7b-8k --plot run.png       # a training run's loss, learning rate and speed
 
 --model is anything model.load opens; add --trainable FILE to apply a trainable-weights file (adapters,
 embedding, norms, RoPE scaling) to it instead. Evaluation runs with full attention unless --attn s2:
@@ -345,6 +346,33 @@ def plot_passkey(results, path, title):
     fig.savefig(path, dpi=120)
 
 
+def plot_run(log, path):
+    """A picture of a training run from its log.jsonl (a run folder, or the file): the loss (and a held-out
+    loss, where logged), the learning rate and tokens/s, step by step."""
+    log = Path(log) / "log.jsonl" if Path(log).is_dir() else Path(log)
+    if not log.is_file():
+        raise FileNotFoundError(f"{log} does not exist: give a run folder (train.py --out) or its log.jsonl")
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    if not rows:
+        raise ValueError(f"{log} holds no step yet")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    steps = [r["step"] for r in rows]
+    for key, label in (("loss", "training"), ("eval_loss", "held-out"), ("eval_full_loss", "held-out, full attention")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            axes[0].plot(*zip(*points), "-" if key == "loss" else "o-", label=label)
+    axes[0].set(xlabel="step", ylabel="loss (nats per token)")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in rows])
+    axes[1].set(xlabel="step", ylabel="learning rate")
+    axes[2].plot(steps, [r["tokens_per_s"] for r in rows])
+    axes[2].set(xlabel="step", ylabel="tokens / s")
+    fig.suptitle(log.parent.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -420,6 +448,9 @@ def parser():
     )
     s.add_argument("--trials", type=int, default=10, help="random keys per length and depth (default 10)")
     s.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    s = sub.add_parser("log", help="plot a training run's log.jsonl", description="eval.py log: " + plot_run.__doc__)
+    s.add_argument("run", help="a run folder (train.py --out) or its log.jsonl")
+    s.add_argument("--plot", required=True, help="the PNG to write (needs matplotlib)")
     s = sub.add_parser("ask", help="ask the model about a document", description="eval.py ask: " + ask.__doc__)
     s.add_argument("--model", required=True, help="a folder model.load opens (Meta, HF, or a run's merged/)")
     s.add_argument(
@@ -449,9 +480,9 @@ def fail(e):
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    if args.cmd == "ask":
+    if args.cmd in ("ask", "log"):
         try:
-            return ask(args)
+            return ask(args) if args.cmd == "ask" else plot_run(args.run, args.plot)
         except (FileNotFoundError, ValueError, ImportError) as e:
             fail(e)
     lengths = args.seq_len if args.cmd == "ppl" else args.lengths

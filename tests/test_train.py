@@ -2,6 +2,7 @@
 merged model, and bad input. Runs are tiny (a 2-layer model, 128-token sequences) and judged by what
 they wrote (log.jsonl, safetensors), not only by their exit code."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -1138,3 +1139,18 @@ def test_a_second_signal_says_what_was_saved(monkeypatch, capfd):
     assert "SIGINT again: stopping at once; no checkpoint was written: start the run again, without --resume" in err
     assert "SIGINT again: stopping at once; --resume continues from the checkpoint of step 20" in err
     assert exits == [128 + signal.SIGINT] * 2
+
+
+def test_a_runs_log_plots(setup, tmp_path):
+    """eval.py log draws a run's log.jsonl (loss, learning rate, tokens/s) into a PNG, or says to install
+    matplotlib; a folder without a log is one line naming what to give."""
+    out = tmp_path / "run"
+    run_train(setup, out, "--steps", "3", "--save-every", "0")
+    cmd = [sys.executable, str(ROOT / "eval.py"), "log", str(out), "--plot", str(tmp_path / "run.png")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if importlib.util.find_spec("matplotlib") is None:
+        assert r.returncode == 2 and "pip install matplotlib" in r.stderr
+    else:
+        assert r.returncode == 0 and (tmp_path / "run.png").stat().st_size > 10_000, r.stderr[-2000:]
+    r = subprocess.run(cmd[:3] + [str(tmp_path), "--plot", "x.png"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "give a run folder (train.py --out) or its log.jsonl" in r.stderr
