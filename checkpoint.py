@@ -155,6 +155,7 @@ SAME_ON_RESUME = (
     "rope_method",
     "pack",
     "chat_format",
+    "eval_split",
     "quantize",
     "grad_accum",
     "dtype",
@@ -174,6 +175,7 @@ def load_checkpoint(ckpt, m, optim, args, rank, world, device):
             "pack": False,
             "quantize": None,
             "chat_format": "inst" if state["args"].get("sft") else "auto",  # SFT was in Llama 2's [INST] turns
+            "eval_split": 0.0,
             **state["args"],
         }  # runs from before these flags
         changed = [
@@ -259,7 +261,7 @@ def open_log(out, start, first_line):
     return open(path, "a")
 
 
-def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem):
+def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem, held=None):
     """One line of log.jsonl, and the progress bar's figures: `tokens` (the step's positions, over all
     processes, and how many of them are not padding) and `flops` of the step, `dt` its seconds, `peak` the
     device's TFLOP/s (None: no MFU), `mem` the (device, host) peak GB."""
@@ -267,11 +269,12 @@ def write_log(log, bar, step, loss, lr, grad_norm, tokens, dt, flops, peak, mem)
     rec = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, tokens_per_s=tokens / dt, step_s=dt)
     rec.update(real_tokens=real, padding=1 - real / tokens)
     rec.update(tflops=flops / dt / 1e12, mfu=flops / dt / 1e12 / peak if peak else None)
-    rec.update(peak_mem_gb=mem[0], host_mem_gb=mem[1])
+    rec.update(peak_mem_gb=mem[0], host_mem_gb=mem[1], **(held or {}))
     log.write(json.dumps(rec) + "\n")
     log.flush()
     mfu = {"mfu": f"{rec['mfu']:.0%}"} if peak else {}
     pad = {"pad": f"{rec['padding']:.0%}"} if real < tokens else {}
+    pad |= {k.removesuffix("_loss"): f"{v:.4f}" for k, v in (held or {}).items() if k.endswith("loss")}
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem[0]:.1f}G", **pad, **mfu)
     bar.update()
 
@@ -281,9 +284,9 @@ class Progress:
     time, model FLOPs (MFU) and peak memory; whether any process is asked to stop, and the step of the last
     checkpoint (stop.saved)."""
 
-    def __init__(self, args, m, trainable, rank, world, device, start, loaded, stop=None):
+    def __init__(self, args, m, trainable, rank, world, device, start, loaded, stop=None, evaluate=None):
         self.args, self.m, self.rank, self.device, self.start = args, m, rank, device, start
-        self.stop = stop or parallel.Stop(signals=False)
+        self.stop, self.evaluate = stop or parallel.Stop(signals=False), evaluate  # evaluate(): held-out losses
         self.stop.saved = start or None  # the step of the last checkpoint, which a second signal names
         first_line = describe(args, m, trainable, world, device, start, loaded)
         self.log = open_log(Path(args.out), start, first_line) if rank == 0 else None
@@ -301,8 +304,12 @@ class Progress:
         G = None if a.attn == "full" else a.group_size
         flops = parallel.step_flops(self.m.args, micro, a.context_parallel, group_size=G, lora=a.lora_rank > 0)
         *mem, asked = parallel.max_over_ranks([*parallel.peak_memory_gb(device), self.stop.code()], device)
+        held = {}  # every --eval-every steps and at the last, outside the step's time: its own, eval_s
+        if self.evaluate and (step % a.eval_every == 0 or step == a.steps):
+            t1 = time.perf_counter()
+            held = {**self.evaluate(), "eval_s": time.perf_counter() - t1}
         if self.rank == 0:
-            write_log(self.log, self.bar, step, loss, lr, norm, tokens, dt, flops, self.peak, mem)
+            write_log(self.log, self.bar, step, loss, lr, norm, tokens, dt, flops, self.peak, mem, held)
             if a.compile and step == self.start + 1:  # said once: this step's time and speed count the compiling
                 self.bar.write(f"step {step}: {dt:.1f} s, compiling the blocks included (--compile)")
         return int(asked)

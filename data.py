@@ -21,6 +21,7 @@ import datetime
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -404,28 +405,39 @@ def sample_index(i, n, seed):
 
 
 class TokenWindows:
-    """Non-overlapping windows of seq_len + 1 tokens: dataset[i] -> (inputs, targets), each (seq_len,)."""
+    """Non-overlapping windows of seq_len + 1 tokens: dataset[i] -> (inputs, targets), each (seq_len,). With
+    `holdout`, that fraction of the windows, the file's last, is held out: never trained on, held_out() gives
+    them (a held-out loss; holdout=1: a file that is only held out)."""
 
-    def __init__(self, path, seq_len, seed=0):
+    def __init__(self, path, seq_len, seed=0, holdout=0.0):
         self.tokens, self.meta = read_tokens(path)
         self.seq_len, self.seed = seq_len, seed
-        self.n = (len(self.tokens) - 1) // seq_len
-        if self.n == 0:
+        total = (len(self.tokens) - 1) // seq_len
+        self.held = math.ceil(holdout * total)
+        self.n = total - self.held
+        if total == 0 or self.n == 0 and holdout < 1:
             raise ValueError(f"{path} has {len(self.tokens)} tokens, too few for one window of --seq-len {seq_len} + 1")
 
     def __getitem__(self, i):
-        w = sample_index(i, self.n, self.seed) * self.seq_len
-        x = torch.from_numpy(self.tokens[w : w + self.seq_len + 1].astype(np.int64))
+        return self.window(sample_index(i, self.n, self.seed))
+
+    def window(self, j):
+        """The file's j-th window."""
+        x = torch.from_numpy(self.tokens[j * self.seq_len : (j + 1) * self.seq_len + 1].astype(np.int64))
         return x[:-1], x[1:]
+
+    def held_out(self):
+        return [self.window(self.n + j) for j in range(self.held)]
 
 
 def training_set(
-    tokens, sft, seq_len, vocab_size, tokenizer=None, pack=False, seed=0, whose="--tokenizer", chat="auto"
+    tokens, sft, seq_len, vocab_size, tokenizer=None, pack=False, seed=0, whose="--tokenizer", chat="auto", holdout=0
 ):
     """train.py's dataset and its padding id, checked before the model loads: the token file `tokens`
     (TokenWindows) or the SFT examples `sft` (SFTExamples, packed into rows with `pack`), each read with the
     model's `tokenizer` (a path, `whose` in messages; a token file's ids and tokenizer are checked against it).
-    chat: the SFT examples' chat format (chat_ids; "auto": the tokenizer's own)."""
+    chat: the SFT examples' chat format (chat_ids; "auto": the tokenizer's own). holdout: the fraction held
+    out of training, for a held-out loss (held_out())."""
     if sft:
         tok = use_chat_format(load_tokenizer(tokenizer), chat)
         if os.environ.get("RANK", "0") == "0":
@@ -434,9 +446,9 @@ def training_set(
             raise ValueError(
                 f"the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: use the model's own tokenizer"
             )
-        ds = SFTExamples(sft, tok, seq_len, seed=seed)
+        ds = SFTExamples(sft, tok, seq_len, seed=seed, holdout=holdout)
         return (PackedExamples(ds, seq_len, seed=seed) if pack else ds), tok.eos_id
-    ds = TokenWindows(tokens, seq_len, seed=seed)
+    ds = TokenWindows(tokens, seq_len, seed=seed, holdout=holdout)
     check_token_file(tokens, ds.meta, vocab_size, tokenizer, whose)
     return ds, 0
 
@@ -677,7 +689,7 @@ class SFTExamples:
     refuses, stops the run before its first step, named by its number in the file; one whose prompt leaves no
     room for its first answer in --seq-len tokens (nothing to learn) is left out, with a note."""
 
-    def __init__(self, path, tokenizer, seq_len, seed=0):
+    def __init__(self, path, tokenizer, seq_len, seed=0, holdout=0.0):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"SFT file {path} does not exist")
@@ -719,7 +731,17 @@ class SFTExamples:
                 f"their answers is not learned (examples {listed}); raise --seq-len to learn it",
                 flush=True,
             )
+        held = math.ceil(holdout * len(self.examples))  # the last examples: never trained on (held_out())
+        if held == len(self.examples) and holdout < 1:
+            raise ValueError(f"{path}: --eval-split {holdout:g} holds out every example; lower it")
+        self.examples, self.held = (
+            self.examples[: len(self.examples) - held],
+            self.examples[len(self.examples) - held :],
+        )
         self.tok, self.seq_len, self.seed, self.n = tokenizer, seq_len, seed, len(self.examples)
+
+    def held_out(self):
+        return [sft_example(self.tok, ex, self.seq_len) for ex in self.held]
 
     def __getitem__(self, i):
         return self.example(sample_index(i, self.n, self.seed))

@@ -117,6 +117,35 @@ def perplexity(
     }
 
 
+# ----------------------------------------------------------------------------- a held-out loss in training
+
+
+@torch.no_grad()
+def held_out_losses(m, samples, pad_id, args, rank, world, device):
+    """train.py --eval-every: {"eval_loss": the mean loss over every target of `samples`, (inputs, targets)
+    pairs, with the training attention; "eval_full_loss": with full attention, where training's is not (S2 in
+    training, full at test: the paper's point; not with context parallelism, whose slices full attention
+    cannot run)}. Sample j goes to data-parallel group j % groups; a group left without one runs a padding
+    sample that counts nothing (FSDP's gathers stay in step): the same result for any number of processes."""
+    P = args.context_parallel
+    groups, group, part, n = world // P, rank // P, rank % P, args.seq_len // P
+    attention = [("eval_loss", None)] + [("eval_full_loss", "full")] * (args.attn != "full" and P == 1)
+    a = m.layers[0].attention
+    losses, training = {}, (a.group_size, a.backend, a.shift)  # the attention training uses, put back after
+    for name, attn in attention:
+        m.set_attention(None) if attn == "full" else m.set_attention(*training)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, targets
+        for j in range(group, -(-len(samples) // groups) * groups, groups):
+            x, t = samples[j] if j < len(samples) else (torch.zeros(2, dtype=torch.long), torch.full((2,), data.IGNORE))
+            x, t = data.collate([(x, t)], pad_id, args.seq_len if P > 1 else None)[:2]
+            x, t = x[:, part * n : (part + 1) * n].to(device), t[:, part * n : (part + 1) * n].to(device)
+            total += torch.stack([m(x, t, positions=part * n if P > 1 else None).double(), (t != data.IGNORE).sum()])
+        torch.distributed.all_reduce(total)
+        losses[name] = (total[0] / total[1].clamp(min=1)).item()
+    m.set_attention(*training)
+    return losses
+
+
 # ----------------------------------------------------------------------------- passkey retrieval
 
 TASK = (

@@ -13,17 +13,14 @@ paper's (§4.1; LongLoRA's own: the LongLoRA class): AdamW (0.9, 0.95), no weigh
 warm-up steps then constant, per-device batch 1 with 8 gradient-accumulation steps (global batch 64 on 8
 GPUs), 1000 steps, bf16.
 
-Writes to --out: log.jsonl (one line per step: loss, lr, grad norm, tokens/s, model TFLOP/s and MFU, peak memory),
-checkpoints/step-NNNNNNN/ every --save-every steps (trainable weights, optimizer, RNG; --resume continues
-from the latest), and at the end, each with the tokenizer beside it:
-    merged/                 the base with the training folded in, in the base's format (--export-format):
-                            model.load, eval.py and, in HF format, transformers open it as it is
-    adapter/                LoRA runs: a PEFT adapter (LoRA + trained embedding and norms) for the HF base,
-                            with base_config.json, the RoPE scaling the base must be loaded with
-    trainable.safetensors   LoRA runs: the same weights in this codebase's names (lora.load_trainable)
+Writes to --out: log.jsonl (a line per step: loss, lr, grad norm, tokens/s, MFU, memory; a held-out loss every
+--eval-every steps), checkpoints/step-NNNNNNN/ (--resume continues from the latest), and at the end, each with the
+tokenizer: merged/ (the base with the training folded in; model.load, eval.py and, in HF format, transformers open
+it), adapter/ (a PEFT adapter for the HF base) and trainable.safetensors (lora.load_trainable): docs/checkpoints.md.
 """
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -37,6 +34,7 @@ import torch.distributed as dist
 
 import checkpoint
 import data
+import eval as ev
 import lora
 import model
 import parallel
@@ -93,8 +91,7 @@ class LongLoRA:
             )
 
     @classmethod
-    def from_args(cls, args):
-        """From train.py's parsed flags."""
+    def from_args(cls, args):  # from train.py's parsed flags
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
@@ -202,14 +199,14 @@ def train(args, rank, world, device, stop=None):
     out, P, stop = Path(args.out), args.context_parallel, stop or parallel.Stop(signals=False)
     if world % P:
         raise ValueError(f"--context-parallel {P} does not divide the {world} processes: run a multiple of {P}")
-    # 1. The run folder, the model (LongLoRA applied, sharded), the data, and what the export will write.
+    # 1. The run folder, the data (checked against the base's config and tensor index, before its weights load),
+    # the model (LongLoRA applied, sharded), and what the export will write.
     ckpt = checkpoint.open_run_folder(out, args.resume, args.steps)  # rank 0 holds its lock from here on
-    # the base's config and tensor index (nothing read yet): the data is checked against it before the model loads
     base = parallel.random_weights(args.model, args.seed, device) if args.init else model.read_checkpoint(args.model)
     own = args.tokenizer or (args.model if args.sft or data.tokenizer_in(args.model) else None)  # its tokenizer
     whose = "--tokenizer" if args.tokenizer else "the model's own tokenizer"
     sets = (args.data, args.sft, args.seq_len, base[0].vocab_size, own, args.pack, args.seed, whose, args.chat_format)
-    dataset, pad_id = data.training_set(*sets)
+    dataset, pad_id = data.training_set(*sets, args.eval_split)
     args.chat_format = getattr(getattr(dataset, "sft", dataset), "tok", args).chat_format  # SFT: the one it uses
     m = build_model(base, LongLoRA.from_args(args), rank, world, device, **run_settings(args))
     m.loss_chunk = args.loss_chunk
@@ -222,7 +219,9 @@ def train(args, rank, world, device, stop=None):
     else:
         optim = torch.optim.SGD(trainable, lr=args.lr)
     start = checkpoint.load_checkpoint(Path(ckpt), m, optim, args, rank, world, device) if ckpt else 0
-    progress = checkpoint.Progress(args, m, trainable, rank, world, device, start, loaded, stop)
+    held = held_out_set(args, dataset, sets) if args.eval_every else None  # (checked as the training data)
+    evaluate = held and functools.partial(ev.held_out_losses, m, held, pad_id, args, rank, world, device)
+    progress = checkpoint.Progress(args, m, trainable, rank, world, device, start, loaded, stop, evaluate)
     # 3. The steps. This process's share of each: with context parallelism, the data-parallel group
     # rank // P of world // P trains on the samples one process of that rank would, and this process
     # takes slice rank % P of every sequence, whose first token is at position `first`.
@@ -254,6 +253,16 @@ def train(args, rank, world, device, stop=None):
             checkpoint.save_checkpoint(out, args.steps, m, optim, args, rank, world, device)
         checkpoint.export(out, m, args, rank, fmt, tokenizer)
     progress.done(out)
+
+
+def held_out_set(args, dataset, sets):
+    """The (inputs, targets) pairs of the held-out loss, at most --eval-windows of them: --eval-data's, read
+    and checked as the training data (`sets`: its training_set arguments), else the training data's
+    --eval-split, which it never trains on."""
+    if args.eval_data:
+        files = (None, args.eval_data) if args.sft else (args.eval_data, None)
+        dataset = data.training_set(*files, *sets[2:5], False, *sets[6:], holdout=1)[0]
+    return getattr(dataset, "sft", dataset).held_out()[: args.eval_windows]
 
 
 def check_finite(step, loss, norm, saved):
@@ -309,6 +318,15 @@ def parse_args(argv=None):
     a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     a.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1.0; 0 = off)")
     a.add_argument("--seed", type=int, default=42, help="seed of the adapters' init and of the data order (default 42)")
+    a = p.add_argument_group("held-out loss")
+    a.add_argument(
+        "--eval-every", type=int, default=0, metavar="K", help="a held-out loss every K steps (default 0: none)"
+    )
+    a.add_argument("--eval-data", help="its data: a token file (--data) or examples (--sft), checked as those")
+    a.add_argument(
+        "--eval-split", type=float, default=0.0, help="or this fraction of the training data, not trained on"
+    )
+    a.add_argument("--eval-windows", type=int, default=32, help="held-out sequences it takes at most (default 32)")
     # memory and devices
     a = p.add_argument_group("memory and devices")
     a.add_argument("--dtype", choices=("bfloat16", "float32"), help="compute (default bf16 on CUDA, float32 on CPU)")
@@ -369,14 +387,25 @@ def check_args(p, args):
             f"--seq-len {args.seq_len} in --context-parallel {P} slices: each slice must be a whole number of "
             f"--group-size {args.group_size} groups, so --seq-len must be a multiple of {P * args.group_size}"
         )
-    for name in ("seq_len", "steps", "batch_size", "grad_accum", "loss_chunk", "keep", "context_parallel"):
+    for name in (
+        "seq_len",
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "loss_chunk",
+        "keep",
+        "context_parallel",
+        "eval_windows",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "save_every", "clip", "weight_decay"):
+    for name in ("warmup", "save_every", "clip", "weight_decay", "eval_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name):g} must be at least 0")
     if not args.lr > 0:
         p.error(f"--lr {args.lr:g}: the learning rate must be above 0 (the paper's: 2e-5)")
+    if args.eval_every and not (args.eval_data or 0 < args.eval_split < 1) or args.eval_data and args.eval_split:
+        p.error("--eval-every takes one of --eval-data (a file) and --eval-split (a fraction between 0 and 1)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file: --out names the run's folder; choose another")
     return args

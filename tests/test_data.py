@@ -433,3 +433,15 @@ def test_chat_masks_survive_tokens_that_cross_a_turns_border(tmp_path):
     assert data.chat_ids(tok, CONVERSATION, learned=False)[1] == [False] * len(
         data.chat_ids(tok, CONVERSATION, learned=False)[0]
     )
+
+
+def test_held_out_windows_are_never_trained_on(tmp_path):
+    """TokenWindows(holdout=f): the file's last windows, a fraction f of them, are held out: the training
+    samples, over many passes, read every other window and none of those."""
+    tokens = np.arange(16 * 20 + 1, dtype=np.uint16)
+    data.write_tokens(tokens, tmp_path / "t.bin", {"tokenizer": "none"})
+    ds = data.TokenWindows(tmp_path / "t.bin", 16, seed=0, holdout=0.2)
+    assert (ds.n, ds.held) == (16, 4)
+    seen = {int(ds[i][0][0]) // 16 for i in range(200)}
+    held = {int(x[0]) // 16 for x, _ in ds.held_out()}
+    assert seen == set(range(16)) and held == {16, 17, 18, 19}

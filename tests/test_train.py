@@ -162,6 +162,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(setup, tmp_path):
 BAD_FLAGS = ["missing-model", "vocab", "group", "both-data", "backend", "group-zero", "tokenizer-2proc"]
 BAD_FLAGS += ["context-slices", "context-full", "context-world-2proc", "qwen-as-meta", "sliding-window", "yarn-on-pi"]
 BAD_FLAGS += ["rope-scale-0", "alpha-0", "clip", "warmup", "save-every", "lr", "seq-len", "out-file", "data-json"]
+BAD_FLAGS += ["eval-nothing", "eval-data-tokenizer"]
 BAD_FOLDERS = ["existing-out", "existing-out-2proc", "corrupt-checkpoint", "resume-nothing", "resume-no-checkpoint"]
 BAD_FOLDERS += ["resume-past-steps", "resume-finished"]
 
@@ -212,6 +213,15 @@ def test_bad_input_gets_a_clear_error_and_keeps_files(setup, tmp_path, case):
             "seq-len": ("--seq-len", "-512", "--seq-len -512: the training length is at least 1 token"),
         }[case]
         flags += [flag, value]
+    elif case == "eval-nothing":
+        flags += ["--eval-every", "2"]
+        expect = "--eval-every takes one of --eval-data (a file) and --eval-split (a fraction between 0 and 1)"
+    elif case == "eval-data-tokenizer":  # held-out tokens made with another tokenizer: checked as --data is
+        meta = json.loads((setup / "train.json").read_text())
+        shutil.copyfile(setup / "train.bin", tmp_path / "held.bin")
+        (tmp_path / "held.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64, "tokenizer": "x.model"}))
+        flags += ["--eval-every", "2", "--eval-data", str(tmp_path / "held.bin"), "--tokenizer", str(setup / "tok")]
+        expect = "held.bin: it was tokenized with another tokenizer (x.model), not with --tokenizer"
     elif case == "out-file":
         out.write_text("a file")
         expect = f"--out {out} is a file: --out names the run's folder"
@@ -1154,3 +1164,22 @@ def test_a_runs_log_plots(setup, tmp_path):
         assert r.returncode == 0 and (tmp_path / "run.png").stat().st_size > 10_000, r.stderr[-2000:]
     r = subprocess.run(cmd[:3] + [str(tmp_path), "--plot", "x.png"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "give a run folder (train.py --out) or its log.jsonl" in r.stderr
+
+
+def test_held_out_loss_is_the_same_for_one_and_two_processes(setup, tmp_path):
+    """--eval-every: a held-out loss with S2-Attn (training's) and with full attention, logged every K steps
+    and at the last, with its time; the same for 1 process x 2 rows and 2 processes x 1 row (within float32
+    rounding), the held-out windows split off the training file; with full attention in training, one loss."""
+    flags = ["--steps", "3", "--eval-every", "2", "--eval-split", "0.2", "--eval-windows", "5", "--save-every", "0"]
+    run_train(setup, tmp_path / "one", *flags, "--batch-size", "2", "--optim", "sgd", "--lr", "0.5")
+    run_train(setup, tmp_path / "two", *flags, "--batch-size", "1", "--optim", "sgd", "--lr", "0.5", nproc=2)
+    logs = [
+        [json.loads(line) for line in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("one", "two")
+    ]
+    held = [[(x["step"], x["eval_loss"], x["eval_full_loss"]) for x in log if "eval_loss" in x] for log in logs]
+    assert [s for s, *_ in held[0]] == [2, 3] and all(0 < a < 10 and 0 < b < 10 and a != b for _, a, b in held[0])
+    torch.testing.assert_close(held[1], held[0], rtol=1e-5, atol=1e-5)
+    assert all(x["eval_s"] > 0 for x in logs[0] if "eval_loss" in x)
+    run_train(setup, tmp_path / "full", *flags, "--attn", "full")
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [("eval_loss" in x, "eval_full_loss" in x) for x in log] == [(False, False), (True, False), (True, False)]
