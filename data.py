@@ -717,20 +717,16 @@ class SFTExamples:
                 too_long.append(n)
         if not self.examples:
             raise ValueError(f"{path}: every example's prompt is longer than --seq-len {seq_len}; raise --seq-len")
-        if too_long and os.environ.get("RANK", "0") == "0":
-            listed = ", ".join(map(str, too_long[:5])) + (", ..." if len(too_long) > 5 else "")
-            print(
-                f"note: {len(too_long)} of {len(examples)} examples in {path} are left out: their prompts fill "
-                f"--seq-len {seq_len}, leaving nothing of their answers to learn (examples {listed})",
-                flush=True,
-            )
-        if cut and os.environ.get("RANK", "0") == "0":
-            listed = ", ".join(map(str, cut[:5])) + (", ..." if len(cut) > 5 else "")
-            print(
-                f"note: {len(cut)} of {len(examples)} examples in {path} are cut at --seq-len {seq_len}: the end of "
-                f"their answers is not learned (examples {listed}); raise --seq-len to learn it",
-                flush=True,
-            )
+        for found, what in (
+            (too_long, "are left out: their prompts fill --seq-len {n}, leaving nothing of their answers to learn"),
+            (cut, "are cut at --seq-len {n}: the end of their answers is not learned; raise --seq-len to learn it"),
+        ):
+            if found and os.environ.get("RANK", "0") == "0":
+                listed = ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
+                what = what.format(n=seq_len)
+                print(
+                    f"note: {len(found)} of {len(examples)} examples in {path} {what} (examples {listed})", flush=True
+                )
         held = math.ceil(holdout * len(self.examples))  # the last examples: never trained on (held_out())
         if held == len(self.examples) and holdout < 1:
             raise ValueError(f"{path}: --eval-split {holdout:g} holds out every example; lower it")
