@@ -350,7 +350,10 @@ def test_llama2_and_llama3_formats_without_a_template(spm, tmp_path):
     )
     tok = data.load_tokenizer(tmp_path / "tokenizer.model")
     s = tok.special_ids
-    header = lambda role: [s["<|start_header_id|>"], *tok.encode(role, bos=False), s["<|end_header_id|>"], 10, 10]  # noqa: E731
+
+    def header(role):  # <|start_header_id|> role <|end_header_id|> "\n\n" (two byte-level newlines, 10)
+        return [s["<|start_header_id|>"], *tok.encode(role, bos=False), s["<|end_header_id|>"], 10, 10]
+
     ids, learned = data.chat_ids(tok, CONVERSATION[:2], add_generation_prompt=False)
     answer = tok.encode(TEXTS[1], bos=False) + [s["<|eot_id|>"]]
     assert tok.chat_format == "llama3" and ids == [tok.bos_id, *header("user"), *tok.encode(TEXTS[0], bos=False)] + [

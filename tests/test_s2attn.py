@@ -358,7 +358,10 @@ def test_varlen_kernel_takes_gqa_without_repeated_kv_cuda():
     expanded dk, dv in backward. This runs it with 2 kv heads for 8 query heads (2.13: enable_gqa) against the
     repeated k and v, bf16, forward and backward: once it passes on a GPU with 2.11, the repeat can go."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    make = lambda h: torch.randn(96, h, 64, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()  # noqa: E731
+
+    def make(heads):
+        return torch.randn(96, heads, 64, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+
     q, k, v = make(8), make(2), make(2)
     w = torch.randn(96, 8, 64, generator=g, device="cuda")
     cu = torch.tensor([0, 40, 96], dtype=torch.int32, device="cuda")  # two sequences, of 40 and 56 tokens
