@@ -377,11 +377,11 @@ def export(out, m, args, rank, fmt="meta", tokenizer=None):
         else:
             base.load_state_dict({k: v.to(base.tok_embeddings.weight.dtype) for k, v in state.items()}, assign=True)
         model.save(base, out / "merged", format=fmt, overwrite=True)
-        for folder in folders if tokenizer else []:
+        tok = data.load_tokenizer(tokenizer) if tokenizer else None
+        for folder in folders if tok else []:
             data.save_tokenizer(tokenizer, folder)
             if args.sft:  # the chat format the examples were written in travels with the model
-                data.save_chat_format(data.use_chat_format(data.load_tokenizer(tokenizer), args.chat_format), folder)
+                data.save_chat_format(data.use_chat_format(tok, args.chat_format), folder)
         if fmt == "hf":  # the base's BOS / EOS ids and generation_config.json, so that generate() stops as it does
-            tok = data.load_tokenizer(tokenizer) if tokenizer else None
             hf.carry_generation_config(args.model, out / "merged", tok and tok.bos_id, tok and tok.eos_id)
     dist.barrier()

@@ -610,6 +610,7 @@ def _template_ids(tok, messages, add_generation_prompt, learned=True):
     text = render_chat(tok, messages, add_generation_prompt)
     ids = tok.encode(text, bos=False)
     mask = [False] * len(ids)
+    spans = tok.offsets(text) if learned else []  # each token's characters in `text`
     for i, m in enumerate(messages if learned else []):
         if m["role"] == "assistant":
             start, end = render_chat(tok, messages[:i], True), render_chat(tok, messages[: i + 1])
@@ -618,7 +619,7 @@ def _template_ids(tok, messages, add_generation_prompt, learned=True):
                     f"the chat template writes assistant turn {i + 1} otherwise once later turns follow it (as Qwen3's "
                     "does with reasoning): make each assistant turn an example of its own, ending with it"
                 )
-            for t, (a, b) in enumerate(tok.offsets(text)):  # each token's characters in `text`
+            for t, (a, b) in enumerate(spans):
                 mask[t] = mask[t] or a < len(end) and b > len(start)
     return ids, mask
 

@@ -229,8 +229,17 @@ class Chat:
         self.device = next(m.parameters()).device
 
     def reply(self, messages, max_new_tokens=512, temperature=0.6, top_p=0.9, generator=None, write=None):
-        """The model's answer to `messages` (its ids), each piece of text written to `write` as it comes."""
+        """The model's answer to `messages` (its ids), each piece of text written to `write` as it comes; a prompt
+        that leaves no room for max_new_tokens in the model's context is refused first, saying by how much (unless
+        m.beyond_context). self.prompt: the prompt's length in tokens."""
         ids = data.chat_ids(self.tok, messages, add_generation_prompt=True, learned=False)[0]
+        self.prompt, context = len(ids), self.m.args.max_seq_len
+        if len(ids) + max_new_tokens > context and not self.m.beyond_context:
+            over = len(ids) + max_new_tokens - context
+            raise ValueError(
+                f"the prompt is {len(ids):,} tokens: with --max-new-tokens {max_new_tokens}, {over:,} more than the "
+                f"model's context of {context:,}. Shorten --file or --max-new-tokens, or pass --beyond-context"
+            )
         keep = 0  # the longest prefix the cache already holds (at least one token is fed)
         while keep < min(len(self.seen), len(ids) - 1) and self.seen[keep] == ids[keep]:
             keep += 1
@@ -288,20 +297,14 @@ def ask(args):
     for question in questions:
         first = document is not None and not messages
         messages.append({"role": "user", "content": f"{document}\n\n{question}" if first else question})
-        n, context = len(data.chat_ids(tok, messages, add_generation_prompt=True, learned=False)[0]), m.args.max_seq_len
-        if n + args.max_new_tokens > context and not args.beyond_context:
-            over = n + args.max_new_tokens - context
-            raise ValueError(
-                f"the prompt is {n:,} tokens: with --max-new-tokens {args.max_new_tokens}, {over:,} more than the "
-                f"model's context of {context:,}. Shorten --file or --max-new-tokens, or pass --beyond-context"
-            )
         t0 = time.perf_counter()
         write = lambda s: print(s, end="", flush=True)  # noqa: E731
         answer = chat.reply(messages, args.max_new_tokens, args.temperature, args.top_p, generator, write)
         dt = time.perf_counter() - t0
         print(flush=True)
         print(
-            f"({len(answer)} tokens in {dt:.1f} s, {len(answer) / dt:.1f} tokens/s; a prompt of {n:,})", file=sys.stderr
+            f"({len(answer)} tokens in {dt:.1f} s, {len(answer) / dt:.1f} tokens/s; a prompt of {chat.prompt:,})",
+            file=sys.stderr,
         )
         messages.append({"role": "assistant", "content": tok.decode(answer)})
 

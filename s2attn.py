@@ -118,14 +118,14 @@ def s2_attention(q, k, v, group_size, backend="sdpa", shift=True, documents=None
     if backend == "naive":
         return _naive(q, k, v, s2_mask(q.shape[1], q.shape[2], G, device=q.device, shift=shift, documents=documents))
     if not shift:
-        return group_attention(q, k, v, G, first=G, backend=backend, pos=pos)
+        return _attend(q, k, v, G, first=G, backend=backend, pos=pos)
     (q1, k1, v1), (q2, k2, v2) = split_heads(q, k, v)  # heads [0, H // 2) and [H // 2, H)
     # The first half of the heads: groups [0, G), [G, 2G), ...
-    out1 = group_attention(q1, k1, v1, G, first=G, backend=backend, pos=pos)  # (B, N, H // 2, D)
+    out1 = _attend(q1, k1, v1, G, first=G, backend=backend, pos=pos)  # (B, N, H // 2, D)
     # The second half: groups shifted by half a group. The paper rolls these heads by -G/2, which wraps
     # the first half-group around to the end of the sequence, where it reads the future. We start a new
     # group at G/2 instead, [0, G/2), [G/2, 3G/2), ...: nothing wraps. (G = 1 has no half-group.)
-    out2 = group_attention(q2, k2, v2, G, first=G // 2 or G, backend=backend, pos=pos)  # (B, N, H - H // 2, D)
+    out2 = _attend(q2, k2, v2, G, first=G // 2 or G, backend=backend, pos=pos)  # (B, N, H - H // 2, D)
     return torch.cat([out1, out2], dim=2)  # (B, N, H, D)
 
 
@@ -136,7 +136,7 @@ def full_attention(q, k, v, backend="sdpa", documents=None):
     N = q.shape[1]
     if backend == "naive":
         return _naive(q, k, v, s2_mask(N, q.shape[2], group_size=None, device=q.device, documents=documents))
-    return group_attention(q, k, v, N, first=N, backend=backend, pos=positions(documents, q))  # one group
+    return _attend(q, k, v, N, first=N, backend=backend, pos=positions(documents, q))  # one group
 
 
 def group_attention(q, k, v, G, first, backend="sdpa", pos=None):
@@ -145,12 +145,16 @@ def group_attention(q, k, v, G, first, backend="sdpa", pos=None):
     and full attention (one group), are made of. q: (B, N, Hq, D), k, v: (B, N, Hkv, D) -> (B, N, Hq, D).
     pos (B, N): each token's position in its packed document (positions); the groups are then counted in
     each document, and a document's first token starts a group too (segments)."""
-    if q.shape[2] == 0:  # no heads (the first half of H = 1)
-        return q
-    _check(q, k, v, backend)
+    if q.shape[2]:  # (no heads, the first half of H = 1: nothing to check, nor to run)
+        _check(q, k, v, backend)
     if backend not in _KERNELS:
         raise ValueError(f"group_attention runs the sdpa and flash kernels, not {backend!r} (the definition: s2_mask)")
-    return _KERNELS[backend](q, k, v, G, first, pos)
+    return _attend(q, k, v, G, first, backend, pos)
+
+
+def _attend(q, k, v, G, first, backend, pos=None):
+    """group_attention on inputs checked already (s2_attention and full_attention check theirs once)."""
+    return q if q.shape[2] == 0 else _KERNELS[backend](q, k, v, G, first, pos)  # (no heads: the first half of H = 1)
 
 
 def split_heads(q, k, v):

@@ -219,7 +219,7 @@ def train(args, rank, world, device, stop=None):
     else:
         optim = torch.optim.SGD(trainable, lr=args.lr)
     start = checkpoint.load_checkpoint(Path(ckpt), m, optim, args, rank, world, device) if ckpt else 0
-    held = held_out_set(args, dataset, sets) if args.eval_every else None  # (checked as the training data)
+    held = held_out_set(args, dataset, base[0].vocab_size, own, whose) if args.eval_every else None
     evaluate = held and functools.partial(ev.held_out_losses, m, held, pad_id, args, rank, world, device)
     progress = checkpoint.Progress(args, m, trainable, rank, world, device, start, loaded, stop, evaluate)
     # 3. The steps. This process's share of each: with context parallelism, the data-parallel group
@@ -255,13 +255,13 @@ def train(args, rank, world, device, stop=None):
     progress.done(out)
 
 
-def held_out_set(args, dataset, sets):
-    """The (inputs, targets) pairs of the held-out loss, at most --eval-windows of them: --eval-data's, read
-    and checked as the training data (`sets`: its training_set arguments), else the training data's
-    --eval-split, which it never trains on."""
+def held_out_set(args, dataset, vocab_size, tokenizer, whose):
+    """The held-out loss's (inputs, targets) pairs, at most --eval-windows: --eval-data's, read and checked as
+    the training data (data.training_set's arguments), else the training data's --eval-split, never trained on."""
     if args.eval_data:
         files = (None, args.eval_data) if args.sft else (args.eval_data, None)
-        dataset = data.training_set(*files, *sets[2:5], False, *sets[6:], holdout=1)[0]
+        held = (args.seq_len, vocab_size, tokenizer, False, args.seed, whose, args.chat_format)  # unpacked, all of it
+        dataset = data.training_set(*files, *held, holdout=1)[0]
     return getattr(dataset, "sft", dataset).held_out()[: args.eval_windows]
 
 
